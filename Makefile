@@ -9,7 +9,6 @@ TORCH_PIN ?= torch==2.13.0
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
 		$(BIN)/pip install -q torch; \
 	else \
