@@ -1,0 +1,48 @@
+"""Merge every MoE MLP of a model into one dense MLP: a plain ViT with the dense parameter count."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..moe import MoEMlp
+from .vit import VisionTransformer
+
+WEIGHTINGS = ("uniform", "usage")
+
+
+@torch.no_grad()
+def merge_experts(model: VisionTransformer, weighting: str = "uniform") -> VisionTransformer:
+    """A dense VisionTransformer whose MLPs are the (weighted) average of each layer's experts.
+
+    For randomly routed models with uniform weighting, its outputs equal the MoE model's in
+    "merged" eval mode. "usage" weights each expert by the token copies it received in
+    training since the model was built or loaded (the layer's `usage` buffer). Merging a
+    model with a learned router is allowed, with a warning: its experts were trained to
+    specialise and their average is a different network.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    moe = dict(model.moe_modules())
+    routed = [name for name, m in moe.items() if m.router.has_distribution]
+    if routed:
+        warnings.warn(
+            f"merging {len(routed)} MoE layer(s) with a learned router ({model.config.router}): the average of "
+            "specialised experts is not the routed model; expect lower accuracy than the MoE model",
+            stacklevel=2,
+        )
+    dense = VisionTransformer(model.config.replace(moe_layers="none"))
+    state = {k: v for k, v in model.state_dict().items()}
+    for name, m in moe.items():
+        weights = None
+        if weighting == "usage":
+            if float(m.usage.sum()) == 0:
+                raise ValueError(f"{name}: no expert usage recorded; train or run the model in train mode first, or use weighting='uniform'")
+            weights = m.usage
+        w1, b1, w2, b2 = m.experts.merged_weights(weights)
+        for key in [k for k in state if k.startswith(name + ".")]:
+            del state[key]
+        state.update({f"{name}.fc1.weight": w1.t(), f"{name}.fc1.bias": b1,
+                      f"{name}.fc2.weight": w2.t(), f"{name}.fc2.bias": b2})
+    dense.load_state_dict(state, strict=True)
+    return dense.to(next(model.parameters()).device).train(model.training)

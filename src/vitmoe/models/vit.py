@@ -1,0 +1,162 @@
+"""Vision Transformer whose blocks take their MLP as a class (dense Mlp or MoEMlp).
+
+Shapes: B batch, C channels, N tokens, D width, h heads, d head width.
+"""
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..moe import EVAL_MODES, MoEMlp
+from .config import ViTConfig
+from .mlp import Mlp
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.img_size, self.patch_size = img_size, patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x_BCHW: Tensor) -> Tensor:
+        if x_BCHW.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"expected {self.img_size}x{self.img_size} images, got {tuple(x_BCHW.shape[-2:])}")
+        return self.proj(x_BCHW).flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x_BND: Tensor) -> Tensor:
+        B, N, D = x_BND.shape
+        qkv = self.qkv(x_BND).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, h, N, d)
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, N, D)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. `mlp_layer` is any class with Mlp's constructor contract."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_hidden: int,
+        mlp_layer: type[nn.Module] = Mlp,
+        mlp_kwargs: dict | None = None,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = mlp_layer(in_features=dim, hidden_features=mlp_hidden, act_layer=nn.GELU, drop=drop, **(mlp_kwargs or {}))
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class AuxLoss(NamedTuple):
+    total: Tensor
+    """Weighted sum of every auxiliary term of every MoE layer (add it to the task loss)."""
+    terms: dict[str, Tensor]
+    """Each term's unweighted mean over the MoE layers, for logging."""
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.config = cfg = config.validate()
+        D = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.pool == "cls" else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.pos_embed_rows or cfg.num_tokens, D))
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        moe_experts = dict(zip(cfg.moe_block_indices(), cfg.experts_per_moe_block()))
+        self.blocks = nn.ModuleList(
+            Block(
+                D, cfg.num_heads, cfg.mlp_hidden,
+                mlp_layer=MoEMlp if i in moe_experts else Mlp,
+                mlp_kwargs=cfg.moe_kwargs(moe_experts[i]) if i in moe_experts else None,
+                qkv_bias=cfg.qkv_bias, drop=cfg.drop_rate, attn_drop=cfg.attn_drop_rate, norm_eps=cfg.norm_eps,
+            )
+            for i in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        if cfg.head == "mlp":
+            self.head = nn.Sequential(nn.Linear(D, cfg.head_hidden), nn.GELU(), nn.Linear(cfg.head_hidden, cfg.num_classes))
+        else:
+            self.head = nn.Sequential(nn.Linear(D, cfg.num_classes))
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias) if m.bias is not None else None
+        if self.config.head_init == "zero":
+            nn.init.zeros_(self.head[-1].weight)
+            nn.init.zeros_(self.head[-1].bias)
+
+    def forward_features(self, x_BCHW: Tensor) -> Tensor:
+        x = self.patch_embed(x_BCHW)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.pos_drop(x + self.pos_embed[:, : x.shape[1]])
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward(self, x_BCHW: Tensor) -> Tensor:
+        x = self.forward_features(x_BCHW)
+        pooled = x[:, 0] if self.cls_token is not None else x.mean(dim=1)
+        return self.head(pooled)
+
+    # --- MoE bookkeeping ------------------------------------------------------------------
+    def moe_modules(self) -> Iterator[tuple[str, MoEMlp]]:
+        for name, m in self.named_modules():
+            if isinstance(m, MoEMlp):
+                yield name, m
+
+    def aux_loss(self) -> AuxLoss:
+        """Auxiliary losses of the last forward pass (zero for a dense model or in eval)."""
+        device = self.pos_embed.device
+        total, by_name = torch.zeros((), device=device), {}
+        for _, m in self.moe_modules():
+            weighted = m.weighted_aux_loss()
+            if weighted is not None:
+                total = total + weighted
+            for k, v in m.aux.items():
+                by_name.setdefault(k, []).append(v.detach())
+        return AuxLoss(total, {k: torch.stack(v).mean() for k, v in by_name.items()})
+
+    def moe_stats(self) -> dict[str, dict[str, Tensor]]:
+        """Per MoE layer: expert load [E], dropped fraction, router entropy (device tensors)."""
+        return {name: dict(m.stats) for name, m in self.moe_modules() if m.stats}
+
+    def set_eval_mode(self, mode: str) -> None:
+        """Evaluation mode of randomly routed layers: merged, random or ensemble."""
+        if mode not in EVAL_MODES:
+            raise ValueError(f"eval mode must be one of {EVAL_MODES}, got {mode!r}")
+        for _, m in self.moe_modules():
+            m.eval_mode = mode
+        self.config.eval_mode = mode
