@@ -31,7 +31,7 @@ def merge_experts(model: VisionTransformer, weighting: str = "uniform") -> Visio
             "specialised experts is not the routed model; expect lower accuracy than the MoE model",
             stacklevel=2,
         )
-    dense = VisionTransformer(model.config.replace(moe_layers="none"))
+    dense = VisionTransformer(model.config.replace(moe_layers="none", num_experts=1))
     state = {k: v for k, v in model.state_dict().items()}
     for name, m in moe.items():
         weights = None
