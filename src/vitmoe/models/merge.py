@@ -29,7 +29,7 @@ def merge_experts(model: VisionTransformer, weighting: str = "uniform") -> Visio
         warnings.warn(
             f"merging {len(routed)} MoE layer(s) with a learned router ({model.config.router}): the average of "
             "specialised experts is not the routed model; expect lower accuracy than the MoE model",
-            stacklevel=2,
+            stacklevel=3,  # past the no_grad wrapper, to the caller
         )
     dense = VisionTransformer(model.config.replace(moe_layers="none", num_experts=1))
     state = {k: v for k, v in model.state_dict().items()}

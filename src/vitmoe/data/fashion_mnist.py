@@ -1,0 +1,147 @@
+"""Fashion-MNIST from IDX files (raw or .gz), with strict header / size validation of the decompressed content."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import urllib.error
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import download as dl
+from .info import DATASETS, DatasetError, ImageData
+from .sources import describe, resolve_data_dir, search_roots
+
+NAME = "fashion-mnist"
+SYSTEM_DIRS = ("/usr/share/datasets/fashion-mnist",)  # Debian package dataset-fashion-mnist
+SUBDIRS = (".", "fashion-mnist", "FashionMNIST/raw")  # layouts used by hand installs and by torchvision
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
+SIDE = 28
+
+# Official release (HTTPS mirror on GitHub). The md5s identify the published .gz files and are only
+# checked on a fresh download: locally provided .gz files (e.g. Debian's) are recompressed, so for those
+# the decompressed IDX content is what gets validated.
+DOWNLOAD_BASE = "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"
+DOWNLOAD_MD5 = {
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                return fh.read()
+        return path.read_bytes()
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+        raise DatasetError(f"{NAME}: {path} is truncated or corrupt: {exc}") from exc
+
+
+def read_idx_images(path: Path) -> np.ndarray:
+    """Images [N, 28, 28] uint8 from an IDX3 file; header, dimensions and exact byte count are checked."""
+    raw = _read_bytes(path)
+    if len(raw) < 16:
+        raise DatasetError(f"{NAME}: {path} is truncated: {len(raw)} bytes is shorter than the 16-byte IDX3 header")
+    magic, n, rows, cols = struct.unpack(">iiii", raw[:16])
+    if magic != IMAGE_MAGIC:
+        raise DatasetError(f"{NAME}: {path} has magic number {magic}, expected {IMAGE_MAGIC} (IDX3 uint8 images)")
+    if (rows, cols) != (SIDE, SIDE):
+        raise DatasetError(f"{NAME}: {path} holds {rows}x{cols} images, expected {SIDE}x{SIDE}")
+    expected = n * rows * cols
+    got = len(raw) - 16
+    if got != expected:
+        what = "truncated" if got < expected else "corrupt (trailing data)"
+        raise DatasetError(
+            f"{NAME}: {path} is {what}: header says {n} images of {rows}x{cols} ({expected} bytes) "
+            f"but the file holds {got}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows, cols)
+
+
+def read_idx_labels(path: Path, num_classes: int = 10) -> np.ndarray:
+    """Labels [N] int64 from an IDX1 file; header, exact byte count and label range are checked."""
+    raw = _read_bytes(path)
+    if len(raw) < 8:
+        raise DatasetError(f"{NAME}: {path} is truncated: {len(raw)} bytes is shorter than the 8-byte IDX1 header")
+    magic, n = struct.unpack(">ii", raw[:8])
+    if magic != LABEL_MAGIC:
+        raise DatasetError(f"{NAME}: {path} has magic number {magic}, expected {LABEL_MAGIC} (IDX1 uint8 labels)")
+    got = len(raw) - 8
+    if got != n:
+        what = "truncated" if got < n else "corrupt (trailing data)"
+        raise DatasetError(f"{NAME}: {path} is {what}: header says {n} labels but the file holds {got}")
+    labels = np.frombuffer(raw, dtype=np.uint8, offset=8).astype(np.int64)
+    if labels.size and labels.max() >= num_classes:
+        raise DatasetError(f"{NAME}: {path} has label {labels.max()} outside 0..{num_classes - 1}")
+    return labels
+
+
+def _find(directory: Path, stem: str) -> Path | None:
+    for candidate in (directory / stem, directory / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def candidate_dirs(data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Directories that may hold the IDX files, in search order."""
+    dirs: list[Path] = []
+    for root in search_roots(data_dir, extra=SYSTEM_DIRS):
+        dirs.extend(root / sub if sub != "." else root for sub in SUBDIRS)
+    return dirs
+
+
+def _read_pair(images_path: Path, labels_path: Path) -> ImageData:
+    info = DATASETS[NAME]
+    images = read_idx_images(images_path)
+    labels = read_idx_labels(labels_path, info.num_classes)
+    if images.shape[0] != labels.shape[0]:
+        raise DatasetError(
+            f"{NAME}: {images_path} holds {images.shape[0]} images but {labels_path} holds {labels.shape[0]} labels"
+        )
+    return ImageData(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels), info)
+
+
+def _download(target: Path, split: str) -> tuple[Path, Path]:
+    paths = []
+    for stem in FILES[split]:
+        fname = f"{stem}.gz"
+        paths.append(dl.download_file(DOWNLOAD_BASE + fname, target / fname, md5=DOWNLOAD_MD5[fname]))
+    return paths[0], paths[1]
+
+
+def load_fashion_mnist(
+    split: str, data_dir: str | os.PathLike[str] | None = None, download: bool = True
+) -> ImageData:
+    """Read a Fashion-MNIST split from the first directory holding both of its IDX files (raw or .gz)."""
+    image_stem, label_stem = FILES[split]
+    dirs = candidate_dirs(data_dir)
+    for directory in dirs:
+        images_path, labels_path = _find(directory, image_stem), _find(directory, label_stem)
+        if images_path is not None and labels_path is not None:
+            return _read_pair(images_path, labels_path)
+
+    message = (
+        f"{NAME}: {image_stem}[.gz] and {label_stem}[.gz] not found; searched {describe(dirs)}. "
+        f"Put the four IDX files from {DOWNLOAD_BASE} into one of these directories "
+        f"(choose one with --data-dir or $DATA), or install the Debian package dataset-fashion-mnist"
+    )
+    if not download:
+        raise DatasetError(message + "; download=False, so nothing was fetched")
+    target = resolve_data_dir(data_dir) / "fashion-mnist"
+    try:
+        images_path, labels_path = _download(target, split)
+    except (urllib.error.URLError, OSError) as exc:
+        raise DatasetError(message + f"; downloading to {target} failed: {getattr(exc, 'reason', exc)}") from exc
+    return _read_pair(images_path, labels_path)

@@ -1,0 +1,124 @@
+"""Dataset metadata (`DatasetInfo`, `DATASETS`), the in-memory split (`ImageData`) and `DatasetError`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+SPLITS = ("train", "test")
+
+
+class DatasetError(ValueError):
+    """A dataset is missing, truncated or corrupt; the message names the file or the directories searched."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static description of a dataset: shape, normalisation statistics and augmentation policy."""
+
+    name: str
+    num_classes: int
+    in_chans: int
+    img_size: int
+    mean: tuple[float, ...]  # per channel, on the 0..1 scale
+    std: tuple[float, ...]
+    crop_padding: int  # zero padding of the random crop (0 = no crop)
+    hflip: bool  # whether horizontal flips preserve the label
+    classes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise ValueError(f"{self.name}: mean/std need one value per channel ({self.in_chans})")
+        if len(self.classes) != self.num_classes:
+            raise ValueError(f"{self.name}: {len(self.classes)} class names for {self.num_classes} classes")
+
+
+@dataclass
+class ImageData:
+    """One split held entirely in memory: uint8 images [N, C, H, W] and int64 labels [N]."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    info: DatasetInfo
+
+    def __post_init__(self) -> None:
+        info = self.info
+        expected = (info.in_chans, info.img_size, info.img_size)
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4 or tuple(self.images.shape[1:]) != expected:
+            raise ValueError(
+                f"{info.name}: images must be uint8 [N, {expected[0]}, {expected[1]}, {expected[2]}], "
+                f"got {self.images.dtype} {list(self.images.shape)}"
+            )
+        if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
+            raise ValueError(
+                f"{info.name}: labels must be int64 [{self.images.shape[0]}], "
+                f"got {self.labels.dtype} {list(self.labels.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+# `fine_label_names` of cifar-100-python/meta (alphabetical, index = label).
+CIFAR100_CLASSES = """
+apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can
+castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin
+elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster
+man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck
+pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk
+skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger
+tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm
+""".split()
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+
+DATASETS: dict[str, DatasetInfo] = {
+    "cifar10": DatasetInfo(
+        name="cifar10", num_classes=10, in_chans=3, img_size=32,
+        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+        crop_padding=4, hflip=True, classes=CIFAR10_CLASSES,
+    ),
+    "cifar100": DatasetInfo(
+        name="cifar100", num_classes=100, in_chans=3, img_size=32,
+        mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+        crop_padding=4, hflip=True, classes=CIFAR100_CLASSES,
+    ),
+    "fashion-mnist": DatasetInfo(
+        name="fashion-mnist", num_classes=10, in_chans=1, img_size=28,
+        mean=(0.2860,), std=(0.3530,),
+        crop_padding=2, hflip=True, classes=FASHION_MNIST_CLASSES,
+    ),
+    # Statistics of the fixed digits train split (pinned by a test). No flips: a mirrored 2, 3, 7... is not a digit.
+    "digits": DatasetInfo(
+        name="digits", num_classes=10, in_chans=1, img_size=8,
+        mean=(0.3054,), std=(0.3760,),
+        crop_padding=1, hflip=False, classes=[str(i) for i in range(10)],
+    ),
+}
+
+
+def get_info(name: str) -> DatasetInfo:
+    """Look up a dataset by name (case-insensitive, '_' accepted for '-'); unknown names list the allowed ones."""
+    key = canonical_name(name)
+    return DATASETS[key]
+
+
+def canonical_name(name: str) -> str:
+    """Normalise a user-supplied dataset name to a `DATASETS` key or raise `DatasetError` listing the choices."""
+    key = str(name).strip().lower().replace("_", "-")
+    aliases = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100"}
+    key = aliases.get(key, key)
+    if key not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    return key
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    return split

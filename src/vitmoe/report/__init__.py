@@ -1,0 +1,97 @@
+"""Results report: the source project's results table and figures from run directories.
+
+>>> files = make_report(["runs/vit", "runs/switch-vit"], "report/")   # doctest: +SKIP
+>>> print(files.markdown)                                               # doctest: +SKIP
+
+Writes ``results.md`` (the table), ``accuracy.png`` and one ``expert_load_<run>.png``
+per MoE run into the output directory, all atomically.  Importing this package does
+not import matplotlib (nor torch).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Union
+
+from ._io import atomic_write_text
+from .plots import expert_load_matrix, latest_expert_load, plot_accuracy, plot_expert_load
+from .runs import (DEFAULT_THRESHOLD, ReportWarning, RunFormatError, RunResult,
+                   epochs_to_threshold, load_run)
+from .table import results_table
+
+__all__ = [
+    "make_report", "ReportFiles", "load_run", "results_table", "RunResult", "RunFormatError",
+    "ReportWarning", "epochs_to_threshold", "plot_accuracy", "plot_expert_load",
+    "expert_load_matrix", "DEFAULT_THRESHOLD",
+]
+
+RESULTS_MD = "results.md"
+ACCURACY_PNG = "accuracy.png"
+
+
+@dataclass
+class ReportFiles:
+    """What :func:`make_report` wrote."""
+
+    markdown: str                      # the text of results.md
+    results_md: Path
+    accuracy_png: Path
+    # filename-safe, de-duplicated run name -> expert_load_<name>.png
+    expert_load_pngs: dict[str, Path] = field(default_factory=dict)
+    runs: list[RunResult] = field(default_factory=list, repr=False)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.results_md, self.accuracy_png, *self.expert_load_pngs.values()]
+
+
+def _file_stem(name: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    return stem or "run"
+
+
+def make_report(run_dirs: Iterable[Union[str, os.PathLike, RunResult]],
+                out_dir: str | os.PathLike, threshold: float = DEFAULT_THRESHOLD) -> ReportFiles:
+    """Load ``run_dirs`` (in order) and write the report into ``out_dir``.
+
+    Files: ``results.md`` (results table, notes, figure links), ``accuracy.png`` and
+    ``expert_load_<run name>.png`` for every MoE run that logged expert loads (run names
+    are made filename-safe; duplicates get ``_2``, ``_3``, ...).  Returns a
+    :class:`ReportFiles` with the markdown text and the paths.
+    """
+    runs = [r if isinstance(r, RunResult) else load_run(r) for r in run_dirs]
+    if not runs:
+        raise ValueError("make_report: no run directories given")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    accuracy_png = plot_accuracy(runs, out / ACCURACY_PNG, threshold=threshold)
+    heatmaps: dict[str, Path] = {}
+    used: set[str] = set()
+    for run in runs:
+        if latest_expert_load(run) is None and not run.is_moe:
+            continue
+        stem, k = _file_stem(run.name), 2
+        while stem in used:
+            stem, k = f"{_file_stem(run.name)}_{k}", k + 1
+        png = plot_expert_load(run, out / f"expert_load_{stem}.png")
+        if png is not None:
+            used.add(stem)
+            heatmaps[stem] = png
+
+    lines = [
+        results_table(runs, threshold=threshold).rstrip("\n"),
+        "",
+        f"t_epoch: first epoch at which test accuracy reached {threshold:g} % "
+        f"(`-`: never reached). Times in seconds for 60,000 images; `n/a`: not available.",
+        "",
+        f"![test accuracy per epoch]({ACCURACY_PNG})",
+    ]
+    for stem, png in heatmaps.items():
+        lines += ["", f"![expert load: {stem}]({png.name})"]
+    markdown = "\n".join(lines) + "\n"
+    results_md = atomic_write_text(out / RESULTS_MD, markdown)
+    return ReportFiles(markdown=markdown, results_md=results_md, accuracy_png=accuracy_png,
+                       expert_load_pngs=heatmaps, runs=runs)

@@ -1,0 +1,168 @@
+"""ViT, presets, merging, accounting and checkpoints."""
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import TINY
+from safetensors.torch import save_file
+
+import vitmoe
+from vitmoe.models import ConfigError, Mlp, load_model, model_config, model_info, read_metadata, save_model
+from vitmoe.moe import MoEMlp
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_dense_vit_parameter_count_matches_source():
+    assert n_params(vitmoe.create_model("vit", num_classes=10)) == 12_727_990
+    # The source table's 12,798,490: its positional table had d_model = 300 rows, not 65 tokens.
+    assert n_params(vitmoe.create_model("vit", pos_embed_rows=300)) == 12_798_490
+
+
+def test_model_info_matches_counted_parameters_and_formula():
+    for name, kw in [("vit", {}), ("switch_vit", dict(num_experts=4, **TINY)), ("random_vit", TINY),
+                     ("switch_vit", dict(moe_layers="every_other", num_experts=[2, 8], depth=4, embed_dim=24,
+                                         num_heads=2, mlp_hidden=32, head_hidden=16))]:
+        m = vitmoe.create_model(name, **kw)
+        info = model_info(m.config)
+        assert info.total_params == n_params(m), name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # merging routed models warns; tested below
+            dense = vitmoe.merge_experts(m) if m.config.moe_layers != "none" else m
+        assert info.merged_params == n_params(dense), name
+    cfg = model_config("switch_vit", num_experts=64)
+    info = model_info(cfg)
+    D, H, L = 300, 1024, 12
+    mlp = 2 * D * H + H + D
+    assert info.total_params == 12_727_990 + L * (63 * mlp + D * 64)
+    assert info.active_params_per_token == 12_727_990 + L * D * 64
+    # FLOPs: the switch model pays only its routers over the dense one.
+    assert info.forward_flops_per_image - model_info(model_config("vit")).forward_flops_per_image == L * 2 * 65 * D * 64
+
+
+def test_random_vit_merges_to_exactly_the_dense_parameter_count_and_outputs():
+    m = vitmoe.create_model("random_vit", **TINY).eval()
+    for block in m.blocks:  # make the experts differ, so merging actually averages
+        with torch.no_grad():
+            block.mlp.experts.w1.add_(torch.randn_like(block.mlp.experts.w1) * 0.1)
+            block.mlp.experts.b2.add_(torch.randn_like(block.mlp.experts.b2) * 0.1)
+    dense = vitmoe.merge_experts(m).eval()
+    assert not list(dense.moe_modules()) and all(isinstance(b.mlp, Mlp) for b in dense.blocks)
+    assert n_params(dense) == n_params(vitmoe.create_model("vit", **TINY))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), m(x), rtol=1e-5, atol=1e-6)
+        m.set_eval_mode("ensemble")
+        assert not torch.allclose(dense(x), m(x), atol=1e-6)
+
+
+def test_merging_a_routed_model_warns_and_usage_weighting():
+    m = vitmoe.create_model("switch_vit", num_experts=4, expert_init="independent", **TINY)
+    m(torch.randn(4, 3, 32, 32))
+    with pytest.warns(UserWarning, match="learned router"):
+        dense = vitmoe.merge_experts(m, weighting="usage")
+    mlp = m.blocks[0].mlp
+    w = mlp.usage / mlp.usage.sum()
+    torch.testing.assert_close(dense.blocks[0].mlp.fc1.weight, torch.einsum("e,edh->hd", w, mlp.experts.w1))
+    fresh = vitmoe.create_model("random_vit", **TINY)
+    with pytest.raises(ValueError, match="no expert usage"):
+        vitmoe.merge_experts(fresh, weighting="usage")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vitmoe.merge_experts(fresh)  # random routing: nothing to warn about
+
+
+@pytest.mark.parametrize("name", vitmoe.list_models())
+def test_every_preset_builds_runs_and_every_parameter_gets_a_gradient(name):
+    model = vitmoe.create_model(name, **TINY)
+    x = torch.randn(4, 3, 32, 32)
+    logits = model(x)
+    assert logits.shape == (4, 10) and torch.isfinite(logits).all()
+    aux = model.aux_loss()
+    (torch.nn.functional.cross_entropy(logits, torch.arange(4)) + aux.total).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    if model.config.router == "random":  # one expert per layer per forward: the others legitimately get none
+        missing = [n for n in missing if ".experts." not in n]
+    assert not missing
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
+
+
+def test_moe_layer_plan_and_pyramid():
+    m = vitmoe.create_model("switch_vit", moe_layers="every_other", num_experts=[4, 8], depth=4, embed_dim=24,
+                            num_heads=2, mlp_hidden=32, head_hidden=16)
+    kinds = [(type(b.mlp).__name__, getattr(b.mlp, "num_experts", None)) for b in m.blocks]
+    assert kinds == [("Mlp", None), ("MoEMlp", 4), ("Mlp", None), ("MoEMlp", 8)]
+    assert model_config("vit", moe_layers="last:2", depth=5).moe_block_indices() == [3, 4]
+    assert model_config("vit", moe_layers=[0, 2], depth=5).moe_block_indices() == [0, 2]
+    assert model_config("vit", moe_layers="all", depth=3).moe_block_indices() == [0, 1, 2]
+
+
+def test_aux_loss_and_stats_collected_from_layers():
+    m = vitmoe.create_model("switch_vit", num_experts=4, **TINY)
+    assert float(vitmoe.create_model("vit", **TINY).aux_loss().total) == 0
+    m(torch.randn(2, 3, 32, 32))
+    aux = m.aux_loss()
+    layers = [mod for _, mod in m.moe_modules()]
+    expected = sum(0.01 * l.aux["balance"] + 1e-3 * l.aux["z"] for l in layers)
+    torch.testing.assert_close(aux.total, expected)
+    assert set(aux.terms) == {"balance", "z"}
+    stats = m.moe_stats()
+    assert list(stats) == ["blocks.0.mlp", "blocks.1.mlp"]
+    assert float(stats["blocks.0.mlp"]["load"].sum()) == 2 * 65
+
+
+@pytest.mark.parametrize("override,field", [
+    (dict(embed_dim=30, num_heads=4), "num_heads"), (dict(patch_size=5), "patch_size"),
+    (dict(pool="max"), "pool"), (dict(moe_layers="some"), "moe_layers"), (dict(moe_layers=[0, 99]), "moe_layers"),
+    (dict(moe_layers="all", num_experts=[4, 4]), "num_experts"), (dict(router="magic"), "router"),
+    (dict(depth=0), "depth"), (dict(embed_dimm=8), "embed_dimm"), (dict(top_k=2), "top_k"),
+])
+def test_bad_config_names_the_field(override, field):
+    with pytest.raises(ConfigError, match=field):
+        vitmoe.create_model("switch_vit", **override)
+    with pytest.raises(ConfigError, match="available: random_vit, switch_vit, vit"):
+        vitmoe.create_model("vit_huge")
+
+
+def test_mean_pooling_zero_head_and_linear_head():
+    m = vitmoe.create_model("vit", pool="mean", head="linear", head_init="zero", **TINY)
+    assert m.cls_token is None and m.pos_embed.shape[1] == 64
+    assert torch.equal(m(torch.randn(2, 3, 32, 32)), torch.zeros(2, 10))
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    m = vitmoe.create_model("switch_vit", num_experts=3, **TINY).eval()
+    path = tmp_path / "m.safetensors"
+    save_model(m, path, metadata={"epoch": 3})
+    assert read_metadata(path)["epoch"] == 3
+    m2 = load_model(path).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(m2(x), m(x), rtol=0, atol=0)
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(FileNotFoundError, match="no model checkpoint"):
+        load_model(tmp_path / "missing.safetensors")
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a vitmoe model checkpoint"):
+        load_model(tmp_path / "other.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 5)
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_model(tmp_path / "junk.safetensors")
+
+
+def test_merged_checkpoint_loads_as_plain_vit(tmp_path):
+    m = vitmoe.create_model("random_vit", **TINY).eval()
+    save_model(vitmoe.merge_experts(m), tmp_path / "dense.safetensors")
+    meta = read_metadata(tmp_path / "dense.safetensors")
+    assert meta["config"]["moe_layers"] == "none"
+    dense = vitmoe.create_model("vit", checkpoint=str(tmp_path / "dense.safetensors"), **TINY).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), m(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="does not fit preset"):
+        vitmoe.create_model("vit", checkpoint=str(tmp_path / "dense.safetensors"))
+    json.dumps(meta)
