@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Union
 
-from ._io import atomic_write_text
+from ..fileio import atomic_write_text
 from .plots import expert_load_matrix, latest_expert_load, plot_accuracy, plot_expert_load
 from .runs import (DEFAULT_THRESHOLD, ReportWarning, RunFormatError, RunResult,
                    epochs_to_threshold, load_run)

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ._io import atomic_write
+from ..fileio import atomic_write
 from .runs import DEFAULT_THRESHOLD, ReportWarning, RunFormatError, RunResult
 
 __all__ = ["plot_accuracy", "plot_expert_load", "expert_load_matrix", "latest_expert_load"]
@@ -84,7 +84,7 @@ def _new_figure(figsize: tuple[float, float]):
 
 
 def _save_png(fig, path: str | os.PathLike) -> Path:
-    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
 
 
 def plot_accuracy(runs: Iterable[RunResult], path: str | os.PathLike,
@@ -141,8 +141,8 @@ def plot_expert_load(run: RunResult, path: str | os.PathLike) -> Path | None:
     import matplotlib
     from matplotlib.ticker import MaxNLocator
 
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("lightgray")  # padding (layer has fewer experts) / layer without tokens
+    # grey = padding (layer has fewer experts) or a layer that received no tokens
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgray")
     width = min(16.0, max(5.0, 0.32 * n_experts + 3.0))
     height = min(14.0, max(2.6, 0.32 * n_layers + 1.6))
     fig = _new_figure((width, height))
