@@ -97,8 +97,10 @@ def _find(directory: Path, stem: str) -> Path | None:
 def candidate_dirs(data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
     """Directories that may hold the IDX files, in search order."""
     dirs: list[Path] = []
-    for root in search_roots(data_dir, extra=SYSTEM_DIRS):
+    for root in search_roots(data_dir):
         dirs.extend(root / sub if sub != "." else root for sub in SUBDIRS)
+    # System directories hold the files directly; dedupe in case one is also passed explicitly.
+    dirs.extend(Path(d) for d in SYSTEM_DIRS if Path(d) not in dirs)
     return dirs
 
 

@@ -1,0 +1,53 @@
+"""Datasets (cifar10, cifar100, fashion-mnist, digits), on-device augmentation and the device-resident loader.
+
+Data is looked for in: the explicit `data_dir`, then `$DATA`, then `./data` (and, for Fashion-MNIST, also
+`/usr/share/datasets/fashion-mnist`). Downloads (CIFAR, Fashion-MNIST) go to the first of
+explicit / `$DATA` / `./data`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .augment import normalize, random_crop, random_hflip
+from .info import DATASETS, DatasetError, DatasetInfo, ImageData, canonical_name, check_split, get_info
+from .loader import DeviceLoader
+from .sources import resolve_data_dir, search_roots
+
+__all__ = [
+    "DATASETS",
+    "DatasetError",
+    "DatasetInfo",
+    "DeviceLoader",
+    "ImageData",
+    "get_info",
+    "load_dataset",
+    "normalize",
+    "random_crop",
+    "random_hflip",
+    "resolve_data_dir",
+    "search_roots",
+]
+
+
+def load_dataset(
+    name: str, split: str, data_dir: str | os.PathLike[str] | None = None, download: bool = True
+) -> ImageData:
+    """Load one split ("train" or "test") of a dataset into memory as uint8 [N, C, H, W] + int64 labels.
+
+    Raises `DatasetError` (a ValueError) for unknown names, missing data (naming the directories searched)
+    and truncated/corrupt files (naming the file). `download` only applies to cifar10/100 and fashion-mnist.
+    """
+    key = canonical_name(name)
+    check_split(split)
+    if key in ("cifar10", "cifar100"):
+        from .cifar import load_cifar
+
+        return load_cifar(key, split, data_dir, download)
+    if key == "fashion-mnist":
+        from .fashion_mnist import load_fashion_mnist
+
+        return load_fashion_mnist(split, data_dir, download)
+    from .digits import load_digits
+
+    return load_digits(split)
