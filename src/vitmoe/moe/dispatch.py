@@ -26,8 +26,6 @@ class Dispatch(NamedTuple):
     """Gate of each sorted copy; 0 for dropped copies, so they contribute nothing."""
     expert_S: Tensor
     """Expert of each sorted copy."""
-    slot_S: Tensor
-    """Position of each sorted copy inside its expert's queue (>= C when dropped)."""
     kept_E: Tensor
     """Copies each expert processes (after capacity), int64 [E]."""
     load_E: Tensor
@@ -65,14 +63,12 @@ def dispatch(gates_TK: Tensor, experts_TK: Tensor, num_experts: int, capacity: i
         drop_rank_S = torch.cumsum((~keep_S).long(), 0) - 1
         dest_S = torch.where(keep_S, kept_start_E[expert_sorted] + pos_S, n_kept + drop_rank_S)
         perm_S = torch.empty_like(order_S).scatter_(0, dest_S, order_S)
-        pos_S = torch.empty_like(pos_S).scatter_(0, dest_S, pos_S)
         dropped = S - n_kept
 
-    expert_P = expert_S[perm_S]
     gate_P = gate_S[perm_S]
     if capacity is not None:
-        gate_P = torch.where(pos_S < capacity, gate_P, torch.zeros_like(gate_P))
-    return Dispatch(token_S[perm_S], gate_P, expert_P, pos_S, kept_E, load_E.float(), dropped)
+        gate_P = torch.where(torch.arange(S, device=device) < n_kept, gate_P, torch.zeros_like(gate_P))
+    return Dispatch(token_S[perm_S], gate_P, expert_S[perm_S], kept_E, load_E.float(), dropped)
 
 
 def combine(y_SD: Tensor, d: Dispatch, tokens: int) -> Tensor:

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dispatch import Dispatch
 
 EXPERT_INITS = ("shared", "independent")
 DISPATCH_PATHS = ("auto", "grouped", "padded")
@@ -56,6 +55,8 @@ class GroupedExperts(nn.Module):
         self.act = act_layer()
         self.drop = nn.Dropout(drop)
         self._merged_cache: tuple[tuple, tuple[Tensor, ...]] | None = None
+        self.ep = None
+        """Set by vitmoe.moe.parallel.shard_experts: then the parameters hold this rank's experts."""
         self.reset_parameters()
 
     @torch.no_grad()
@@ -71,34 +72,42 @@ class GroupedExperts(nn.Module):
         self.b2.zero_()
 
     # --- routed computation -------------------------------------------------------------
-    def forward(self, x_TD: Tensor, d: Dispatch, capacity: int | None) -> Tensor:
-        """Run every kept copy through its expert; returns [S, O] in dispatch order."""
-        x_SD = x_TD[d.token_S]
+    def forward(self, x_SD: Tensor, counts_E: Tensor, expert_S: Tensor, capacity: int | None = None) -> Tensor:
+        """Rows sorted by expert -> each row through its expert: [S, O].
+
+        counts_E: rows of each expert, in order; rows past `counts_E.sum()` are padding whose
+        output is unspecified (callers zero them through their gate). `capacity`, when known,
+        bounds every count and fixes the padded path's shape without a host sync.
+        """
         use_grouped = self.dispatch_path == "grouped" or (
             self.dispatch_path == "auto" and grouped_mm_supported(x_SD)
         )
         if use_grouped:
-            return self._grouped(x_SD, d)
-        return self._padded(x_SD, d, capacity)
+            return self._grouped(x_SD, counts_E, expert_S)
+        return self._padded(x_SD, counts_E, expert_S, capacity)
 
-    def _grouped(self, x_SD: Tensor, d: Dispatch) -> Tensor:
-        # Dropped copies sit after every kept one; folding them into the last group keeps the
-        # offsets static (they are computed, then zeroed by their gate).
-        offs_E = torch.cumsum(d.kept_E, 0)
+    def _grouped(self, x_SD: Tensor, counts_E: Tensor, expert_S: Tensor) -> Tensor:
+        # Padding rows sit after every real one; folding them into the last group keeps the
+        # offsets static.
+        offs_E = torch.cumsum(counts_E, 0)
         offs_E[-1] = x_SD.shape[0]
         offs_E = offs_E.to(torch.int32)
         w1, w2 = self.w1.to(x_SD.dtype), self.w2.to(x_SD.dtype)
-        h_SH = torch._grouped_mm(x_SD, w1, offs=offs_E) + self.b1.to(x_SD.dtype)[d.expert_S]
+        h_SH = torch._grouped_mm(x_SD, w1, offs=offs_E) + self.b1.to(x_SD.dtype)[expert_S]
         h_SH = self.drop(self.act(h_SH))
-        return torch._grouped_mm(h_SH, w2, offs=offs_E) + self.b2.to(x_SD.dtype)[d.expert_S]
+        return torch._grouped_mm(h_SH, w2, offs=offs_E) + self.b2.to(x_SD.dtype)[expert_S]
 
-    def _padded(self, x_SD: Tensor, d: Dispatch, capacity: int | None) -> Tensor:
-        E = self.num_experts
+    def _padded(self, x_SD: Tensor, counts_E: Tensor, expert_S: Tensor, capacity: int | None) -> Tensor:
+        E, S = self.w1.shape[0], x_SD.shape[0]
         # Dropless needs the largest queue as the padded length: a host sync, the price of
         # this fallback path (the grouped path has none).
-        C = capacity if capacity is not None else max(int(d.kept_E.max()), 1)
-        # Slot e*C + pos for kept copies; dropped copies land in one spare row, discarded.
-        slot_S = torch.where(d.slot_S < C, d.expert_S * C + d.slot_S, torch.full_like(d.slot_S, E * C))
+        C = capacity if capacity is not None else max(int(counts_E.max()), 1)
+        start_E = torch.cumsum(counts_E, 0) - counts_E
+        row_S = torch.arange(S, device=x_SD.device)
+        pos_S = row_S - start_E[expert_S]
+        # Slot e*C + pos for real rows; padding rows land in one spare slot, discarded.
+        real_S = (row_S < counts_E.sum()) & (pos_S < C)
+        slot_S = torch.where(real_S, expert_S * C + pos_S, torch.full_like(pos_S, E * C))
         buf = x_SD.new_zeros(E * C + 1, x_SD.shape[-1]).index_copy_(0, slot_S, x_SD)
         x_ECD = buf[: E * C].view(E, C, -1)
         w1, w2 = self.w1.to(x_SD.dtype), self.w2.to(x_SD.dtype)
@@ -116,11 +125,21 @@ class GroupedExperts(nn.Module):
         b2 = self.b2.index_select(0, expert.view(1))[0]
         return self._dense(x_TD, w1, b1, w2, b2)
 
+    def all_weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(w1, b1, w2, b2) of every expert; gathered from the EP group when sharded (no grad)."""
+        params = (self.w1, self.b1, self.w2, self.b2)
+        if self.ep is None or self.ep.size == 1:
+            return params
+        from .parallel import gather_experts
+
+        return tuple(gather_experts(p.detach(), self.ep) for p in params)  # type: ignore[return-value]
+
     def forward_all(self, x_TD: Tensor) -> Tensor:
         """Every token through every expert: [E, T, O] (ensemble evaluation)."""
-        h_ETH = torch.baddbmm(self.b1.unsqueeze(1).to(x_TD.dtype), x_TD.expand(self.num_experts, -1, -1), self.w1.to(x_TD.dtype))
+        w1, b1, w2, b2 = (p.to(x_TD.dtype) for p in self.all_weights())
+        h_ETH = torch.baddbmm(b1.unsqueeze(1), x_TD.expand(w1.shape[0], -1, -1), w1)
         h_ETH = self.drop(self.act(h_ETH))
-        return torch.baddbmm(self.b2.unsqueeze(1).to(x_TD.dtype), h_ETH, self.w2.to(x_TD.dtype))
+        return torch.baddbmm(b2.unsqueeze(1), h_ETH, w2)
 
     def _dense(self, x_TD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
         # F.linear wants [out, in]; a transposed view costs nothing.
@@ -135,7 +154,7 @@ class GroupedExperts(nn.Module):
         average is applied to both layers of every expert (that is what "merging" means:
         AdaMix's weight averaging), not to their outputs.
         """
-        params = (self.w1, self.b1, self.w2, self.b2)
+        params = self.all_weights()
         if weights_E is None:
             return tuple(p.mean(0) for p in params)  # type: ignore[return-value]
         w = (weights_E / weights_E.sum()).to(self.w1.dtype)

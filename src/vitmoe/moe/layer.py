@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .dispatch import combine, dispatch, expert_capacity
 from .experts import GroupedExperts
+from .parallel import expert_parallel_apply
 from .routers import ROUTERS
 
 EVAL_MODES = ("merged", "random", "ensemble")
@@ -77,6 +78,8 @@ class MoEMlp(nn.Module):
         """Unweighted auxiliary terms of the last forward (weights in `router.aux_weights`)."""
         self.stats: dict[str, Tensor] = {}
         """Detached statistics of the last forward: load [E], dropped_frac, entropy."""
+        self.ep = None
+        """Set by vitmoe.moe.parallel.shard_experts when experts are split over ranks."""
         self.register_buffer("usage", torch.zeros(num_experts), persistent=False)
         """Token copies routed to each expert since the last reset (for usage-weighted merging)."""
 
@@ -101,7 +104,8 @@ class MoEMlp(nn.Module):
 
         routing = self.router(x_BND)
         self.aux = routing.aux or {}
-        if routing.single_expert is not None:
+        sharded = self.ep is not None and self.ep.size > 1
+        if routing.single_expert is not None and not sharded:
             y_TO = self.experts.forward_single(x_TD, routing.single_expert)
             load_E = torch.zeros(self.num_experts, device=x_TD.device).index_fill_(0, routing.single_expert.view(1), float(B * N))
             self._record(load_E, torch.zeros((), device=x_TD.device), routing.probs_TE)
@@ -109,7 +113,10 @@ class MoEMlp(nn.Module):
 
         capacity = self.capacity(B * N)
         d = dispatch(routing.gates_TK, routing.experts_TK, self.num_experts, capacity)
-        y_SO = self.experts(x_TD, d, capacity)
+        if sharded:
+            y_SO = expert_parallel_apply(self.experts, x_TD[d.token_S], d, self.ep, capacity)
+        else:
+            y_SO = self.experts(x_TD[d.token_S], d.kept_E, d.expert_S, capacity)
         y_TO = combine(y_SO, d, B * N)
         self._record(d.load_E, d.dropped.float() / d.gate_S.numel(), routing.probs_TE)
         return y_TO.view(B, N, -1)
