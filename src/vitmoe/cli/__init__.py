@@ -1,0 +1,1 @@
+"""The `vitmoe` command line: train, eval, merge, info, report, demo."""

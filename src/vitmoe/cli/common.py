@@ -1,0 +1,31 @@
+"""Shared pieces of the subcommands: the error type the entry point turns into `vitmoe: error: ...`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class CLIError(Exception):
+    """A user error: printed as one line `vitmoe: error: ...`, exit status 2."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that are the user's to fix (bad value, missing file or data): no traceback."""
+    from ..data import DatasetError
+    from ..models import ConfigError
+    from ..training.checkpoint import CheckpointError
+    from ..training.trainer import RunDirError
+
+    return (CLIError, ConfigError, DatasetError, RunDirError, CheckpointError, FileNotFoundError)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def echo(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def warn(msg: str) -> None:
+    print(f"vitmoe: warning: {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,72 @@
+"""`vitmoe eval CHECKPOINT`: test accuracy and loss of a model file or a run's latest checkpoint."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from .common import CLIError, HelpFormatter, echo
+
+
+def add_parser(sub) -> None:
+    from ..training.config import DATASET_NAMES, EVAL_MODES
+
+    p = sub.add_parser(
+        "eval", help="evaluate a checkpoint on a test set", formatter_class=HelpFormatter,
+        description="Evaluate a model .safetensors file, or a run directory (its latest checkpoint), on the "
+                    "test split. The dataset defaults to the one the checkpoint was trained on.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="model .safetensors file or run directory")
+    p.add_argument("--mode", choices=list(EVAL_MODES), default=None,
+                   help="eval mode of randomly routed layers (default: the checkpoint's, normally merged)")
+    p.add_argument("--dataset", choices=list(DATASET_NAMES), default=None,
+                   help="test set (default: the checkpoint's training dataset)")
+    p.add_argument("--data-dir", default=None, help="dataset directory (default $DATA, then ./data)")
+    p.add_argument("--batch", type=int, default=500, help="evaluation batch size")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random draws in --mode random")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=run)
+
+
+def evaluate_checkpoint(checkpoint, mode=None, dataset=None, data_dir=None, batch=500, device="auto", seed=0) -> dict:
+    import torch
+
+    from ..data import DeviceLoader, load_dataset
+    from ..models import load_model, read_metadata
+    from ..training import evaluate, resolve_device, resolve_model_file
+
+    if batch < 1:
+        raise CLIError(f"--batch {batch}: must be a positive integer")
+    path = resolve_model_file(checkpoint)
+    try:
+        meta = read_metadata(path)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    dataset = dataset or meta.get("dataset")
+    if not dataset:
+        raise CLIError(f"{path} does not record its dataset; pass --dataset")
+    dev = resolve_device(device)
+    overrides = {"eval_mode": mode} if mode else {}
+    model = load_model(path, map_location=dev, **overrides)
+    data = load_dataset(dataset, "test", data_dir)
+    cfg = model.config
+    if (data.info.in_chans, data.info.img_size, data.info.num_classes) != (cfg.in_chans, cfg.img_size, cfg.num_classes):
+        raise CLIError(f"{path} was built for {cfg.in_chans}x{cfg.img_size}x{cfg.img_size} images and "
+                       f"{cfg.num_classes} classes; dataset {dataset} does not fit")
+    torch.manual_seed(seed)
+    loader = DeviceLoader(data, batch, dev, train=False)
+    res = evaluate(model, loader, dev)
+    moe = bool(cfg.moe_block_indices())
+    return {"checkpoint": str(path), "dataset": dataset, "images": res["n"], "test_acc": res["acc"],
+            "test_loss": res["loss"], "mode": cfg.eval_mode if moe else None, "params": sum(p.numel() for p in model.parameters()),
+            "images_per_s": res["images_per_s"]}
+
+
+def run(args: argparse.Namespace) -> int:
+    r = evaluate_checkpoint(args.checkpoint, args.mode, args.dataset, args.data_dir, args.batch, args.device, args.seed)
+    if args.json:
+        echo(json.dumps(r))
+    else:
+        mode = f", eval mode {r['mode']}" if r["mode"] else ""
+        echo(f"{r['checkpoint']}: test accuracy {r['test_acc']:.2f}%  test loss {r['test_loss']:.4f}  "
+             f"({r['images']:,} {r['dataset']} test images{mode}, {r['params']:,} parameters)")
+    return 0

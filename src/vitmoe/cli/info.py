@@ -1,0 +1,57 @@
+"""`vitmoe info PRESET`: parameter and FLOP accounting of a model."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from .common import CLIError, HelpFormatter, echo
+
+
+def add_parser(sub) -> None:
+    from ..models import list_models
+    from ..training.config import DATASET_NAMES
+
+    p = sub.add_parser(
+        "info", help="parameters and FLOPs of a model preset", formatter_class=HelpFormatter,
+        description="Print total parameters, active parameters per token, parameters after merging the experts, "
+                    "and forward FLOPs per image (2 x multiply-adds of matmuls and convolutions).")
+    p.add_argument("preset", metavar="PRESET", help=f"model preset: {', '.join(list_models())}")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="model field override (repeatable), e.g. --set num_experts=64 --set embed_dim=256")
+    p.add_argument("--dataset", choices=list(DATASET_NAMES), default=None,
+                   help="take image size, channels and classes from a dataset (default: the preset's, CIFAR-10 shape)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from ..models import list_models, model_config, model_info
+    from ..training.config import TrainConfig, _coerce_model_value, parse_set
+
+    if args.preset not in list_models():
+        raise CLIError(f"unknown model preset {args.preset!r}; choose one of: {', '.join(list_models())}")
+    overrides = {}
+    for key, value in parse_set(args.set).items():
+        key = key.split(".", 1)[1] if key.startswith(("model.", "model_config.")) else key
+        overrides[key] = _coerce_model_value(key, value)
+    if args.dataset:
+        cfg = TrainConfig(model=args.preset, dataset=args.dataset, model_config=overrides).validate().resolved_model_config()
+    else:
+        cfg = model_config(args.preset, **overrides)
+    info = model_info(cfg)
+    if args.json:
+        echo(json.dumps({"model": args.preset, **asdict(info)}))
+        return 0
+    experts = cfg.experts_per_moe_block()
+    desc = (f"{len(experts)} MoE layers, {experts[0] if len(set(experts)) == 1 else experts} experts, router {cfg.router}"
+            if experts else "dense")
+    echo(f"model {args.preset}: d {cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}, MLP {cfg.mlp_hidden}, "
+         f"patch {cfg.patch_size}, {cfg.img_size}x{cfg.img_size}x{cfg.in_chans}, {cfg.num_classes} classes; {desc}")
+    rows = [("total parameters", info.total_params), ("active parameters per token", info.active_params_per_token),
+            ("parameters after merging", info.merged_params), ("forward FLOPs per image", info.forward_flops_per_image)]
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        echo(f"  {name:<{width}}  {value:>16,}")
+    return 0

@@ -1,0 +1,37 @@
+"""`vitmoe report RUN_DIR...`: the results table and plots of finished (or killed) runs."""
+from __future__ import annotations
+
+import argparse
+
+from .common import HelpFormatter, echo
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "report", help="results table and plots from run directories", formatter_class=HelpFormatter,
+        description="Write results.md (the source project's results table), accuracy.png and expert_load_<run>.png "
+                    "into --out and print the table.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (from vitmoe train/demo)")
+    p.add_argument("--out", default="report", help="output directory")
+    p.add_argument("--threshold", type=float, default=75.0, help="accuracy (percent) for the 'epochs to' column")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..report import RunFormatError, make_report
+    from .common import CLIError
+
+    missing = [r for r in args.runs if not Path(r).is_dir()]
+    if missing:
+        raise CLIError(f"not a run directory: {', '.join(missing)}")
+    if not 0 <= args.threshold <= 100:
+        raise CLIError(f"--threshold {args.threshold}: must be a percentage in [0, 100]")
+    try:
+        files = make_report(args.runs, args.out, threshold=args.threshold)
+    except RunFormatError as e:
+        raise CLIError(str(e)) from None
+    echo(files.markdown)
+    echo(f"wrote {', '.join(str(p) for p in files.paths)}")
+    return 0

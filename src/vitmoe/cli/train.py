@@ -1,0 +1,169 @@
+"""`vitmoe train`: the source project's `vit.py` flags plus config files and overrides."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import CLIError, HelpFormatter, echo, warn
+
+DESCRIPTION = """\
+Train a ViT / MoE-ViT. Accepts the source project's command lines as written, e.g.
+
+  vitmoe train --batch 256 --experts 64 --epochs 500 --gpu 4 --dmodel 300 --out RUN
+  vitmoe train --batch 256 --experts 64 --epochs 500 --gpu 4 --dmodel 300 --noswitch --out RUN
+
+Like the source, the model is switch_vit (switch-routed MoE in every block) unless --noswitch
+(dense vit; --experts is then ignored), and the dataset is CIFAR-10 unless --cifar100 or
+--dataset is given. CIFAR is downloaded to --data-dir ($DATA, then ./data) when a network is
+available; offline, use --dataset digits (bundled with scikit-learn) or fashion-mnist, or try
+`vitmoe demo`.
+
+Settings are resolved as: TrainConfig defaults (the source recipe: Adam, lr 2.5e-4, weight decay
+1e-4, cosine per step, batch 256, 350 epochs) < --config FILE < explicit flags < --set key=value.
+--set takes any TrainConfig field (lr, weight_decay, optimizer, warmup_epochs, label_smoothing,
+grad_clip, aux_loss_weight, log_every, tensorboard, keep_checkpoints, ...) and model fields as
+model.FIELD (e.g. --set model.depth=6 --set model.capacity_factor_train=1.25); values are YAML.
+The dataset sets img_size/in_chans/num_classes; patch_size stays the preset's (4) when it divides
+the image size (else the largest divisor below it).
+
+Run directory (--out, default runs/MODEL-DATASET-TIME): config.yaml (resolved settings),
+metrics.jsonl (one line per epoch), summary.json (updated every epoch), checkpoints/ (latest
+and best, crash-safe). Continue a killed run with --resume RUN (only --epochs and execution
+flags may change).
+"""
+
+
+def add_parser(sub) -> None:
+    from ..models import list_models
+    from ..training.config import AMP_MODES, DATASET_NAMES, EVAL_MODES
+
+    p = sub.add_parser("train", help="train a model (the source project's vit.py flags)", description=DESCRIPTION,
+                       formatter_class=HelpFormatter)
+    src = p.add_argument_group("source project flags (vit.py)")
+    src.add_argument("--gpu", type=int, default=None, metavar="N",
+                     help="number of processes (GPUs) to train on; 1 trains in this process (default 1)")
+    src.add_argument("--epochs", type=int, default=None, help="number of epochs (default 350)")
+    src.add_argument("--experts", type=int, default=None, help="experts per MoE layer (model field num_experts; "
+                     "switch_vit preset: 32); ignored with --noswitch")
+    src.add_argument("--batch", type=int, default=None, help="global (effective) batch size over all processes (default 256)")
+    src.add_argument("--noswitch", action="store_true", default=None, help="train the dense ViT (model vit)")
+    src.add_argument("--cifar100", action="store_true", default=None, help="use CIFAR-100 (same as --dataset cifar100)")
+    src.add_argument("--out", default=None, help="run directory (default runs/MODEL-DATASET-TIMESTAMP)")
+    src.add_argument("--dmodel", type=int, default=None, help="embedding width d_model (model field embed_dim; default 300)")
+
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", choices=list_models(), default=None,
+                   help="model preset (default switch_vit, or vit with --noswitch)")
+    from ..moe import ROUTERS
+
+    routers = ["switch", "topk", "random"] + sorted(set(ROUTERS) - {"switch", "topk", "random"})
+    g.add_argument("--router", choices=routers, default=None,
+                   help="router of the MoE layers (model field router)")
+    g.add_argument("--top-k", type=int, default=None, help="experts per token for --router topk (model field top_k)")
+    g.add_argument("--dataset", choices=list(DATASET_NAMES), default=None,
+                   help="dataset (default cifar10 as in the source; digits works offline)")
+    g.add_argument("--data-dir", default=None, help="where datasets are found/downloaded (default $DATA, then ./data)")
+
+    g = p.add_argument_group("configuration")
+    g.add_argument("--config", default=None, metavar="FILE", help="YAML file of TrainConfig fields (see configs/)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field after flags and config (repeatable); model fields as model.FIELD")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2.5e-4)")
+    g.add_argument("--seed", type=int, default=None, help="random seed: weights, data order, augmentation (default 0)")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue a run from its latest checkpoint with its saved config")
+
+    g = p.add_argument_group("execution")
+    g.add_argument("--amp", choices=list(AMP_MODES), default=None,
+                   help="mixed precision: bf16 autocast, or fp16 with a GradScaler (CUDA only) (default off)")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--eval-mode", choices=list(EVAL_MODES), default=None,
+                   help="how randomly routed layers are evaluated each epoch (default: the model's, merged)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="device (default auto)")
+    p.set_defaults(func=run)
+
+
+def flag_overrides(args: argparse.Namespace) -> dict:
+    """TrainConfig updates from the flags that were given explicitly."""
+    o: dict = {}
+    if args.noswitch:
+        if args.model not in (None, "vit"):
+            raise CLIError(f"--noswitch trains the dense vit; it conflicts with --model {args.model}")
+        o["model"] = "vit"
+    elif args.model is not None:
+        o["model"] = args.model
+    if args.cifar100:
+        if args.dataset not in (None, "cifar100"):
+            raise CLIError(f"--cifar100 conflicts with --dataset {args.dataset}")
+        o["dataset"] = "cifar100"
+    elif args.dataset is not None:
+        o["dataset"] = args.dataset
+    for flag, key in (("gpu", "nproc"), ("epochs", "epochs"), ("batch", "batch_size"), ("out", "out"),
+                      ("lr", "lr"), ("seed", "seed"), ("amp", "amp"), ("compile", "compile"),
+                      ("eval_mode", "eval_mode"), ("data_dir", "data_dir"), ("device", "device")):
+        value = getattr(args, flag)
+        if value is not None:
+            o[key] = value
+    if args.dmodel is not None:
+        o["model.embed_dim"] = args.dmodel
+    if args.experts is not None and not args.noswitch:
+        o["model.num_experts"] = args.experts
+    if args.router is not None:
+        o["model.router"] = args.router
+    if args.top_k is not None:
+        o["model.top_k"] = args.top_k
+    return o
+
+
+def build_config(args: argparse.Namespace):
+    """The resolved, validated TrainConfig of a `vitmoe train` command line (no data is touched)."""
+    from ..training.config import TrainConfig, parse_set
+
+    flags = flag_overrides(args)
+    sets = parse_set(args.set)
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved_path = run_dir / "config.yaml"
+        if not saved_path.is_file():
+            raise CLIError(f"--resume {run_dir}: no config.yaml there (not a vitmoe run directory)")
+        saved = TrainConfig.from_yaml(saved_path).validate()
+        cfg = saved
+        if args.config:
+            cfg = TrainConfig.from_yaml(args.config, cfg)
+        if "out" in flags and Path(flags["out"]).resolve() != run_dir.resolve():
+            raise CLIError("--out cannot be combined with --resume (the run continues in its own directory)")
+        cfg = cfg.updated(flags).updated(sets).validate()
+        changed = saved.structural_diff(cfg)
+        if changed:
+            raise CLIError(f"--resume {run_dir}: cannot change {', '.join(changed)} of an existing run "
+                           f"(only epochs and execution settings such as amp, compile, device, log_every may change)")
+        cfg.out = str(run_dir)
+        return cfg
+    cfg = TrainConfig()
+    if args.config:
+        cfg = TrainConfig.from_yaml(args.config, cfg)
+    cfg = cfg.updated(flags).updated(sets).validate()
+    model_cfg = cfg.resolved_model_config()
+    if not model_cfg.moe_block_indices():
+        given = [f for f, v in (("--experts", args.experts if not args.noswitch else None), ("--router", args.router),
+                                ("--top-k", args.top_k)) if v is not None]
+        if given:
+            raise CLIError(f"{', '.join(given)} apply to MoE models, but model {cfg.model!r} is dense "
+                           f"(use --model switch_vit or random_vit)")
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
+    if args.noswitch and args.experts is not None:
+        warn(f"--experts {args.experts} is ignored with --noswitch (dense vit), as in the source project")
+    if cfg.nproc > 1:
+        from ..training.launch import launch
+
+        return launch(cfg, resume=bool(args.resume))
+    from ..training import train
+
+    result = train(cfg, resume=bool(args.resume), log=echo)
+    s = result.summary
+    echo(f"summary: {result.run_dir / 'summary.json'} (best {s['best_acc']:.2f}% at epoch {s['best_epoch']})")
+    return 0

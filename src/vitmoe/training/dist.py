@@ -1,0 +1,57 @@
+"""DistContext: who this process is in a (possibly) multi-process run.
+
+Single-process defaults everywhere; the trainer only asks the context to reduce tensors and
+to say whether this rank writes files and prints (`is_main`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    is_main: bool = True
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over ranks in place (a no-op in one process)."""
+        if self.distributed:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return t
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def broadcast_object(self, obj):
+        if not self.distributed:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """"auto": CUDA when available (GPU `local_rank`), else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            from ..models import ConfigError
+
+            raise ConfigError("device='cuda' is not allowed: no CUDA device is available (use auto or cpu)")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def single_process(device: str = "auto") -> DistContext:
+    return DistContext(device=resolve_device(device))
