@@ -1,4 +1,5 @@
-"""Datasets (cifar10, cifar100, fashion-mnist, digits), on-device augmentation and the device-resident loader.
+"""Datasets (cifar10, cifar100, fashion-mnist, digits), on-device augmentation (crop/flip, AutoAugment,
+RandAugment) and the device-resident loader.
 
 Data is looked for in: the explicit `data_dir`, then `$DATA`, then `./data` (and, for Fashion-MNIST, also
 `/usr/share/datasets/fashion-mnist`). Downloads (CIFAR, Fashion-MNIST) go to the first of
@@ -10,20 +11,28 @@ from __future__ import annotations
 import os
 
 from .augment import normalize, random_crop, random_hflip
+# The `autoaugment` function stays in its module: re-exporting it here would hide the submodule of that name.
+from .autoaugment import CIFAR10_POLICY, OpPlan, apply_plan, autoaugment_plan, randaugment, randaugment_plan
 from .info import DATASETS, DatasetError, DatasetInfo, ImageData, canonical_name, check_split, get_info
 from .loader import DeviceLoader
 from .sources import resolve_data_dir, search_roots
 
 __all__ = [
+    "CIFAR10_POLICY",
     "DATASETS",
     "DatasetError",
     "DatasetInfo",
     "DeviceLoader",
     "ImageData",
+    "OpPlan",
+    "apply_plan",
+    "autoaugment_plan",
     "get_info",
     "load_dataset",
     "normalize",
     "random_crop",
+    "randaugment",
+    "randaugment_plan",
     "random_hflip",
     "resolve_data_dir",
     "search_roots",

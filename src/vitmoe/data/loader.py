@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import torch
 
 from . import augment as aug
+from .autoaugment import POLICIES, apply_plan, policy_plan
 from .info import ImageData
 from .seeding import derive_seed, device_generator
 
@@ -32,6 +33,9 @@ class DeviceLoader:
       seeded by (seed, epoch, batch index), and sliced per rank. So every batch is a pure function of
       (seed, epoch, batch index): independent of world size, and `iter_epoch(epoch, start_batch)` resumes
       mid-epoch exactly. The loader keeps no other state.
+    * `augment_policy` ("none" | "autoaugment" | "randaugment", see `data.autoaugment`) adds AutoAugment
+      (CIFAR-10 policy) or RandAugment (2 ops, magnitude 9/31) between the crop and the flip, drawn the same
+      way. Its draws come after the crop and flip draws, so crops and flips do not depend on the policy.
     * Eval (`train=False`): identity order, no augmentation; over all ranks each sample appears exactly once.
     """
 
@@ -45,7 +49,10 @@ class DeviceLoader:
         rank: int = 0,
         world_size: int = 1,
         augment: bool = True,
+        augment_policy: str = "none",
     ) -> None:
+        if augment_policy not in POLICIES:
+            raise ValueError(f"unknown augment_policy {augment_policy!r}; expected one of {POLICIES}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if batch_size < world_size:
@@ -59,6 +66,7 @@ class DeviceLoader:
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.augment = bool(augment) and self.train
+        self.augment_policy = augment_policy
         self.epoch = 0
 
         # One host->device copy for the whole run; uint8 keeps it 4x smaller than float.
@@ -114,9 +122,14 @@ class DeviceLoader:
         # Draw for the whole global batch and keep this rank's rows, so ranks get independent draws and
         # the augmented epoch does not depend on world_size.
         gen = device_generator(self.device, derive_seed(self.seed, epoch, _AUG_STREAM, batch))
-        if self.info.crop_padding > 0:
-            offsets = aug.crop_offsets(global_n, self.info.crop_padding, gen)
+        offsets = aug.crop_offsets(global_n, self.info.crop_padding, gen) if self.info.crop_padding > 0 else None
+        flips = aug.flip_mask(global_n, gen) if self.info.hflip else None
+        # Drawn last so that adding a policy leaves the crop and flip draws unchanged.
+        plan = policy_plan(self.augment_policy, global_n, tuple(x.shape[2:]), gen)
+        if offsets is not None:
             x = aug.crop_at(x, self.info.crop_padding, self._shard(offsets))
-        if self.info.hflip:
-            x = aug.hflip_where(x, self._shard(aug.flip_mask(global_n, gen)))
+        if plan is not None:
+            x = apply_plan(x, plan.split(self.world_size)[self.rank])
+        if flips is not None:
+            x = aug.hflip_where(x, self._shard(flips))
         return x
