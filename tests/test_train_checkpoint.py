@@ -104,7 +104,7 @@ def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert load_state(ckdir / "epoch-0001")["epoch"] == 1
 
     # A crash inside the weights writer is just as harmless.
-    def broken_save_model(model, path, metadata=None):
+    def broken_save_model(model, path, metadata=None, **kw):
         with open(path, "wb") as f:
             f.write(b"garbage")
         raise RuntimeError("killed (simulated)")

@@ -39,12 +39,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vitmoe: interrupted", file=sys.stderr, flush=True)
         return 130
-    except Exception as e:  # noqa: BLE001 - only the NaN stop is expected here
+    except Exception as e:  # noqa: BLE001 - only the NaN stop and a failed worker are expected here
+        from ..training.launch import WorkerFailedError
         from ..training.trainer import NonFiniteLossError
 
         if isinstance(e, NonFiniteLossError):
             print(f"vitmoe: error: {e}", file=sys.stderr, flush=True)
             return 3
+        if isinstance(e, WorkerFailedError):
+            print(f"vitmoe: error: {e}", file=sys.stderr, flush=True)
+            return 4
         raise
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from .common import CLIError, HelpFormatter, echo, warn
@@ -80,6 +81,11 @@ def add_parser(sub) -> None:
     g.add_argument("--eval-mode", choices=list(EVAL_MODES), default=None,
                    help="how randomly routed layers are evaluated each epoch (default: the model's, merged)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="device (default auto)")
+    g.add_argument("--ep-size", type=int, default=None, metavar="K",
+                   help="expert parallelism: split each MoE layer's experts over K ranks (K divides the "
+                        "number of processes and every expert count; default 1: every rank holds all experts)")
+    g.add_argument("--dist-timeout", type=float, default=None, metavar="S", dest="dist_timeout",
+                   help="seconds a rank waits for its peers before the job fails with an error (default 300)")
     p.set_defaults(func=run)
 
 
@@ -100,7 +106,8 @@ def flag_overrides(args: argparse.Namespace) -> dict:
         o["dataset"] = args.dataset
     for flag, key in (("gpu", "nproc"), ("epochs", "epochs"), ("batch", "batch_size"), ("out", "out"),
                       ("lr", "lr"), ("seed", "seed"), ("amp", "amp"), ("compile", "compile"),
-                      ("eval_mode", "eval_mode"), ("data_dir", "data_dir"), ("device", "device")):
+                      ("eval_mode", "eval_mode"), ("data_dir", "data_dir"), ("device", "device"),
+                      ("ep_size", "ep_size"), ("dist_timeout", "dist_timeout_s")):
         value = getattr(args, flag)
         if value is not None:
             o[key] = value
@@ -157,10 +164,17 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     if args.noswitch and args.experts is not None:
         warn(f"--experts {args.experts} is ignored with --noswitch (dense vit), as in the source project")
-    if cfg.nproc > 1:
-        from ..training.launch import launch
+    from ..training.launch import launch, run_worker, under_torchrun
 
-        return launch(cfg, resume=bool(args.resume))
+    if under_torchrun():  # torchrun started this process as one worker
+        s = run_worker(cfg, resume=bool(args.resume), log=echo)
+        if int(os.environ.get("RANK", 0)) == 0:
+            echo(f"summary: {Path(cfg.out) / 'summary.json'} (best {s['best_acc']:.2f}% at epoch {s['best_epoch']})")
+        return 0
+    if cfg.nproc > 1:
+        s = launch(cfg, resume=bool(args.resume))
+        echo(f"summary: {Path(cfg.out) / 'summary.json'} (best {s['best_acc']:.2f}% at epoch {s['best_epoch']})")
+        return 0
     from ..training import train
 
     result = train(cfg, resume=bool(args.resume), log=echo)

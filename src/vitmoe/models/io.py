@@ -21,8 +21,20 @@ from .vit import VisionTransformer
 FORMAT = "vitmoe-model-1"
 
 
-def save_model(model: VisionTransformer, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+def save_model(model: VisionTransformer, path: str | os.PathLike, metadata: dict[str, Any] | None = None,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """`state_dict` replaces the model's own (expert-parallel runs pass the gathered whole-expert state).
+
+    Every key gets its own tensor: a module shared by several blocks (WideNet) is written once per
+    key that names it, because safetensors refuses tensors that share memory, and a file with
+    every key loads with a plain strict `load_state_dict`.
+    """
+    state, seen = {}, set()
+    for k, v in (state_dict or model.state_dict()).items():
+        v = v.detach().contiguous().cpu()
+        ptr = (v.data_ptr(), v.dtype, tuple(v.shape))
+        state[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
     meta = {"format": FORMAT, "config": json.dumps(model.config.to_dict())}
     meta.update({k: json.dumps(v) for k, v in (metadata or {}).items()})
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))

@@ -107,14 +107,17 @@ def save_checkpoint(
     metadata: dict[str, Any] | None = None,
     keep: int = 1,
     is_best: bool = False,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write checkpoint `epoch-NNNN` atomically, point `latest` (and `best`) at it, prune old ones."""
+    """Write checkpoint `epoch-NNNN` atomically, point `latest` (and `best`) at it, prune old ones.
+
+    `model_state` replaces `model.state_dict()` (expert-parallel runs pass the gathered state)."""
     ckdir = Path(run_dir) / CHECKPOINT_DIR
     ckdir.mkdir(parents=True, exist_ok=True)
     name = f"epoch-{epoch:04d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=ckdir))
     try:
-        save_model(model, tmp / MODEL_FILE, metadata=metadata)
+        save_model(model, tmp / MODEL_FILE, metadata=metadata, state_dict=model_state)
         with open(tmp / STATE_FILE, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -158,11 +161,15 @@ def load_state(ckpt_dir: str | os.PathLike, map_location: str | torch.device = "
         raise CheckpointError(f"no training state at {path}") from None
 
 
-def load_weights(model: torch.nn.Module, ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+def read_weights(ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The checkpoint's whole-model state (every expert, whatever world size wrote it)."""
     from safetensors.torch import load_file
 
-    path = Path(ckpt_dir) / MODEL_FILE
-    model.load_state_dict(load_file(str(path), device=str(device)), strict=True)
+    return load_file(str(Path(ckpt_dir) / MODEL_FILE), device=str(device))
+
+
+def load_weights(model: torch.nn.Module, ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+    model.load_state_dict(read_weights(ckpt_dir, device), strict=True)
 
 
 def resolve_model_file(path: str | os.PathLike) -> Path:

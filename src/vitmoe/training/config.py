@@ -34,8 +34,16 @@ DATASET_PATCH: dict[str, int] = {}
 # Fields that may differ when resuming a run (they do not change what is being trained).
 RESUMABLE_FIELDS = frozenset({
     "epochs", "log_every", "tensorboard", "compile", "amp", "device", "nproc", "keep_checkpoints",
-    "data_dir", "eval_mode", "threshold", "out", "progress",
+    "data_dir", "eval_mode", "threshold", "out", "progress", "ep_size", "dist_timeout_s",
 })
+
+
+def check_ep_size(ep_size: int, world_size: int) -> None:
+    """Expert-parallel groups must tile the world."""
+    if world_size % ep_size:
+        raise ConfigError(f"ep_size={ep_size} is not allowed: it must divide the number of processes ({world_size}); "
+                          f"resuming on fewer processes? pass --ep-size with a divisor of {world_size} (checkpoints "
+                          f"hold every expert, so any world size and ep_size can continue a run)")
 
 
 @dataclass
@@ -77,7 +85,13 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"
     nproc: int = 1
-    """Processes (the source's --gpu): 1 trains in this process."""
+    """Processes on this machine (the source's --gpu): 1 trains in this process. Under torchrun the
+    world comes from the environment instead."""
+    ep_size: int = 1
+    """Expert-parallel group size: each MoE layer's experts are split over this many ranks
+    (must divide the world size and every layer's expert count)."""
+    dist_timeout_s: float = 300.0
+    """Seconds a rank waits in a collective before failing (a dead peer ends the job, not a hang)."""
     seed: int = 0
     deterministic: bool = True
     eval_mode: str | None = None
@@ -247,6 +261,15 @@ class TrainConfig:
         as_bool("compile")
         choice("device", DEVICES)
         as_int("nproc", 1)
+        as_int("ep_size", 1)
+        as_float("dist_timeout_s", 1.0)
+        if self.ep_size > 1:
+            experts = self.resolved_model_config().experts_per_moe_block()
+            if not experts:
+                fail("ep_size", "1 for a dense model (expert parallelism needs MoE layers)")
+            bad = [e for e in experts if e % self.ep_size]
+            if bad:
+                fail("ep_size", f"a divisor of every MoE layer's expert count {experts}")
         as_int("seed", 0)
         as_bool("deterministic")
         choice("eval_mode", EVAL_MODES, optional=True)

@@ -16,6 +16,7 @@ import random
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -25,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from ..models import ConfigError, VisionTransformer, atomic_write, model_info
+from ..moe import parallel as moe_parallel
 from . import checkpoint as ckpt
-from .config import TrainConfig, experts_of, model_label
+from .config import TrainConfig, check_ep_size, experts_of, model_label
 from .dist import DistContext, resolve_device
 from .schedule import lr_factor
 
@@ -196,7 +198,15 @@ class Trainer:
         self.warmup_steps = (cfg.warmup_steps if cfg.warmup_steps is not None
                              else int(round(cfg.warmup_epochs * self.steps_per_epoch)))
 
+        # Built whole and alike on every rank (same seed); expert parallelism then keeps this
+        # rank's slice, so shared-init experts stay identical copies and independent ones distinct.
         self.model = VisionTransformer(self.model_cfg).to(device)
+        self.ep = None
+        check_ep_size(cfg.ep_size, dist.world_size)
+        if cfg.ep_size > 1:
+            self.ep = moe_parallel.init_expert_parallel(cfg.ep_size)
+            moe_parallel.shard_experts(self.model, self.ep)
+        self.route_generators = moe_parallel.seed_random_routers(self.model, cfg.seed, device)
         self.info = model_info(self.model_cfg)
         self.optimizer = build_optimizer(cfg, self.model)
         min_ratio = cfg.min_lr / cfg.lr
@@ -210,7 +220,14 @@ class Trainer:
 
             # Every parameter gets a gradient each step (expert weights are stacked tensors; a random
             # route's index_select back-propagates a zero-filled gradient to the other experts).
-            self.train_module = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+            # Sharded experts differ per rank: their gradients are reduced over their replicas
+            # (moe_parallel.reduce_expert_grads), not by DDP. Buffers are per-rank usage counters.
+            if self.ep is not None:
+                DDP._set_params_and_buffers_to_ignore_for_model(self.model, moe_parallel.expert_param_names(self.model))
+            with warnings.catch_warnings():  # its own advice: keep False for rank-local buffers
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                self.train_module = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        broadcast_buffers=False)
         self.forward = torch.compile(self.train_module) if cfg.compile else self.train_module
 
         self.epoch, self.step = 0, 0
@@ -244,9 +261,14 @@ class Trainer:
         if ck is None:
             self.log(f"resume: {self.run_dir} has no checkpoint yet; starting from epoch 1")
             return
-        ckpt.load_weights(self.model, ck, self.device)
+        # Checkpoints hold every expert: slice this rank's share, whatever world size wrote them.
+        weights = ckpt.read_weights(ck, self.device)
+        self.model.load_state_dict(moe_parallel.local_state_dict(self.model, weights), strict=True)
         state = ckpt.load_state(ck, self.device)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(moe_parallel.local_optimizer_state(state["optimizer"], self.optimizer, self.model))
+        for name, g in self.route_generators.items():
+            if name in state.get("route_rng", {}):
+                g.set_state(state["route_rng"][name].cpu())
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -303,24 +325,30 @@ class Trainer:
         bar = _Progress(cfg.progress and self.dist.is_main, self.steps_per_epoch, f"epoch {epoch}/{cfg.epochs}")
         _sync(device)
         t0 = time.perf_counter()
-        for x, y in loader.iter_epoch(epoch):
+        for i, (x, y) in enumerate(loader.iter_epoch(epoch)):
             with autocast_context(cfg.amp, device):
                 logits = self.forward(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            # Mean over the GLOBAL batch: ranks may hold unequal shares of the last batch, and DDP
+            # averages gradients over ranks, hence the factor world_size / global count.
+            global_n = min(cfg.batch_size, loader.num_samples - i * cfg.batch_size)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing,
+                                   reduction="sum") * (self.dist.world_size / global_n)
             aux = model.aux_loss()
             total = loss + cfg.aux_loss_weight * aux.total if moe_names else loss
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(total).backward()
+                self._reduce_expert_grads()
                 if cfg.grad_clip:
                     self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    self._clip(cfg.grad_clip)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
                 total.backward()
+                self._reduce_expert_grads()
                 if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    self._clip(cfg.grad_clip)
                 self.optimizer.step()
             self.scheduler.step()
             self.step += 1
@@ -331,7 +359,7 @@ class Trainer:
                 step_dev += 1
                 bad = ~torch.isfinite(total.detach())
                 first_bad = torch.where(bad & (first_bad < 0), step_dev, first_bad)
-                loss_sum += loss.detach() * y.numel()
+                loss_sum += loss.detach() * (global_n / self.dist.world_size)
                 aux_sum += aux.total.detach() * y.numel()
                 correct += (logits.detach().argmax(-1) == y).sum()
                 seen += y.numel()
@@ -388,9 +416,13 @@ class Trainer:
         if is_best:
             self.best_acc, self.best_epoch = row["test_acc"], epoch
         self.history.append(row)
+        # Gathering sharded experts is collective: every rank takes part, rank 0 writes.
+        state = self._state()
+        model_state = moe_parallel.full_state_dict(model) if self.ep is not None else None
         if self.dist.is_main:
             self.last_good = ckpt.save_checkpoint(
-                self.run_dir, epoch, model, self._state(), keep=self.cfg.keep_checkpoints, is_best=is_best,
+                self.run_dir, epoch, model, state, keep=self.cfg.keep_checkpoints, is_best=is_best,
+                model_state=model_state,
                 metadata={"dataset": cfg.dataset, "epoch": epoch, "test_acc": row["test_acc"],
                           "name": model_label(self.model_cfg)})
             with open(self.run_dir / METRICS_FILE, "a") as f:
@@ -408,6 +440,16 @@ class Trainer:
                  + (f"  aux {row['aux_loss']:.4f}" if moe_names else ""))
         return row
 
+    def _reduce_expert_grads(self) -> None:
+        if self.ep is not None:
+            moe_parallel.reduce_expert_grads(self.model, self.dist.world_size)
+
+    def _clip(self, max_norm: float) -> None:
+        if self.ep is not None:
+            moe_parallel.clip_grad_norm_(self.model, max_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
     def _check_finite(self, first_bad: torch.Tensor, epoch: int, checked: str) -> None:
         bad_step = int(first_bad)  # host sync: only at log points and epoch end
         if bad_step < 0:
@@ -424,7 +466,8 @@ class Trainer:
             "step": self.step,
             "best_acc": self.best_acc,
             "best_epoch": self.best_epoch,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": moe_parallel.full_optimizer_state(self.optimizer, self.model),
+            "route_rng": {name: g.get_state() for name, g in self.route_generators.items()},
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": ckpt.rng_state(),
