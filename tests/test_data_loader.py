@@ -116,11 +116,13 @@ def test_resume_mid_epoch_is_exact():
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[4:], tail))
 
 
-def test_final_batch_smaller_than_world_size_gives_empty_shard():
+def test_final_batch_smaller_than_world_size_joins_the_previous_one():
     data = ImageData(toy_data().images[:10], torch.arange(10), INFO)
     loaders = [DeviceLoader(data, 4, "cpu", train=True, seed=0, rank=r, world_size=4) for r in range(4)]
-    last = [list(ld)[-1] for ld in loaders]  # last global batch holds 2 samples
-    assert [len(y) for _, y in last] == [1, 1, 0, 0] and last[3][0].shape == (0, 1, 6, 6)
+    last = [list(ld)[-1] for ld in loaders]  # a 2-sample tail would leave two ranks empty: 4 + 2 = 6
+    assert [len(y) for _, y in last] == [2, 2, 1, 1] and len(loaders[0]) == 2
+    seen = torch.cat([y for ld in loaders for _, y in ld])
+    assert sorted(seen.tolist()) == list(range(10))
 
 
 def test_invalid_arguments():
@@ -145,3 +147,18 @@ def test_cuda_loader_stays_on_device():
     assert x.is_cuda and y.is_cuda and ld.images.is_cuda and ld.images.dtype == torch.uint8
     cpu = DeviceLoader(toy_data(), BATCH, "cpu", train=True, seed=1)
     assert torch.equal(next(iter(cpu))[1], y.cpu())  # same permutation on every device
+
+
+def test_tail_smaller_than_world_joins_previous_batch():
+    import torch
+
+    from vitmoe.data import DeviceLoader, ImageData, get_info
+
+    info = get_info("digits")
+    data = ImageData(torch.zeros(65, 1, 8, 8, dtype=torch.uint8), torch.arange(65) % 10, info)
+    world = 4
+    loaders = [DeviceLoader(data, 32, "cpu", train=True, seed=1, rank=r, world_size=world) for r in range(world)]
+    assert len(loaders[0]) == 2 and [loaders[0].global_batch_size(i) for i in range(2)] == [32, 33]
+    sizes = [[y.numel() for _, y in ld.iter_epoch(0)] for ld in loaders]
+    assert all(min(s) > 0 for s in sizes)  # no rank ever gets an empty batch
+    assert [sum(col) for col in zip(*sizes)] == [32, 33]

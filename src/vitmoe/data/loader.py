@@ -25,9 +25,9 @@ class DeviceLoader:
     * Train: a fresh permutation per epoch, drawn from a CPU generator seeded by (seed, epoch), hence
       identical on every rank and on a resumed run. Call `set_epoch(epoch)` before iterating, as with
       DistributedSampler. The final partial global batch is KEPT: over all ranks an epoch visits every
-      sample exactly once (nothing dropped, nothing repeated). Consequently the last batch is smaller,
-      and when it holds fewer samples than `world_size` some ranks get an empty batch; average the loss
-      over the global batch (not the local one) if exact gradient weighting matters.
+      sample exactly once (nothing dropped, nothing repeated). Consequently the last batch is smaller;
+      a tail smaller than `world_size` joins the batch before it, so no rank ever gets an empty batch.
+      Ranks may hold unequal shares, so average the loss over the global batch (`global_batch_size(i)`).
     * Augmentation (train with `augment=True`, per `data.info`): random crop with zero padding and
       optional horizontal flip, drawn on the data device for the whole global batch from a generator
       seeded by (seed, epoch, batch index), and sliced per rank. So every batch is a pure function of
@@ -87,7 +87,19 @@ class DeviceLoader:
 
     def __len__(self) -> int:
         """Number of global batches per epoch (the same on every rank)."""
-        return math.ceil(self.num_samples / self.batch_size)
+        n = math.ceil(self.num_samples / self.batch_size)
+        tail = self.num_samples - (n - 1) * self.batch_size
+        return n - 1 if n > 1 and tail < self.world_size else n
+
+    def batch_bounds(self, i: int) -> tuple[int, int]:
+        """[start, end) of global batch i in the epoch's order (the last one absorbs a tiny tail)."""
+        start = i * self.batch_size
+        end = self.num_samples if i == len(self) - 1 else start + self.batch_size
+        return start, end
+
+    def global_batch_size(self, i: int) -> int:
+        start, end = self.batch_bounds(i)
+        return end - start
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -107,7 +119,8 @@ class DeviceLoader:
         """Yield this rank's (x float32 [b, C, H, W], y int64 [b]) for global batches start_batch.. of `epoch`."""
         order = self.epoch_order(epoch).to(self.device)
         for i in range(start_batch, len(self)):
-            global_idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            start, end = self.batch_bounds(i)
+            global_idx = order[start:end]
             idx = self._shard(global_idx)
             x = self.images[idx]
             if self.augment:

@@ -330,7 +330,7 @@ class Trainer:
                 logits = self.forward(x)
             # Mean over the GLOBAL batch: ranks may hold unequal shares of the last batch, and DDP
             # averages gradients over ranks, hence the factor world_size / global count.
-            global_n = min(cfg.batch_size, loader.num_samples - i * cfg.batch_size)
+            global_n = loader.global_batch_size(i)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing,
                                    reduction="sum") * (self.dist.world_size / global_n)
             aux = model.aux_loss()
