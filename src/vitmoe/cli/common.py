@@ -19,8 +19,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (CLIError, ConfigError, DatasetError, RunDirError, CheckpointError, FileNotFoundError)
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the descriptions' layout; each flag's help states its own default (flags default to
+    None so that only flags actually given override the config)."""
 
 
 def echo(msg: str = "") -> None:
