@@ -5,8 +5,12 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..moe import DISPATCH_PATHS, EVAL_MODES, EXPERT_INITS, ROUTERS
-from ..moe.routers import GRANULARITIES, NOISE_POLICIES
+from torch import nn
+
+from ..moe import DISPATCH_PATHS, EVAL_MODES, EXPERT_INITS, LAYER_ROUTERS, MoEMlp, SoftMoE
+from ..moe.routers import GRANULARITIES, NOISE_POLICIES, SECOND_POLICIES
+from .mlp import Mlp
+from .residual import ResidualMoE
 
 
 class ConfigError(ValueError):
@@ -37,6 +41,9 @@ class ViTConfig:
     """"default" or "zero" (zero-initialised last head layer, as in the ColossalAI recipe)."""
     pos_embed_rows: int | None = None
     """Rows of the positional table; None sizes it to the token count (see README on 12,798,490)."""
+    share_blocks: bool = False
+    """WideNet: one attention and one MLP layer (dense or MoE: router and experts) shared by
+    every block; each block keeps its own two LayerNorms."""
 
     # --- which blocks are MoE, and how ---
     moe_layers: Any = "none"
@@ -44,6 +51,7 @@ class ViTConfig:
     num_experts: Any = 4
     """An int for every MoE block, or one int per MoE block (a pyramid)."""
     router: str = "switch"
+    """"switch", "topk", "random", "expert_choice" (MoEMlp with that router) or "soft" (SoftMoE)."""
     top_k: int = 1
     capacity_factor_train: float | None = None
     capacity_factor_eval: float | None = None
@@ -55,6 +63,14 @@ class ViTConfig:
     jitter_eps: float = 0.01
     balance_loss_weight: float = 0.01
     z_loss_weight: float = 1e-3
+    second_policy: str = "all"
+    """Top-2 only: "all" (always send the second copy), "sampling" (send with probability
+    2 * gate2, GShard), "random" (send if gate2 > second_threshold). See TopKRouter."""
+    second_threshold: float = 0.0
+    slots_per_expert: int = 1
+    """Soft MoE slots per expert."""
+    moe_residual: bool = False
+    """PR-MoE's residual MoE: a dense MLP branch next to each MoE layer, mixed per token."""
     dispatch: str = "auto"
 
     # ------------------------------------------------------------------------------------
@@ -138,14 +154,34 @@ class ViTConfig:
                  f"one count per MoE block ({len(blocks)} blocks: {blocks}) or a single int")
         experts = self.experts_per_moe_block()
         need(all(isinstance(e, int) and e >= 1 for e in experts), "num_experts", "positive integers")
-        choice("router", sorted(ROUTERS))
+        choice("router", LAYER_ROUTERS)
         need(isinstance(self.top_k, int) and 1 <= self.top_k <= min(experts or [self.top_k]), "top_k",
              f"an integer in [1, smallest expert count {min(experts or [1])}]")
         need(self.router != "switch" or self.top_k == 1, "top_k", "1 for router 'switch' (use router 'topk' for k > 1)")
+        need(self.router not in ("expert_choice", "soft") or self.top_k == 1, "top_k",
+             f"1 for router {self.router!r} (expert choice: the capacity factor sets experts per token; "
+             "soft: every token mixes every expert)")
         for name in ("capacity_factor_train", "capacity_factor_eval"):
             v = getattr(self, name)
             need(v is None or v >= 0, name, "None or 0 (dropless), or a positive factor")
+        if self.router == "expert_choice" and blocks:
+            for name in ("capacity_factor_train", "capacity_factor_eval"):
+                need(bool(getattr(self, name)), name, "a positive factor for router 'expert_choice' "
+                     "(each expert takes ceil(factor * tokens / experts) tokens)")
         need(self.min_capacity >= 0, "min_capacity", "an integer >= 0")
+        choice("second_policy", SECOND_POLICIES)
+        need(self.second_policy == "all" or (self.router == "topk" and self.top_k == 2), "second_policy",
+             f"'all' unless router is 'topk' with top_k=2 (router={self.router!r}, top_k={self.top_k})")
+        need(0.0 <= self.second_threshold <= 1.0, "second_threshold", "a gate value in [0, 1]")
+        need(isinstance(self.slots_per_expert, int) and self.slots_per_expert >= 1, "slots_per_expert",
+             "a positive integer")
+        need(isinstance(self.moe_residual, bool) and (not self.moe_residual or bool(blocks)), "moe_residual",
+             "a bool, True only with MoE blocks (moe_layers is 'none')")
+        need(isinstance(self.share_blocks, bool), "share_blocks", "a bool")
+        if self.share_blocks:
+            need(blocks in ([], list(range(self.depth))), "moe_layers",
+                 "'none' or every block ('all') with share_blocks=True: the blocks share one MLP layer")
+            need(len(set(experts)) <= 1, "num_experts", "one count with share_blocks=True (one shared expert set)")
         choice("expert_init", EXPERT_INITS)
         choice("eval_mode", EVAL_MODES)
         choice("random_granularity", GRANULARITIES)
@@ -164,5 +200,21 @@ class ViTConfig:
             min_capacity=self.min_capacity, expert_init=self.expert_init, eval_mode=self.eval_mode,
             random_granularity=self.random_granularity, router_noise=self.router_noise,
             jitter_eps=self.jitter_eps, balance_loss_weight=self.balance_loss_weight,
-            z_loss_weight=self.z_loss_weight, dispatch=self.dispatch,
+            z_loss_weight=self.z_loss_weight, second_policy=self.second_policy,
+            second_threshold=self.second_threshold, dispatch=self.dispatch,
         )
+
+    def mlp_layer(self, block: int) -> tuple[type[nn.Module], dict[str, Any]]:
+        """Block `block`'s MLP class and keyword arguments: the one place where the config picks
+        dense Mlp, routed MoEMlp or SoftMoE (by `router`), wrapped in ResidualMoE if asked."""
+        experts = dict(zip(self.moe_block_indices(), self.experts_per_moe_block()))
+        if block not in experts:
+            return Mlp, {}
+        if self.router == "soft":
+            layer, kwargs = SoftMoE, dict(num_experts=experts[block], slots_per_expert=self.slots_per_expert,
+                                          expert_init=self.expert_init, dispatch=self.dispatch)
+        else:
+            layer, kwargs = MoEMlp, self.moe_kwargs(experts[block])
+        if self.moe_residual:
+            return ResidualMoE, dict(moe_layer=layer, **kwargs)
+        return layer, kwargs

@@ -9,12 +9,20 @@ from .config import ViTConfig
 @dataclass
 class ModelInfo:
     total_params: int
+    """Unique parameters (WideNet's shared attention and MLP layer count once)."""
     active_params_per_token: int
-    """Parameters a token touches: each MoE layer counts its router and top_k experts."""
+    """Parameters a token touches: each MoE layer counts its router and top_k experts; expert
+    choice counts capacity_factor_eval experts (its mean per token, rounded), Soft MoE every
+    expert (each token's output mixes all slots). With shared blocks each parameter counts once,
+    as if a token met the same experts in every block (a lower bound)."""
     merged_params: int
-    """Parameters after merge_experts (every MoE MLP becomes one dense MLP, routers dropped)."""
+    """Parameters after merge_experts (every MoE MLP becomes one dense MLP, routers dropped;
+    shared blocks are unshared). Where merging is refused (residual and Soft MoE, see
+    `mergeable`) the model is deployed as it is, so this equals total_params."""
     forward_flops_per_image: int
     """Multiply-adds x 2 of one image's forward pass (matmuls and convolutions only)."""
+    mergeable: bool = True
+    """Whether merge_experts accepts this model."""
 
 
 def model_info(cfg: ViTConfig) -> ModelInfo:
@@ -27,18 +35,44 @@ def model_info(cfg: ViTConfig) -> ModelInfo:
     mlp = D * H + H + H * D + D
     head = (D * cfg.head_hidden + cfg.head_hidden + cfg.head_hidden * cfg.num_classes + cfg.num_classes
             if cfg.head == "mlp" else D * cfg.num_classes + cfg.num_classes)
-    base = embed + L * (attn + norms) + 2 * D + head  # everything but the MLPs
     moe = dict(zip(cfg.moe_block_indices(), cfg.experts_per_moe_block()))
-    router = (lambda e: D * e) if cfg.router != "random" else (lambda e: 0)
-    total = base + sum(e * mlp + router(e) if i in moe else mlp for i in range(L) for e in [moe.get(i, 1)])
-    active = base + sum(cfg.top_k * mlp + router(e) if i in moe else mlp for i in range(L) for e in [moe.get(i, 1)])
+    soft, residual = cfg.router == "soft", cfg.moe_residual
+    if cfg.router == "expert_choice":
+        k_of = lambda e: min(cfg.capacity_factor_eval, e)  # noqa: E731 - mean experts per token
+    else:
+        k_of = lambda e: e if soft else cfg.top_k  # noqa: E731
+    # Scores per token: the router's E logits, or Soft MoE's E * slots.
+    scorer = lambda e: 0 if cfg.router == "random" else D * e * (cfg.slots_per_expert if soft else 1)  # noqa: E731
+    res = mlp + D * 2 + 2 if residual else 0  # dense branch and its Linear(D, 2) mixing weights
+
+    def mlp_params(i: int, active: bool) -> int:
+        if i not in moe:
+            return mlp
+        e = moe[i]
+        return round((k_of(e) if active else e) * mlp) + scorer(e) + res
+
+    blocks = [0] if cfg.share_blocks else range(L)
+    # Everything but the MLPs: embeddings, attention(s), every block's LayerNorms, final norm, head.
+    base = embed + len(blocks) * attn + L * norms + 2 * D + head
+    total = base + sum(mlp_params(i, False) for i in blocks)
+    active = base + sum(mlp_params(i, True) for i in blocks)
+    mergeable = not (residual or soft)
+    merged = embed + L * (attn + norms + mlp) + 2 * D + head if mergeable else total
 
     P = cfg.num_patches
     flops = 2 * P * cfg.in_chans * cfg.patch_size**2 * D
     per_block = 2 * N * (4 * D * D) + 2 * 2 * N * N * D  # projections, then QK^T and AV
-    for i in range(L):
-        k = cfg.top_k if i in moe else 1
-        per_mlp = k * 2 * N * 2 * D * H + (2 * N * D * moe[i] if i in moe and cfg.router != "random" else 0)
+    for i in range(L):  # shared blocks share weights, not work: every block computes
+        if i not in moe:
+            per_mlp = 2 * N * 2 * D * H
+        elif soft:
+            M = moe[i] * cfg.slots_per_expert
+            # Logits, slots = dispatch^T X, combine @ outputs, and every slot through its expert.
+            per_mlp = 2 * N * D * M * 3 + M * 2 * 2 * D * H
+        else:
+            per_mlp = round(k_of(moe[i]) * 2 * N * 2 * D * H) + 2 * N * scorer(moe[i])
+        if i in moe and residual:
+            per_mlp += 2 * N * 2 * D * H + 2 * N * D * 2
         flops += per_block + per_mlp
     flops += 2 * (D * cfg.head_hidden + cfg.head_hidden * cfg.num_classes if cfg.head == "mlp" else D * cfg.num_classes)
-    return ModelInfo(total, active, base + L * mlp, flops)
+    return ModelInfo(total, active, merged, flops, mergeable)

@@ -8,6 +8,8 @@ import torch
 from ..moe import MoEMlp
 from .vit import VisionTransformer
 
+UNMERGEABLE = "residual MoE (moe_residual=True) and Soft MoE (router='soft')"
+
 WEIGHTINGS = ("uniform", "usage")
 
 
@@ -20,10 +22,22 @@ def merge_experts(model: VisionTransformer, weighting: str = "uniform") -> Visio
     training since the model was built or loaded (the layer's `usage` buffer). Merging a
     model with a learned router is allowed, with a warning: its experts were trained to
     specialise and their average is a different network.
+
+    WideNet (share_blocks) merges into an unshared plain ViT: every block gets its own copy of
+    the shared attention and of the merged MLP (same function, depth times the parameters).
+    Residual MoE and Soft MoE are refused: a residual layer is `c0(x) * moe(x) + c1(x) * mlp(x)`
+    with per-token mixing, which no single dense MLP equals even with identical experts, and a
+    Soft MoE layer's slot mixing is not an MLP either; keep those models as they are.
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    moe = dict(model.moe_modules())
+    cfg = model.config
+    if cfg.moe_residual or cfg.router == "soft":
+        raise ValueError(f"merge_experts: {UNMERGEABLE} cannot be merged into a plain ViT "
+                         f"(this model: moe_residual={cfg.moe_residual}, router={cfg.router!r}); "
+                         "evaluate the MoE model itself")
+    # Every name of every layer: a WideNet layer appears under each block that uses it.
+    moe = {name: m for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, MoEMlp)}
     routed = [name for name, m in moe.items() if m.router.has_distribution]
     if routed:
         warnings.warn(
@@ -31,7 +45,7 @@ def merge_experts(model: VisionTransformer, weighting: str = "uniform") -> Visio
             "specialised experts is not the routed model; expect lower accuracy than the MoE model",
             stacklevel=3,  # past the no_grad wrapper, to the caller
         )
-    dense = VisionTransformer(model.config.replace(moe_layers="none", num_experts=1))
+    dense = VisionTransformer(model.config.replace(moe_layers="none", num_experts=1, share_blocks=False))
     state = {k: v for k, v in model.state_dict().items()}
     for name, m in moe.items():
         weights = None

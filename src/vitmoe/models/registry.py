@@ -65,3 +65,58 @@ def _switch_vit() -> ViTConfig:
 @register_model("random_vit", "vit with 4 randomly routed experts per block (one per layer per forward), merged at eval")
 def _random_vit() -> ViTConfig:
     return ViTConfig(moe_layers="all", num_experts=4, router="random", random_granularity="batch", eval_mode="merged")
+
+
+# --- the ColossalAI CIFAR recipe (REFERENCE.md s.2) -----------------------------------------
+def _lite(depth: int = 6, **moe) -> ViTConfig:
+    """ViT-Lite shape and the recipe's common settings: mean pooling (no class token), a
+    zero-initialised linear head, dropout 0.1 (projections and attention), LayerNorm eps 1e-6,
+    capacity 1.25 train / 2.0 eval with at least 4 slots per expert."""
+    return ViTConfig(
+        img_size=32, patch_size=4, embed_dim=256, depth=depth, num_heads=4, mlp_hidden=512,
+        pool="mean", head="linear", head_init="zero", drop_rate=0.1, attn_drop_rate=0.1, norm_eps=1e-6,
+        capacity_factor_train=1.25, capacity_factor_eval=2.0, min_capacity=4, **moe,
+    )
+
+
+_PYRAMID = dict(moe_layers=[1, 3, 5], num_experts=[4, 4, 8])
+
+
+@register_model("vit_lite6", "ViT-Lite 6/4: depth 6, d 256, 4 heads, MLP 512, patch 4, mean pooling, zero linear head (dense)")
+def _vit_lite6() -> ViTConfig:
+    return _lite(6)
+
+
+@register_model("vit_lite7", "ViT-Lite 7/4: vit_lite6 with depth 7 (dense)")
+def _vit_lite7() -> ViTConfig:
+    return _lite(7)
+
+
+@register_model("vit_moe_lite6", "vit_lite6 with top-2 MoE (Gaussian noise std 1/E^2) in blocks 1, 3, 5 with [4, 4, 8] experts")
+def _vit_moe_lite6() -> ViTConfig:
+    return _lite(6, **_PYRAMID, router="topk", top_k=2, router_noise="gaussian")
+
+
+@register_model("pr_moe_lite6", "ColossalAI's ViT-MoE Lite6 PR-MoE: vit_moe_lite6's pyramid as residual MoE "
+                "(dense MLP branch mixed per token), top-1 with jitter")
+def _pr_moe_lite6() -> ViTConfig:
+    return _lite(6, **_PYRAMID, moe_residual=True, router="switch", top_k=1, router_noise="jitter")
+
+
+@register_model("widenet_tiny", "WideNet: one attention, router and expert set shared by 6 blocks (own LayerNorms), "
+                "d 256, 4 heads, MLP 512, 4 experts top-2 with Gaussian noise; the vit_lite6 shape, our choice "
+                "(the reference names WideNet-tiny without its shape)")
+def _widenet_tiny() -> ViTConfig:
+    return _lite(6, moe_layers="all", num_experts=4, share_blocks=True, router="topk", top_k=2, router_noise="gaussian")
+
+
+# --- other routing schemes on the same shape (REFERENCE.md s.3; not trained by the reference) ----
+@register_model("ec_moe_lite6", "vit_moe_lite6 with expert-choice routing (each expert takes its top "
+                "ceil(cf * tokens / E) tokens; cf 1.25 train / 2.0 eval)")
+def _ec_moe_lite6() -> ViTConfig:
+    return _lite(6, **_PYRAMID, router="expert_choice")
+
+
+@register_model("soft_moe_lite6", "vit_moe_lite6 with Soft MoE layers (1 slot per expert, no dropping, no aux loss)")
+def _soft_moe_lite6() -> ViTConfig:
+    return _lite(6, **_PYRAMID, router="soft", slots_per_expert=1)

@@ -1,4 +1,5 @@
-"""Vision Transformer whose blocks take their MLP as a class (dense Mlp or MoEMlp).
+"""Vision Transformer whose blocks take their MLP as a class (dense Mlp, MoEMlp, SoftMoE or ResidualMoE:
+ViTConfig.mlp_layer picks it); `share_blocks` builds WideNet.
 
 Shapes: B batch, C channels, N tokens, D width, h heads, d head width.
 """
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..moe import EVAL_MODES, MoEMlp
+from ..moe import EVAL_MODES, MoELayer
 from .config import ViTConfig
 from .mlp import Mlp
 
@@ -45,7 +46,11 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block. `mlp_layer` is any class with Mlp's constructor contract."""
+    """Pre-norm transformer block. `mlp_layer` is any class with Mlp's constructor contract.
+
+    `attn` / `mlp`: existing modules to use instead of building new ones (WideNet shares one
+    of each across blocks; the LayerNorms stay per block).
+    """
 
     def __init__(
         self,
@@ -58,12 +63,15 @@ class Block(nn.Module):
         drop: float = 0.0,
         attn_drop: float = 0.0,
         norm_eps: float = 1e-5,
+        attn: nn.Module | None = None,
+        mlp: nn.Module | None = None,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop)
+        self.attn = attn if attn is not None else Attention(dim, num_heads, qkv_bias, attn_drop, drop)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = mlp_layer(in_features=dim, hidden_features=mlp_hidden, act_layer=nn.GELU, drop=drop, **(mlp_kwargs or {}))
+        self.mlp = mlp if mlp is not None else mlp_layer(
+            in_features=dim, hidden_features=mlp_hidden, act_layer=nn.GELU, drop=drop, **(mlp_kwargs or {}))
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -87,16 +95,17 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.pool == "cls" else None
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.pos_embed_rows or cfg.num_tokens, D))
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        moe_experts = dict(zip(cfg.moe_block_indices(), cfg.experts_per_moe_block()))
-        self.blocks = nn.ModuleList(
-            Block(
-                D, cfg.num_heads, cfg.mlp_hidden,
-                mlp_layer=MoEMlp if i in moe_experts else Mlp,
-                mlp_kwargs=cfg.moe_kwargs(moe_experts[i]) if i in moe_experts else None,
-                qkv_bias=cfg.qkv_bias, drop=cfg.drop_rate, attn_drop=cfg.attn_drop_rate, norm_eps=cfg.norm_eps,
-            )
-            for i in range(cfg.depth)
-        )
+        blocks: list[Block] = []
+        for i in range(cfg.depth):
+            layer, kwargs = cfg.mlp_layer(i)
+            shared = dict(attn=blocks[0].attn, mlp=blocks[0].mlp) if cfg.share_blocks and blocks else {}
+            blocks.append(Block(D, cfg.num_heads, cfg.mlp_hidden, mlp_layer=layer, mlp_kwargs=kwargs,
+                                qkv_bias=cfg.qkv_bias, drop=cfg.drop_rate, attn_drop=cfg.attn_drop_rate,
+                                norm_eps=cfg.norm_eps, **shared))
+        self.blocks = nn.ModuleList(blocks)
+        if cfg.share_blocks:  # one layer, depth calls per forward: keep every call's losses
+            for _, m in self.moe_modules():
+                m.accumulate = True
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         if cfg.head == "mlp":
             self.head = nn.Sequential(nn.Linear(D, cfg.head_hidden), nn.GELU(), nn.Linear(cfg.head_hidden, cfg.num_classes))
@@ -122,6 +131,8 @@ class VisionTransformer(nn.Module):
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.pos_drop(x + self.pos_embed[:, : x.shape[1]])
+        for _, m in self.moe_modules():
+            m.reset_calls()
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -132,9 +143,11 @@ class VisionTransformer(nn.Module):
         return self.head(pooled)
 
     # --- MoE bookkeeping ------------------------------------------------------------------
-    def moe_modules(self) -> Iterator[tuple[str, MoEMlp]]:
+    def moe_modules(self) -> Iterator[tuple[str, MoELayer]]:
+        """Every MoE layer once (a shared WideNet layer under its first block's name), including
+        the MoE branch inside a residual MoE."""
         for name, m in self.named_modules():
-            if isinstance(m, MoEMlp):
+            if isinstance(m, MoELayer):
                 yield name, m
 
     def aux_loss(self) -> AuxLoss:
@@ -145,12 +158,14 @@ class VisionTransformer(nn.Module):
             weighted = m.weighted_aux_loss()
             if weighted is not None:
                 total = total + weighted
-            for k, v in m.aux.items():
-                by_name.setdefault(k, []).append(v.detach())
+            for k, v in m.aux.items():  # summed over a shared layer's calls: log the mean
+                by_name.setdefault(k, []).append(v.detach() / max(m.calls, 1))
         return AuxLoss(total, {k: torch.stack(v).mean() for k, v in by_name.items()})
 
     def moe_stats(self) -> dict[str, dict[str, Tensor]]:
-        """Per MoE layer: expert load [E], dropped fraction, router entropy (device tensors)."""
+        """Per MoE layer: expert load [E], dropped fraction, router entropy (device tensors).
+
+        A shared (WideNet) layer reports the load summed over its calls, rates averaged."""
         return {name: dict(m.stats) for name, m in self.moe_modules() if m.stats}
 
     def set_eval_mode(self, mode: str) -> None:

@@ -1,6 +1,6 @@
 """Token dispatch: order token copies by expert, apply capacity, and combine results back.
 
-Everything here has static shapes given (T, K, E, C), so nothing waits on the device: no
+Everything here has static shapes given (S, E, C), so nothing waits on the device: no
 `.item()`, no data-dependent sizes. Legend in vitmoe.moe.routers.base.
 """
 from __future__ import annotations
@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from .routers.base import Copies, Routing
 
 
 def expert_capacity(tokens: int, top_k: int, num_experts: int, factor: float | None, minimum: int = 0) -> int | None:
@@ -21,53 +23,69 @@ def expert_capacity(tokens: int, top_k: int, num_experts: int, factor: float | N
 
 class Dispatch(NamedTuple):
     token_S: Tensor
-    """Source token of each copy, in expert-sorted order (kept copies first, then dropped)."""
+    """Source token of each copy, in expert-sorted order (kept copies first, then the rest)."""
     gate_S: Tensor
-    """Gate of each sorted copy; 0 for dropped copies, so they contribute nothing."""
+    """Gate of each sorted copy; 0 for dropped or unsent copies, so they contribute nothing."""
     expert_S: Tensor
-    """Expert of each sorted copy."""
+    """Expert of each sorted copy (a valid id for every copy, kept or not)."""
     kept_E: Tensor
     """Copies each expert processes (after capacity), int64 [E]."""
     load_E: Tensor
     """Copies routed to each expert (before capacity), float32 [E]."""
     dropped: Tensor
-    """Number of dropped copies (0-d)."""
+    """Number of copies dropped for capacity (0-d); unsent copies (`keep_TK`) are not counted."""
 
 
-def dispatch(gates_TK: Tensor, experts_TK: Tensor, num_experts: int, capacity: int | None) -> Dispatch:
+def topk_copies(gates_TK: Tensor, experts_TK: Tensor, keep_TK: Tensor | None = None) -> tuple[Copies, Tensor | None]:
+    """The [T, K] layout as a flat list, copy s = k*T + t: all first choices queue before any
+    second choice (GShard), so capacity drops fall on lower-priority copies first."""
     T, K = experts_TK.shape
-    S, E, device = T * K, num_experts, experts_TK.device
-    # Copy s = k*T + t: all first choices queue before any second choice (GShard), so
-    # capacity drops fall on lower-priority copies first.
-    expert_S = experts_TK.t().reshape(S)
-    gate_S = gates_TK.t().reshape(S)
-    token_S = torch.arange(T, device=device).repeat(K)
+    token_S = torch.arange(T, device=experts_TK.device).repeat(K)
+    copies = Copies(token_S, experts_TK.t().reshape(T * K), gates_TK.t().reshape(T * K))
+    return copies, None if keep_TK is None else keep_TK.t().reshape(T * K)
 
-    order_S = torch.argsort(expert_S, stable=True)
-    expert_sorted = expert_S[order_S]
-    load_E = torch.zeros(E, dtype=torch.int64, device=device).scatter_add_(0, expert_S, torch.ones_like(expert_S))
-    start_E = torch.cumsum(load_E, 0) - load_E
-    pos_S = torch.arange(S, device=device) - start_E[expert_sorted]
 
-    if capacity is None:
-        kept_E = load_E
-        perm_S = order_S
-        dropped = torch.zeros((), dtype=torch.int64, device=device)
-    else:
-        # Kept copies keep the expert order; dropped ones move behind all kept ones, so
-        # every expert's rows stay contiguous for the grouped matmul.
-        keep_S = pos_S < capacity
-        kept_E = load_E.clamp(max=capacity)
-        kept_start_E = torch.cumsum(kept_E, 0) - kept_E
-        n_kept = kept_E.sum()
-        drop_rank_S = torch.cumsum((~keep_S).long(), 0) - 1
-        dest_S = torch.where(keep_S, kept_start_E[expert_sorted] + pos_S, n_kept + drop_rank_S)
-        perm_S = torch.empty_like(order_S).scatter_(0, dest_S, order_S)
-        dropped = S - n_kept
+def dispatch(gates_TK: Tensor, experts_TK: Tensor, num_experts: int, capacity: int | None,
+             keep_TK: Tensor | None = None) -> Dispatch:
+    copies, keep_S = topk_copies(gates_TK, experts_TK, keep_TK)
+    return dispatch_copies(copies, num_experts, capacity, keep_S)
+
+
+def dispatch_routing(routing: Routing, num_experts: int, capacity: int | None) -> Dispatch:
+    """Either routing layout: the router's flat copies, or its [T, K] choices."""
+    if routing.copies is not None:
+        return dispatch_copies(routing.copies, num_experts, capacity)
+    return dispatch(routing.gates_TK, routing.experts_TK, num_experts, capacity, routing.keep_TK)
+
+
+def dispatch_copies(copies: Copies, num_experts: int, capacity: int | None, keep_S: Tensor | None = None) -> Dispatch:
+    """Sort copies by expert (stable: earlier copies have priority), keep at most `capacity`
+    per expert. Rows of the result: kept copies grouped by expert, then every other copy."""
+    token_S, expert_S, gate_S = copies
+    S, E, device = expert_S.numel(), num_experts, expert_S.device
+    # Unsent copies sort into a spare bin E behind every expert: X = E + 1 bins.
+    key_S = expert_S if keep_S is None else torch.where(keep_S, expert_S, torch.full_like(expert_S, E))
+    order_S = torch.argsort(key_S, stable=True)
+    key_sorted = key_S[order_S]
+    count_X = torch.zeros(E + 1, dtype=torch.int64, device=device).scatter_add_(0, key_S, torch.ones_like(key_S))
+    start_X = torch.cumsum(count_X, 0) - count_X
+    pos_S = torch.arange(S, device=device) - start_X[key_sorted]
+    load_E = count_X[:E]
+
+    # Kept copies keep the expert order; the others move behind all kept ones, so every
+    # expert's rows stay contiguous for the grouped matmul. Dropless: every sent copy fits.
+    cap = S if capacity is None else capacity
+    keep_sorted = (pos_S < cap) & (key_sorted < E)
+    kept_E = load_E.clamp(max=cap)
+    n_kept = kept_E.sum()
+    kept_start_X = torch.cumsum(count_X.clamp(max=cap), 0) - count_X.clamp(max=cap)
+    rest_rank_S = torch.cumsum((~keep_sorted).long(), 0) - 1
+    dest_S = torch.where(keep_sorted, kept_start_X[key_sorted] + pos_S, n_kept + rest_rank_S)
+    perm_S = torch.empty_like(order_S).scatter_(0, dest_S, order_S)
 
     gate_P = gate_S[perm_S]
-    if capacity is not None:
-        gate_P = torch.where(torch.arange(S, device=device) < n_kept, gate_P, torch.zeros_like(gate_P))
+    gate_P = torch.where(torch.arange(S, device=device) < n_kept, gate_P, torch.zeros_like(gate_P))
+    dropped = load_E.sum() - n_kept
     return Dispatch(token_S[perm_S], gate_P, expert_S[perm_S], kept_E, load_E.float(), dropped)
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .dispatch import combine, dispatch, expert_capacity
+from .base_layer import MoELayer
+from .dispatch import combine, dispatch_routing, expert_capacity
 from .experts import GroupedExperts
 from .parallel import expert_parallel_apply
 from .routers import ROUTERS
@@ -17,7 +18,7 @@ from .routers import ROUTERS
 EVAL_MODES = ("merged", "random", "ensemble")
 
 
-class MoEMlp(nn.Module):
+class MoEMlp(MoELayer):
     """`[B, N, D] -> [B, N, D]`, with the dense Mlp's constructor contract.
 
     Capacity factors of None or 0 mean dropless. A copy over capacity gives zero output (the
@@ -25,6 +26,8 @@ class MoEMlp(nn.Module):
     `eval_mode` applies only to routers without a learned distribution (random routing):
     "merged" runs the uniform average of the experts (dense cost), "random" keeps drawing
     routes, "ensemble" averages all experts' outputs.
+    `second_policy` / `second_threshold`: top-2 second-expert policy (TopKRouter).
+    Router "expert_choice" needs capacity factors: its capacity is the tokens each expert takes.
     """
 
     def __init__(
@@ -48,9 +51,11 @@ class MoEMlp(nn.Module):
         jitter_eps: float = 0.01,
         balance_loss_weight: float = 0.01,
         z_loss_weight: float = 1e-3,
+        second_policy: str = "all",
+        second_threshold: float = 0.0,
         dispatch: str = "auto",
     ):
-        super().__init__()
+        super().__init__(num_experts)
         if router not in ROUTERS:
             raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {router!r}")
         if router == "switch" and top_k != 1:
@@ -65,23 +70,27 @@ class MoEMlp(nn.Module):
         router_kwargs = dict(top_k=top_k)
         if router == "random":
             router_kwargs["granularity"] = random_granularity
+        elif router == "expert_choice":
+            router_kwargs.update(noise=router_noise, jitter_eps=jitter_eps, z_loss_weight=z_loss_weight)
         else:
-            router_kwargs.update(noise=router_noise, jitter_eps=jitter_eps,
-                                 balance_loss_weight=balance_loss_weight, z_loss_weight=z_loss_weight)
+            router_kwargs.update(noise=router_noise, jitter_eps=jitter_eps, balance_loss_weight=balance_loss_weight,
+                                 z_loss_weight=z_loss_weight, second_policy=second_policy,
+                                 second_threshold=second_threshold)
         self.router = ROUTERS[router](in_features, num_experts, **router_kwargs)
+        if self.router.chooses_tokens and not (capacity_factor_train and capacity_factor_eval):
+            raise ValueError(f"router {router!r} needs capacity_factor_train and capacity_factor_eval > 0 "
+                             f"(got {capacity_factor_train}, {capacity_factor_eval})")
         self.experts = GroupedExperts(num_experts, in_features, hidden_features, out_features,
                                       act_layer, drop, init=expert_init, dispatch_path=dispatch)
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity_factor_train, self.capacity_factor_eval = capacity_factor_train, capacity_factor_eval
         self.min_capacity, self.eval_mode = min_capacity, eval_mode
-        self.aux: dict[str, Tensor] = {}
-        """Unweighted auxiliary terms of the last forward (weights in `router.aux_weights`)."""
-        self.stats: dict[str, Tensor] = {}
-        """Detached statistics of the last forward: load [E], dropped_frac, entropy."""
         self.ep = None
         """Set by vitmoe.moe.parallel.shard_experts when experts are split over ranks."""
-        self.register_buffer("usage", torch.zeros(num_experts), persistent=False)
-        """Token copies routed to each expert since the last reset (for usage-weighted merging)."""
+
+    @property
+    def aux_weights(self) -> dict[str, float]:
+        return self.router.aux_weights
 
     @property
     def merges_at_eval(self) -> bool:
@@ -89,21 +98,25 @@ class MoEMlp(nn.Module):
 
     def capacity(self, tokens: int) -> int | None:
         factor = self.capacity_factor_train if self.training else self.capacity_factor_eval
-        return expert_capacity(tokens, self.top_k, self.num_experts, factor, self.min_capacity)
+        capacity = expert_capacity(tokens, self.top_k, self.num_experts, factor, self.min_capacity)
+        if self.router.chooses_tokens and capacity is not None:
+            capacity = min(capacity, tokens)  # an expert cannot take more tokens than there are
+        return capacity
 
     def forward(self, x_BND: Tensor) -> Tensor:
         B, N, D = x_BND.shape
         x_TD = x_BND.reshape(B * N, D)
         if not self.training and not self.router.has_distribution and self.eval_mode != "random":
-            self.aux, self.stats = {}, {}
+            self.reset_calls()
             if self.eval_mode == "merged":
                 y_TO = self.experts.forward_merged(x_TD)
             else:
                 y_TO = self.experts.forward_all(x_TD).mean(0)
             return y_TO.view(B, N, -1)
 
-        routing = self.router(x_BND)
-        self.aux = routing.aux or {}
+        capacity = self.capacity(B * N)
+        routing = self.router(x_BND, capacity)
+        self._record_aux(routing.aux or {})
         sharded = self.ep is not None and self.ep.size > 1
         if routing.single_expert is not None and not sharded:
             y_TO = self.experts.forward_single(x_TD, routing.single_expert)
@@ -111,28 +124,18 @@ class MoEMlp(nn.Module):
             self._record(load_E, torch.zeros((), device=x_TD.device), routing.probs_TE)
             return y_TO.view(B, N, -1)
 
-        capacity = self.capacity(B * N)
-        d = dispatch(routing.gates_TK, routing.experts_TK, self.num_experts, capacity)
+        d = dispatch_routing(routing, self.num_experts, capacity)
         if sharded:
             y_SO = expert_parallel_apply(self.experts, x_TD[d.token_S], d, self.ep, capacity)
         else:
             y_SO = self.experts(x_TD[d.token_S], d.kept_E, d.expert_S, capacity)
         y_TO = combine(y_SO, d, B * N)
-        self._record(d.load_E, d.dropped.float() / d.gate_S.numel(), routing.probs_TE)
+        extra = None
+        if routing.copies is not None:  # expert choice: the share of tokens no expert took
+            taken_T = torch.zeros(B * N, device=x_TD.device).index_fill_(0, routing.copies.token_S, 1.0)
+            extra = {"untouched_frac": 1 - taken_T.mean()}
+        self._record(d.load_E, d.dropped.float() / d.load_E.sum().clamp_min(1), routing.probs_TE, extra)
         return y_TO.view(B, N, -1)
-
-    @torch.no_grad()
-    def _record(self, load_E: Tensor, dropped_frac: Tensor, probs_TE: Tensor | None) -> None:
-        # Device tensors only: reading them (and so syncing) is the trainer's choice.
-        self.stats = {"load": load_E.detach(), "dropped_frac": dropped_frac.detach()}
-        if probs_TE is not None:
-            self.stats["entropy"] = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean()
-        if self.training:
-            self.usage += load_E
-
-    def weighted_aux_loss(self) -> Tensor | None:
-        terms = [self.router.aux_weights[k] * v for k, v in self.aux.items() if self.router.aux_weights.get(k)]
-        return torch.stack(terms).sum() if terms else None
 
     def extra_repr(self) -> str:
         return (f"capacity_factor_train={self.capacity_factor_train}, "

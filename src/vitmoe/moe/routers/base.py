@@ -2,7 +2,8 @@
 
 Shape legend (shared by all of vitmoe.moe): B batch, N tokens per image, D model width,
 H expert hidden width, E experts, T = B*N tokens, K experts per token (top-k),
-S = T*K token copies, C capacity (slots per expert).
+S token copies (T*K for top-k routing), C capacity (slots per expert),
+M = E * slots-per-expert soft slots per image (Soft MoE).
 """
 from __future__ import annotations
 
@@ -11,11 +12,23 @@ from typing import Callable, NamedTuple
 from torch import Tensor, nn
 
 
+class Copies(NamedTuple):
+    """A flat list of token copies, for routers whose copies are not one per (token, k):
+    expert choice gives each expert C tokens, so a token has 0..E copies."""
+
+    token_S: Tensor
+    """Source token of each copy (int64)."""
+    expert_S: Tensor
+    """Expert of each copy (int64)."""
+    gate_S: Tensor
+    """Combine weight of each copy (float32)."""
+
+
 class Routing(NamedTuple):
-    gates_TK: Tensor
-    """Combine weight of each token copy (float32)."""
-    experts_TK: Tensor
-    """Expert id of each token copy (int64)."""
+    gates_TK: Tensor | None
+    """Combine weight of each token copy (float32). None when `copies` is given."""
+    experts_TK: Tensor | None
+    """Expert id of each token copy (int64). None when `copies` is given."""
     probs_TE: Tensor | None = None
     """Router probabilities, for statistics (None for routers without a distribution)."""
     single_expert: Tensor | None = None
@@ -23,10 +36,19 @@ class Routing(NamedTuple):
     (batch-granular random routing): the layer then skips dispatch altogether."""
     aux: dict[str, Tensor] | None = None
     """Unweighted auxiliary loss terms of this forward, by name."""
+    keep_TK: Tensor | None = None
+    """bool: False for a copy the router decided not to send (top-2 second-expert policies).
+    Such a copy takes no capacity, is not counted as load or as dropped, and adds nothing."""
+    copies: Copies | None = None
+    """The copies as a flat list, instead of the [T, K] layout (expert choice)."""
 
 
 class Router(nn.Module):
-    """Base class: `forward(x_BND) -> Routing`. Routing policy is the only thing a router owns."""
+    """Base class: `forward(x_BND, capacity=None) -> Routing`. Routing policy is all a router owns.
+
+    `capacity` is the per-expert slot count the layer will allow this forward; routers that
+    pick tokens per expert (expert choice) fill exactly that many, the others ignore it.
+    """
 
     num_experts: int
     top_k: int
@@ -35,6 +57,8 @@ class Router(nn.Module):
     has_distribution: bool = True
     """False for routers that choose without scoring tokens (random): no balance loss, and
     their models are merged for inference."""
+    chooses_tokens: bool = False
+    """True when experts choose tokens (expert choice): the layer must give it a capacity."""
 
 
 ROUTERS: dict[str, Callable[..., Router]] = {}

@@ -37,7 +37,7 @@ class RandomRouter(Router):
         scores = torch.rand(groups, self.num_experts, device=device, generator=gen)
         return scores.topk(self.top_k, dim=-1).indices
 
-    def forward(self, x_BND: Tensor) -> Routing:
+    def forward(self, x_BND: Tensor, capacity: int | None = None) -> Routing:
         B, N = x_BND.shape[0], x_BND.shape[1]
         T, K, device = B * N, self.top_k, x_BND.device
         gates_TK = torch.full((T, K), 1.0 / K, device=device)

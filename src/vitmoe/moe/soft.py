@@ -1,0 +1,77 @@
+"""Soft MoE (Puigcerver et al. 2023, REFERENCE.md s.3): every expert sees weighted averages of tokens.
+
+Per image, with logits `X Phi` ([N, M], M = E * slots_per_expert slots):
+  dispatch = softmax over tokens  -> slot m is a convex combination of the N tokens,
+  combine  = softmax over slots   -> token n's output is a convex combination of slot outputs,
+  slots_m = sum_n dispatch[n, m] x_n,   y_n = sum_m combine[n, m] expert_{m // s}(slots_m).
+Nothing is dropped, there is no balance loss, and the layer is permutation-equivariant over
+tokens (attention-like). Slots of an image mix only that image's tokens. The experts are
+the same stacked GroupedExperts as the routed layer; each expert's B*s slots are one group
+of its grouped matmul. Legend in vitmoe.moe.routers.base.
+
+The paper's l2-normalisation of X and Phi (for very wide models) is not applied.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base_layer import MoELayer
+from .experts import GroupedExperts
+
+
+class SoftMoE(MoELayer):
+    """`[B, N, D] -> [B, N, D]`, with the dense Mlp's constructor contract."""
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: int | None = None,
+        act_layer: type[nn.Module] = nn.GELU,
+        drop: float = 0.0,
+        *,
+        num_experts: int = 4,
+        slots_per_expert: int = 1,
+        expert_init: str = "shared",
+        dispatch: str = "auto",
+    ):
+        super().__init__(num_experts)
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if slots_per_expert < 1:
+            raise ValueError(f"slots_per_expert must be >= 1, got {slots_per_expert}")
+        self.slots_per_expert = slots_per_expert
+        # LeCun-normal, as in the paper: with LayerNormed inputs the logits start at unit scale.
+        self.phi = nn.Parameter(torch.randn(in_features, num_experts * slots_per_expert) * in_features**-0.5)
+        self.experts = GroupedExperts(num_experts, in_features, hidden_features, out_features,
+                                      act_layer, drop, init=expert_init, dispatch_path=dispatch)
+
+    def weights(self, x_BND: Tensor) -> tuple[Tensor, Tensor]:
+        """(dispatch_BNM, combine_BNM): softmax of the same logits over tokens, and over slots.
+
+        Computed in fp32 (float64 for float64 inputs) whatever the autocast state, like a router.
+        """
+        dtype = torch.promote_types(x_BND.dtype, torch.float32)
+        with torch.autocast(device_type=x_BND.device.type, enabled=False):
+            logits_BNM = x_BND.to(dtype) @ self.phi.to(dtype)
+            return logits_BNM.softmax(dim=1), logits_BNM.softmax(dim=2)
+
+    def forward(self, x_BND: Tensor) -> Tensor:
+        B, N, D = x_BND.shape
+        E, s = self.num_experts, self.slots_per_expert
+        dispatch_BNM, combine_BNM = (w.to(x_BND.dtype) for w in self.weights(x_BND))
+        slots_BMD = dispatch_BNM.transpose(1, 2) @ x_BND
+        # Slot m belongs to expert m // s: regroup rows by expert, [E * B * s, D].
+        rows = B * s
+        slots_SD = slots_BMD.view(B, E, s, D).transpose(0, 1).reshape(E * rows, D)
+        counts_E = torch.full((E,), rows, dtype=torch.int64, device=x_BND.device)
+        expert_S = torch.arange(E, device=x_BND.device).repeat_interleave(rows)
+        y_SO = self.experts(slots_SD, counts_E, expert_S, rows)
+        y_BMO = y_SO.view(E, B, s, -1).transpose(0, 1).reshape(B, E * s, -1)
+        self._record_aux({})
+        self._record(counts_E.float(), torch.zeros((), device=x_BND.device))
+        return combine_BNM @ y_BMO
+
+    def extra_repr(self) -> str:
+        return f"slots_per_expert={self.slots_per_expert}"
