@@ -268,3 +268,14 @@ def test_usage_is_counted_in_training_only():
 def test_bad_arguments_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         MoEMlp(D, H, num_experts=4, **kwargs)
+
+
+def test_auto_dispatch_falls_back_for_unaligned_widths_in_bf16():
+    from vitmoe.moe import grouped_mm_supported
+
+    x = torch.zeros(4, 12, dtype=torch.bfloat16)  # 24-byte rows: _grouped_mm would reject them
+    assert not grouped_mm_supported(x, 20)
+    assert grouped_mm_supported(torch.zeros(4, 16, dtype=torch.bfloat16), 32)
+    m = MoEMlp(12, 20, num_experts=3, router="topk", top_k=2).to(torch.bfloat16)
+    y = m(torch.randn(2, 5, 12, dtype=torch.bfloat16))
+    assert y.shape == (2, 5, 12) and torch.isfinite(y.float()).all()

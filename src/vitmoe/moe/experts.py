@@ -14,13 +14,16 @@ EXPERT_INITS = ("shared", "independent")
 DISPATCH_PATHS = ("auto", "grouped", "padded")
 
 
-def grouped_mm_supported(x: Tensor) -> bool:
-    """Whether `torch._grouped_mm` runs this dtype on this device.
+def grouped_mm_supported(x: Tensor, *widths: int) -> bool:
+    """Whether `torch._grouped_mm` runs this dtype on this device for these matrix widths.
 
     On CUDA it needs bf16 and a Hopper-class GPU; the CPU build runs fp32/bf16/fp16 (not fp64:
-    the padded path serves float64, which the reference tests use).
+    the padded path serves float64, which the reference tests use). Both require every row
+    stride to be a multiple of 16 bytes (e.g. widths divisible by 8 in bf16, by 4 in fp32).
     """
     if not hasattr(torch, "_grouped_mm"):
+        return False
+    if any(w * x.element_size() % 16 for w in (x.shape[-1], *widths)):
         return False
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
@@ -80,7 +83,7 @@ class GroupedExperts(nn.Module):
         bounds every count and fixes the padded path's shape without a host sync.
         """
         use_grouped = self.dispatch_path == "grouped" or (
-            self.dispatch_path == "auto" and grouped_mm_supported(x_SD)
+            self.dispatch_path == "auto" and grouped_mm_supported(x_SD, self.w1.shape[-1], self.w2.shape[-1])
         )
         if use_grouped:
             return self._grouped(x_SD, counts_E, expert_S)
