@@ -32,6 +32,24 @@ def grouped_mm_supported(x: Tensor, *widths: int) -> bool:
     return False
 
 
+class _RowBias(torch.autograd.Function):
+    """`h + b[expert of each row]` for rows grouped by expert (`lengths_E` rows each).
+
+    Autograd's backward of the gather is an index_put with accumulation, serial on CPU; the
+    rows are already grouped, so the bias gradient is a segment sum instead.
+    """
+
+    @staticmethod
+    def forward(ctx, h_SH: Tensor, b_EH: Tensor, expert_S: Tensor, lengths_E: Tensor) -> Tensor:
+        ctx.save_for_backward(lengths_E)
+        return h_SH + b_EH.index_select(0, expert_S)
+
+    @staticmethod
+    def backward(ctx, g_SH: Tensor):
+        (lengths_E,) = ctx.saved_tensors
+        return g_SH, torch.segment_reduce(g_SH, "sum", lengths=lengths_E), None, None
+
+
 class GroupedExperts(nn.Module):
     def __init__(
         self,
@@ -60,6 +78,9 @@ class GroupedExperts(nn.Module):
         self._merged_cache: tuple[tuple, tuple[Tensor, ...]] | None = None
         self.ep = None
         """Set by vitmoe.moe.parallel.shard_experts: then the parameters hold this rank's experts."""
+        self.static_shapes: bool | None = None
+        """Grouped path: keep shapes independent of routing (no host read of the kept count).
+        None: only off the CPU, where reading a device count would stall the stream."""
         self.reset_parameters()
 
     @torch.no_grad()
@@ -90,15 +111,24 @@ class GroupedExperts(nn.Module):
         return self._padded(x_SD, counts_E, expert_S, capacity)
 
     def _grouped(self, x_SD: Tensor, counts_E: Tensor, expert_S: Tensor) -> Tensor:
-        # Padding rows sit after every real one; folding them into the last group keeps the
-        # offsets static.
-        offs_E = torch.cumsum(counts_E, 0)
-        offs_E[-1] = x_SD.shape[0]
-        offs_E = offs_E.to(torch.int32)
-        w1, w2 = self.w1.to(x_SD.dtype), self.w2.to(x_SD.dtype)
-        h_SH = torch._grouped_mm(x_SD, w1, offs=offs_E) + self.b1.to(x_SD.dtype)[expert_S]
+        S = x_SD.shape[0]
+        static = self.static_shapes if self.static_shapes is not None else x_SD.device.type != "cpu"
+        if not static:
+            # On the host the count is free to read: run only the real rows.
+            n = int(counts_E.sum())
+            x_SD, expert_S, lengths_E = x_SD[:n], expert_S[:n], counts_E
+        else:
+            # On a GPU reading it would stall the stream: padding rows join the last group,
+            # keeping shapes static; they are computed and zeroed by their gate.
+            n = S
+            lengths_E = counts_E.clone()
+            lengths_E[-1] += S - counts_E.sum()
+        offs_E = torch.cumsum(lengths_E, 0).to(torch.int32)
+        dt = x_SD.dtype
+        h_SH = _RowBias.apply(torch._grouped_mm(x_SD, self.w1.to(dt), offs=offs_E), self.b1.to(dt), expert_S, lengths_E)
         h_SH = self.drop(self.act(h_SH))
-        return torch._grouped_mm(h_SH, w2, offs=offs_E) + self.b2.to(x_SD.dtype)[expert_S]
+        y_SO = _RowBias.apply(torch._grouped_mm(h_SH, self.w2.to(dt), offs=offs_E), self.b2.to(dt), expert_S, lengths_E)
+        return y_SO if n == S else torch.cat([y_SO, y_SO.new_zeros(S - n, y_SO.shape[-1])])
 
     def _padded(self, x_SD: Tensor, counts_E: Tensor, expert_S: Tensor, capacity: int | None) -> Tensor:
         E, S = self.w1.shape[0], x_SD.shape[0]
