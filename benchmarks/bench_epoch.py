@@ -8,7 +8,9 @@ d 300 / MLP 1024 / depth 12 on 50,000 images; on a small CPU pick a subset, e.g.
     python benchmarks/bench_epoch.py --images 1024 --dmodel 192 --depth 6 --experts 4 16 64
 
 Prints a markdown table: seconds per epoch (train) and per pass over the images (inference,
-eval mode: random_vit merged), and both as ratios to vit.
+eval mode: random_vit merged), and both as ratios to vit. `--consistency` adds random_vit with
+AdaMix consistency regularisation (two forward passes per step + symmetric KL, as the trainer's
+`consistency_weight`); `--augment-policy` times the loader's AutoAugment / RandAugment too.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 
 from vitmoe import create_model, model_info
 from vitmoe.data import DATASETS, DeviceLoader, ImageData
+from vitmoe.training.losses import symmetric_kl
 from vitmoe.training.trainer import autocast_context, param_groups
 
 
@@ -29,7 +32,7 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def train_epoch(model, opt, loader, device, amp):
+def train_epoch(model, opt, loader, device, amp, consistency=0.0):
     model.train()
     sync(device)
     t0 = time.perf_counter()
@@ -37,6 +40,10 @@ def train_epoch(model, opt, loader, device, amp):
         with autocast_context(amp, device):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y) + model.aux_loss().total
+        if consistency:  # a second pass with fresh random routes (trainer: consistency_weight)
+            with autocast_context(amp, device):
+                logits2 = model(x)
+            loss = 0.5 * (loss + F.cross_entropy(logits2.float(), y)) + consistency * symmetric_kl(logits, logits2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -66,6 +73,10 @@ def main() -> None:
     p.add_argument("--mlp", type=int, default=1024)
     p.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64], help="switch_vit expert counts")
     p.add_argument("--random-experts", type=int, default=4, help="random_vit expert count")
+    p.add_argument("--consistency", type=float, default=0.0, metavar="W",
+                   help="also time random_vit with consistency regularisation of weight W (AdaMix: 1)")
+    p.add_argument("--augment-policy", choices=["none", "autoaugment", "randaugment"], default="none",
+                   help="training loader augmentation policy (after crop and flip)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
@@ -81,16 +92,19 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     data = ImageData(torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8, generator=g),
                      torch.randint(0, 10, (args.images,), generator=g), info)
-    train_loader = DeviceLoader(data, args.batch, device, train=True, seed=0)
+    train_loader = DeviceLoader(data, args.batch, device, train=True, seed=0, augment_policy=args.augment_policy)
     test_loader = DeviceLoader(data, max(args.batch, 500), device, train=False)
 
     width = dict(embed_dim=args.dmodel, depth=args.depth, num_heads=args.heads, mlp_hidden=args.mlp)
-    specs = [("vit", "vit", {})]
-    specs += [(f"switch_vit E={e}", "switch_vit", {"num_experts": e}) for e in args.experts]
-    specs += [(f"random_vit E={args.random_experts}", "random_vit", {"num_experts": args.random_experts})]
+    specs = [("vit", "vit", {}, 0.0)]
+    specs += [(f"switch_vit E={e}", "switch_vit", {"num_experts": e}, 0.0) for e in args.experts]
+    specs += [(f"random_vit E={args.random_experts}", "random_vit", {"num_experts": args.random_experts}, 0.0)]
+    if args.consistency:
+        specs += [(f"random_vit E={args.random_experts} +consistency (2 fwd/step)", "random_vit",
+                   {"num_experts": args.random_experts}, args.consistency)]
 
     runs = []
-    for label, preset, extra in specs:
+    for label, preset, extra, cw in specs:
         model = create_model(preset, **width, **extra).to(device)
         opt = torch.optim.AdamW(param_groups(model, 0.05, True), lr=1e-4)
         fwd = torch.compile(model) if args.compile else model
@@ -101,18 +115,19 @@ def main() -> None:
             (F.cross_entropy(fwd(x).float(), y) + model.aux_loss().total).backward()
         opt.zero_grad(set_to_none=True)
         runs.append(dict(label=label, model=fwd, opt=opt, params=model_info(model.config).total_params,
-                         train=[], infer=[]))
+                         consistency=cw, train=[], infer=[]))
 
     for r in range(args.repeats):
         train_loader.set_epoch(r)
         for run in runs:  # interleaved: every round times every model once
-            run["train"].append(train_epoch(run["model"], run["opt"], train_loader, device, args.amp))
+            run["train"].append(train_epoch(run["model"], run["opt"], train_loader, device, args.amp,
+                                            run["consistency"]))
             run["infer"].append(infer(run["model"], test_loader, device, args.amp))
 
     base_t = statistics.median(runs[0]["train"])
     base_i = statistics.median(runs[0]["infer"])
     print(f"\n{args.images} images/epoch, batch {args.batch}, d {args.dmodel}, depth {args.depth}, MLP {args.mlp}, "
-          f"device {device}, amp {args.amp}, compile {args.compile}, median of {args.repeats} interleaved rounds, "
+          f"augment policy {args.augment_policy}, device {device}, amp {args.amp}, compile {args.compile}, median of {args.repeats} interleaved rounds, "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads\n")
     print("| model | params | train s/epoch | train vs vit | inference s | inference vs vit | train img/s |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -219,7 +219,8 @@ def test_module_entry_point_help():
     assert r.returncode == 0
     for flag in ("--gpu", "--epochs", "--experts", "--batch", "--noswitch", "--cifar100", "--out", "--dmodel",
                  "--model", "--router", "--top-k", "--dataset", "--data-dir", "--config", "--set", "--lr", "--seed",
-                 "--resume", "--amp", "--compile", "--eval-mode"):
+                 "--resume", "--amp", "--compile", "--eval-mode", "--augment-policy", "--consistency-weight",
+                 "--time-budget"):
         assert flag in r.stdout, flag
 
 
@@ -234,3 +235,52 @@ def test_multiprocess_cpu_training(tmp_path, capsys):
     row = json.loads((run / "metrics.jsonl").read_text())
     assert sum(sum(v) for v in row["expert_load"].values()) > 0
     assert vitmoe.load_model(tmp_path / "ddp" / "checkpoints" / "epoch-0001" / "model.safetensors") is not None
+
+
+def test_issue5_flags_resolve(tmp_path):
+    cfg = _config(["--model", "random_vit", "--augment-policy", "autoaugment", "--consistency-weight", "1",
+                   "--time-budget", "30", "--set", "consistency_stopgrad=false"])
+    assert (cfg.augment_policy, cfg.consistency_weight, cfg.time_budget_s, cfg.consistency_stopgrad) == \
+        ("autoaugment", 1.0, 30.0, False)
+    assert cfg.forwards_per_step == 2 and cfg.run_label() == "random-vit+cr"
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--consistency-weight", "1"], ["consistency_weight", "switch_vit", "random"]),
+    (["--noswitch", "--consistency-weight", "1"], ["consistency_weight", "dense"]),
+    (["--augment-policy", "autoaugment", "--set", "augment=false"], ["augment_policy", "augment=false"]),
+    (["--time-budget", "-5"], ["time_budget_s"]),
+])
+def test_issue5_bad_values_fail_before_training(argv, needles, capsys, no_data, tmp_path):
+    code = main(["train", "--dataset", "digits", "--out", str(tmp_path / "r"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("vitmoe: error: ") and all(n in err for n in needles), err
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_with_consistency_logs_it(tmp_path, capsys):
+    run = tmp_path / "cr"
+    assert main(["train", "--model", "random_vit", "--dataset", "digits", "--epochs", "1", "--batch", "256",
+                 "--consistency-weight", "1", "--out", str(run), *TINY_SETS]) == 0
+    out = capsys.readouterr().out
+    assert "consistency" in out and "2 forwards/step" in out
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["forwards_per_step"] == 2 and row["consistency_loss"] >= 0
+
+
+def test_demo_time_budget_comparison(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["demo", "--time-budget", "0.3", "--models", "vit", "random_vit_cr", "pr_moe_lite6",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "| model | experts |" in text  # the report table
+    assert "What each family did with 0.3s of training" in text and "| random_vit_cr | random-vit+cr |" in text
+    for fam in ("vit", "random_vit_cr", "pr_moe_lite6"):
+        s = json.loads((out / fam / "summary.json").read_text())
+        assert s["time_budget_s"] == 0.3 and s["dataset"] == "digits"
+        assert s["epochs"] < 1000 and s["stopped_by_budget"] is True
+    assert (out / "report" / "results.md").is_file() and (out / "report" / "cost.md").is_file()
+    # The default demo is unchanged: three source models, 20 epochs, digits.
+    args = build_parser().parse_args(["demo"])
+    assert (args.dataset, args.time_budget, args.models, args.epochs) == ("digits", None, None, None)

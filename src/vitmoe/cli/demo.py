@@ -1,7 +1,16 @@
-"""`vitmoe demo`: vit, switch_vit and random_vit at a small width on digits, then the report."""
+"""`vitmoe demo`: vit, switch_vit and random_vit at a small width on digits, then the report.
+
+With `--time-budget SECONDS` it becomes a time-limited comparison: every model family trains for
+the same training-time budget at one small width (d 64, depth 6, 4 heads, MLP 128), and the report
+plus a cost table (epochs and steps done in the budget, training images/s, accuracy) answer
+"does MoE help here, and at what cost" in one command, e.g.
+
+    vitmoe demo --dataset fashion-mnist --data-dir ../shared/datasets --time-budget 120
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -14,21 +23,64 @@ DEMO_EXPERTS = {"switch_vit": 8, "random_vit": 4}
 DEMO_RECIPE = dict(optimizer="adamw", lr=2e-3, weight_decay=0.05, warmup_epochs=2, batch_size=32, augment=False,
                    label_smoothing=0.0, grad_clip=1.0, log_every=0, keep_checkpoints=1)
 
+# --- the time-limited comparison ---------------------------------------------------------------
+# Family -> (preset, model overrides, training overrides). One small width for all; depth 6 so
+# that the ColossalAI pyramid (MoE in blocks 1, 3, 5 with [4, 4, 8] experts) keeps its shape.
+# Each preset keeps its own character (the source models: no dropout, MLP head; the Lite ones:
+# dropout 0.1, linear zero-initialised head, capacity 1.25 / 2.0).
+COMPARE_WIDTH = dict(embed_dim=64, depth=6, num_heads=4, mlp_hidden=128)
+_SOURCE = dict(COMPARE_WIDTH, head_hidden=128, pool="mean")
+FAMILIES: dict[str, tuple[str, dict, dict]] = {
+    "vit": ("vit", _SOURCE, {}),
+    "switch_vit": ("switch_vit", dict(_SOURCE, num_experts=8), {}),
+    "random_vit": ("random_vit", dict(_SOURCE, num_experts=4, eval_mode="merged"), {}),
+    "random_vit_cr": ("random_vit", dict(_SOURCE, num_experts=4, eval_mode="merged"), dict(consistency_weight=1.0)),
+    "vit_lite6": ("vit_lite6", dict(COMPARE_WIDTH), {}),
+    "vit_moe_lite6": ("vit_moe_lite6", dict(COMPARE_WIDTH), {}),
+    "pr_moe_lite6": ("pr_moe_lite6", dict(COMPARE_WIDTH), {}),
+}
+COMPARE_MODELS = ("vit", "switch_vit", "random_vit", "vit_lite6", "vit_moe_lite6", "pr_moe_lite6")
+COMPARE_RECIPE = dict(optimizer="adamw", lr=2e-3, weight_decay=0.05, warmup_steps=50, batch_size=128,
+                      eval_batch_size=1000, augment=False, label_smoothing=0.0, grad_clip=1.0, log_every=0,
+                      keep_checkpoints=1)
+COMPARE_MAX_EPOCHS = 1000  # an upper bound: the budget ends the run (and its cosine decay)
+
+
+def _available_families() -> list[str]:
+    from ..models import list_models
+
+    presets = set(list_models())
+    return [f for f, (preset, _, _) in FAMILIES.items() if preset in presets]
+
 
 def add_parser(sub) -> None:
     from ..training.config import DATASET_NAMES
 
     p = sub.add_parser(
-        "demo", help="train vit, switch_vit and random_vit briefly and report", formatter_class=HelpFormatter,
+        "demo", help="train vit, switch_vit and random_vit briefly and report (or compare families in a time budget)",
+        formatter_class=HelpFormatter,
         description="Train the three source models at a small width (d 64, depth 4, 4 heads, MLP 128, mean pooling; "
                     "switch_vit with 8 experts, random_vit with 4, evaluated merged) with AdamW, then write the "
                     "report (results.md, accuracy.png, expert-load plots) into OUT/report and print the table. "
-                    "On the offline digits set this takes a few minutes on a 2-core CPU.")
+                    "On the offline digits set this takes a few minutes on a 2-core CPU.\n\n"
+                    "With --time-budget S: a time-limited comparison. Each model family (default: "
+                    + ", ".join(COMPARE_MODELS) + "; also random_vit_cr = random_vit with AdaMix consistency "
+                    "regularisation) trains at d 64, depth 6, 4 heads, MLP 128 for S seconds of training time "
+                    "(evaluation not counted; the last epoch ends early and is evaluated; the cosine decay ends "
+                    "with the budget), batch 128, AdamW lr 2e-3, 50 warm-up steps. The report and a cost table "
+                    "(epochs and steps done, training images/s, accuracy) follow. Example:\n"
+                    "  vitmoe demo --dataset fashion-mnist --data-dir ../shared/datasets --time-budget 120")
     p.add_argument("--dataset", choices=list(DATASET_NAMES), default="digits", help="dataset")
     p.add_argument("--data-dir", default=None, help="dataset directory (default $DATA, then ./data)")
-    p.add_argument("--out", default="demo_runs", help="directory of the three runs and the report")
-    p.add_argument("--epochs", type=int, default=20, help="epochs per model")
-    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="models to train")
+    p.add_argument("--out", default=None,
+                   help="directory of the runs and the report (default demo_runs, or compare_runs with --time-budget)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"epochs per model (default 20; with --time-budget an upper bound, default {COMPARE_MAX_EPOCHS})")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", dest="time_budget",
+                   help="training-time budget per model: run the time-limited comparison")
+    p.add_argument("--models", nargs="+", choices=list(FAMILIES), default=None,
+                   help="model families to train (default: " + ", ".join(MODELS) + "; with --time-budget: "
+                        + ", ".join(COMPARE_MODELS) + ")")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--threshold", type=float, default=75.0, help="accuracy for the 'epochs to' column")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device")
@@ -38,8 +90,15 @@ def add_parser(sub) -> None:
 
 def demo_config(model: str, dataset: str, out: Path, epochs: int, seed: int = 0, device: str = "auto",
                 data_dir: str | None = None, threshold: float = 75.0):
+    """The demo run of a source model (vit, switch_vit, random_vit) or, for other families, the
+    comparison width trained for `epochs`."""
     from ..training import TrainConfig
 
+    if model not in MODELS:
+        preset, mc, extra = FAMILIES[model]
+        recipe = dict(DEMO_RECIPE, **extra)
+        return TrainConfig(model=preset, dataset=dataset, data_dir=data_dir, epochs=epochs, seed=seed, device=device,
+                           out=str(out / model), model_config=dict(mc), threshold=threshold, **recipe).validate()
     mc = dict(DEMO_MODEL)
     if model in DEMO_EXPERTS:
         mc["num_experts"] = DEMO_EXPERTS[model]
@@ -47,22 +106,79 @@ def demo_config(model: str, dataset: str, out: Path, epochs: int, seed: int = 0,
                        out=str(out / model), model_config=mc, threshold=threshold, **DEMO_RECIPE).validate()
 
 
+def compare_config(family: str, dataset: str, out: Path, time_budget_s: float, epochs: int = COMPARE_MAX_EPOCHS,
+                   seed: int = 0, device: str = "auto", data_dir: str | None = None, threshold: float = 75.0):
+    """One family of the time-limited comparison."""
+    from ..training import TrainConfig
+
+    if family not in FAMILIES:
+        raise CLIError(f"unknown model family {family!r}; choose from {', '.join(FAMILIES)}")
+    preset, mc, extra = FAMILIES[family]
+    return TrainConfig(model=preset, dataset=dataset, data_dir=data_dir, epochs=epochs, seed=seed, device=device,
+                       out=str(out / family), model_config=dict(mc), threshold=threshold,
+                       time_budget_s=time_budget_s, **dict(COMPARE_RECIPE, **extra)).validate()
+
+
+def cost_table(run_dirs, labels) -> str:
+    """Markdown: what each family did with its budget (from summary.json)."""
+    head = ("family", "model", "params", "active/token", "epochs", "steps", "fwd/step", "train img/s",
+            "train s", "best acc (epoch)", "final acc")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + [":---:"] * (len(head) - 1)) + "|"]
+    for label, d in zip(labels, run_dirs):
+        s = json.loads((Path(d) / "summary.json").read_text())
+        ips = 60_000 / s["train_time_60k_s"] if s.get("train_time_60k_s") else None
+        best = "n/a" if s.get("best_acc") is None else f"{s['best_acc']:.2f} ({s['best_epoch']})"
+        final = "n/a" if s.get("final_acc") is None else f"{s['final_acc']:.2f}"
+        lines.append("| " + " | ".join([
+            label, s["name"], f"{s['params']:,}", f"{s['active_params']:,}", str(s["epochs"]), str(s.get("steps", "")),
+            str(s.get("forwards_per_step", 1)), "n/a" if ips is None else f"{ips:,.0f}",
+            f"{s['train_time_s']:.1f}", best, final]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def run(args: argparse.Namespace) -> int:
     from ..training import train
     from ..training.checkpoint import latest_checkpoint
 
-    out = Path(args.out)
-    configs = [demo_config(m, args.dataset, out, args.epochs, args.seed, args.device, args.data_dir, args.threshold)
-               for m in args.models]
+    budget = args.time_budget
+    if budget is not None and budget <= 0:
+        raise CLIError(f"--time-budget {budget}: must be a positive number of seconds")
+    if args.epochs is not None and args.epochs < 1:
+        raise CLIError(f"--epochs {args.epochs}: must be >= 1")
+    available = _available_families()
+    families = args.models or [m for m in (COMPARE_MODELS if budget is not None else MODELS) if m in available]
+    missing = [m for m in families if m not in available]
+    if missing:
+        raise CLIError(f"model famil{'ies' if len(missing) > 1 else 'y'} {', '.join(missing)} need presets this "
+                       f"vitmoe does not have (available: {', '.join(available)})")
+    out = Path(args.out or ("compare_runs" if budget is not None else "demo_runs"))
+    if budget is None:
+        configs = [demo_config(m, args.dataset, out, args.epochs or 20, args.seed, args.device, args.data_dir,
+                               args.threshold) for m in families]
+    else:
+        configs = [compare_config(m, args.dataset, out, budget, args.epochs or COMPARE_MAX_EPOCHS, args.seed,
+                                  args.device, args.data_dir, args.threshold) for m in families]
     for cfg in configs:
         run_dir = Path(cfg.out)
         if run_dir.exists() and (latest_checkpoint(run_dir) is not None or (run_dir / "metrics.jsonl").exists()):
             if not args.force:
                 raise CLIError(f"{run_dir} already holds a run; pass --force to replace it or choose another --out")
             shutil.rmtree(run_dir)
-    for cfg in configs:
-        echo(f"=== {cfg.model} ===")
+    if budget is not None:
+        echo(f"time-limited comparison on {args.dataset}: {len(configs)} families x {budget:g}s of training "
+             f"(plus evaluation), at d {COMPARE_WIDTH['embed_dim']}, depth {COMPARE_WIDTH['depth']}")
+    for family, cfg in zip(families, configs):
+        echo(f"=== {family} ({cfg.model}) ===")
         train(cfg, log=echo)
     from .report import run as report_run
 
-    return report_run(argparse.Namespace(runs=[c.out for c in configs], out=str(out / "report"), threshold=args.threshold))
+    code = report_run(argparse.Namespace(runs=[c.out for c in configs], out=str(out / "report"),
+                                         threshold=args.threshold))
+    if budget is not None:
+        table = cost_table([c.out for c in configs], families)
+        (out / "report" / "cost.md").write_text(
+            f"Time-limited comparison on {args.dataset}: {budget:g}s of training per family.\n\n" + table)
+        echo(f"\nWhat each family did with {budget:g}s of training ({args.dataset}):\n")
+        echo(table)
+        echo(f"wrote {out / 'report' / 'cost.md'}")
+    return code

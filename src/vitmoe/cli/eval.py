@@ -52,6 +52,11 @@ def evaluate_checkpoint(checkpoint, mode=None, dataset=None, data_dir=None, batc
     if (data.info.in_chans, data.info.img_size, data.info.num_classes) != (cfg.in_chans, cfg.img_size, cfg.num_classes):
         raise CLIError(f"{path} was built for {cfg.in_chans}x{cfg.img_size}x{cfg.img_size} images and "
                        f"{cfg.num_classes} classes; dataset {dataset} does not fit")
+    norm = meta.get("normalization")
+    if norm and dataset == meta.get("dataset"):  # trained with a normalisation other than the dataset's
+        from ..training.trainer import with_normalization
+
+        data = with_normalization(data, norm["mean"], norm["std"])
     torch.manual_seed(seed)
     loader = DeviceLoader(data, batch, dev, train=False)
     res = evaluate(model, loader, dev)

@@ -22,8 +22,11 @@ available; offline, use --dataset digits (bundled with scikit-learn) or fashion-
 Settings are resolved as: TrainConfig defaults (the source recipe: Adam, lr 2.5e-4, weight decay
 1e-4, cosine per step, batch 256, 350 epochs) < --config FILE < explicit flags < --set key=value.
 --set takes any TrainConfig field (lr, weight_decay, optimizer, warmup_epochs, label_smoothing,
-grad_clip, aux_loss_weight, log_every, tensorboard, keep_checkpoints, ...) and model fields as
-model.FIELD (e.g. --set model.depth=6 --set model.capacity_factor_train=1.25); values are YAML.
+grad_clip, aux_loss_weight, augment_policy, norm_mean, norm_std, consistency_weight,
+consistency_stopgrad, time_budget_s, log_every, tensorboard, keep_checkpoints, ...) and model
+fields as model.FIELD (e.g. --set model.depth=6 --set model.capacity_factor_train=1.25); values
+are YAML. Recipes: configs/*.yaml (e.g. configs/pr_moe_lite6_cifar10.yaml, the ColossalAI ViT-MoE
+Lite6 PR-MoE recipe).
 The dataset sets img_size/in_chans/num_classes; patch_size stays the preset's (4) when it divides
 the image size (else the largest divisor below it).
 
@@ -36,7 +39,7 @@ flags may change).
 
 def add_parser(sub) -> None:
     from ..models import list_models
-    from ..training.config import AMP_MODES, DATASET_NAMES, EVAL_MODES
+    from ..training.config import AMP_MODES, AUGMENT_POLICIES, DATASET_NAMES, EVAL_MODES
 
     p = sub.add_parser("train", help="train a model (the source project's vit.py flags)", description=DESCRIPTION,
                        formatter_class=HelpFormatter)
@@ -64,6 +67,13 @@ def add_parser(sub) -> None:
     g.add_argument("--dataset", choices=list(DATASET_NAMES), default=None,
                    help="dataset (default cifar10 as in the source; digits works offline)")
     g.add_argument("--data-dir", default=None, help="where datasets are found/downloaded (default $DATA, then ./data)")
+    g.add_argument("--augment-policy", choices=list(AUGMENT_POLICIES), default=None,
+                   help="augmentation after the random crop: AutoAugment (CIFAR-10 policy) or RandAugment "
+                        "(field augment_policy; default none)")
+    g.add_argument("--consistency-weight", type=float, default=None, metavar="W",
+                   help="AdaMix consistency regularisation of randomly routed models: a second forward pass with "
+                        "fresh routes and W * symmetric KL of the two predictions (AdaMix: 1; default 0: off; "
+                        "field consistency_weight, stop-gradient target: consistency_stopgrad)")
 
     g = p.add_argument_group("configuration")
     g.add_argument("--config", default=None, metavar="FILE", help="YAML file of TrainConfig fields (see configs/)")
@@ -71,6 +81,9 @@ def add_parser(sub) -> None:
                    help="override a field after flags and config (repeatable); model fields as model.FIELD")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2.5e-4)")
     g.add_argument("--seed", type=int, default=None, help="random seed: weights, data order, augmentation (default 0)")
+    g.add_argument("--time-budget", type=float, default=None, metavar="S", dest="time_budget",
+                   help="stop once S seconds of training (steps, not evaluation) are used: the epoch ends early "
+                        "and is evaluated; the cosine decay ends with the budget (field time_budget_s)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue a run from its latest checkpoint with its saved config")
 
@@ -107,7 +120,9 @@ def flag_overrides(args: argparse.Namespace) -> dict:
     for flag, key in (("gpu", "nproc"), ("epochs", "epochs"), ("batch", "batch_size"), ("out", "out"),
                       ("lr", "lr"), ("seed", "seed"), ("amp", "amp"), ("compile", "compile"),
                       ("eval_mode", "eval_mode"), ("data_dir", "data_dir"), ("device", "device"),
-                      ("ep_size", "ep_size"), ("dist_timeout", "dist_timeout_s")):
+                      ("ep_size", "ep_size"), ("dist_timeout", "dist_timeout_s"),
+                      ("augment_policy", "augment_policy"), ("consistency_weight", "consistency_weight"),
+                      ("time_budget", "time_budget_s")):
         value = getattr(args, flag)
         if value is not None:
             o[key] = value

@@ -34,8 +34,10 @@ DATASET_PATCH: dict[str, int] = {}
 # Fields that may differ when resuming a run (they do not change what is being trained).
 RESUMABLE_FIELDS = frozenset({
     "epochs", "log_every", "tensorboard", "compile", "amp", "device", "nproc", "keep_checkpoints",
-    "data_dir", "eval_mode", "threshold", "out", "progress", "ep_size", "dist_timeout_s",
+    "data_dir", "eval_mode", "threshold", "out", "progress", "ep_size", "dist_timeout_s", "time_budget_s",
 })
+# Augmentation policies applied after the random crop (see vitmoe.data.autoaugment.POLICIES).
+AUGMENT_POLICIES = ("none", "autoaugment", "randaugment")
 
 
 def check_ep_size(ep_size: int, world_size: int) -> None:
@@ -56,6 +58,16 @@ class TrainConfig:
     dataset: str = "cifar10"
     data_dir: str | None = None
     augment: bool = True
+    """Random crop (+ horizontal flip where it preserves the label) on the device, per the dataset."""
+    augment_policy: str = "none"
+    """"none", "autoaugment" (the CIFAR-10 AutoAugment policy, as in the ColossalAI recipe) or
+    "randaugment" (2 ops, magnitude 9), applied between the crop and the flip; needs augment=true."""
+    norm_mean: list[float] | None = None
+    """Per-channel normalisation mean on the 0..1 scale; None: the dataset's statistics."""
+    norm_std: list[float] | None = None
+    """Per-channel normalisation std; None: the dataset's. The recipes set what the reference used
+    (REFERENCE.md: the source project (0.5, 0.5); ColossalAI std (0.2023, 0.1994, 0.2010), where
+    vitmoe's CIFAR-10 statistics use the exact (0.2470, 0.2435, 0.2616))."""
 
     # --- optimisation (source recipe: Adam, lr 2.5e-4, wd 1e-4, cosine) ---
     epochs: int = 350
@@ -79,6 +91,15 @@ class TrainConfig:
     """Max global gradient norm; None or 0 turns clipping off."""
     aux_loss_weight: float = 1.0
     """Multiplies model.aux_loss().total (the per-term weights are already inside the model)."""
+    consistency_weight: float = 0.0
+    """AdaMix / THOR consistency regularisation of randomly routed models (0: off; AdaMix uses 1).
+    Each step runs a second forward pass of the same batch with fresh random routes and adds
+    weight * 0.5 * (KL(p1 || p2) + KL(p2 || p1)) of the two softmax predictions (fp32, mean over
+    images); the cross-entropy is then the mean of both passes' cross-entropies (THOR's choice).
+    A step costs two forwards (metrics: forwards_per_step 2). Needs router 'random'."""
+    consistency_stopgrad: bool = True
+    """Detach the target side of each KL direction (AdaMix): KL(p1 || p2) trains pass 2 towards
+    p1 and KL(p2 || p1) trains pass 1 towards p2. False back-propagates through both sides."""
 
     # --- execution ---
     amp: str = "off"
@@ -107,6 +128,12 @@ class TrainConfig:
     """Epoch checkpoints kept besides the best one."""
     progress: bool = True
     """tqdm bar per epoch (only shown when stdout is a terminal)."""
+    time_budget_s: float | None = None
+    """Training-time budget in seconds (None: none). Checked after every step: once the training
+    time (the steps' wall clock, summed over epochs and resumes; evaluation and checkpointing not
+    counted) reaches it, the epoch ends early, is evaluated and checkpointed, and the run stops
+    (summary: stopped_by_budget). With the cosine schedule the decay then follows
+    max(step progress, budget fraction used), so the lr reaches min_lr when the budget runs out."""
 
     # ------------------------------------------------------------------------------------
     @classmethod
@@ -229,6 +256,33 @@ class TrainConfig:
         if self.data_dir is not None:
             self.data_dir = str(self.data_dir)
         as_bool("augment")
+        choice("augment_policy", AUGMENT_POLICIES)
+        if self.augment_policy != "none" and not self.augment:
+            fail("augment_policy", f"'none' when augment=false (augment=false turns all training augmentation off; "
+                                   f"set augment=true to use {self.augment_policy!r})")
+        info = self.dataset_info()
+        for name, positive in (("norm_mean", False), ("norm_std", True)):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, str):
+                try:
+                    v = yaml.safe_load(v)
+                except yaml.YAMLError:
+                    pass
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                v = [v]
+            ok = isinstance(v, (list, tuple)) and all(isinstance(c, (int, float)) and not isinstance(c, bool)
+                                                     for c in v)
+            if ok:
+                v = [float(c) for c in v]
+                if len(v) == 1 and info.in_chans > 1:
+                    v = v * info.in_chans
+                ok = len(v) == info.in_chans and all(c == c and (c > 0 if positive else True) for c in v)
+            if not ok:
+                fail(name, f"null (the dataset's) or {info.in_chans} {'positive ' if positive else ''}number(s), one "
+                           f"per channel of {self.dataset} (or one for all channels)")
+            setattr(self, name, v)
         as_int("epochs", 1)
         as_int("batch_size", 1)
         as_int("eval_batch_size", 1, optional=True)
@@ -257,6 +311,8 @@ class TrainConfig:
         if self.grad_clip == 0.0:
             self.grad_clip = None
         as_float("aux_loss_weight", 0.0)
+        as_float("consistency_weight", 0.0)
+        as_bool("consistency_stopgrad")
         choice("amp", AMP_MODES)
         as_bool("compile")
         choice("device", DEVICES)
@@ -280,10 +336,28 @@ class TrainConfig:
         as_bool("tensorboard")
         as_int("keep_checkpoints", 1)
         as_bool("progress")
+        as_float("time_budget_s", 0.0, strict_lo=True, optional=True)
         if not isinstance(self.model_config, dict):
             fail("model_config", "a mapping of model fields")
-        self.resolved_model_config()
+        mc = self.resolved_model_config()
+        if self.consistency_weight > 0 and not (mc.router == "random" and mc.moe_block_indices()):
+            what = "is dense" if not mc.moe_block_indices() else f"routes with router {mc.router!r}"
+            fail("consistency_weight", f"0 for model {self.model!r}, which {what}: consistency regularisation "
+                                       f"compares two passes with different random routes, so it needs randomly "
+                                       f"routed MoE layers (router 'random', e.g. model random_vit or "
+                                       f"model.router=random)")
         return self
+
+    @property
+    def forwards_per_step(self) -> int:
+        """2 with consistency regularisation (a second pass with fresh routes), else 1."""
+        return 2 if self.consistency_weight > 0 else 1
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) the loader normalises with: the overrides, else the dataset's statistics."""
+        info = self.dataset_info()
+        return (tuple(self.norm_mean) if self.norm_mean is not None else tuple(info.mean),
+                tuple(self.norm_std) if self.norm_std is not None else tuple(info.std))
 
     def dataset_info(self):
         from ..data import DATASETS
@@ -320,9 +394,10 @@ class TrainConfig:
 
     # ------------------------------------------------------------------------------------
     def run_label(self) -> str:
-        """Display name: vit, switch-vit, top2-vit, random-vit (from the resolved model)."""
+        """Display name: vit, switch-vit, top2-vit, random-vit, ... (from the resolved model);
+        "+cr" marks consistency regularisation."""
         cfg = self.resolved_model_config()
-        return model_label(cfg)
+        return model_label(cfg) + ("+cr" if self.consistency_weight > 0 else "")
 
     def default_out(self) -> str:
         return os.path.join("runs", f"{self.model}-{self.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -346,13 +421,25 @@ _DERIVED_KEYS = ("resolved_model_config", "name")
 
 
 def model_label(cfg: ViTConfig) -> str:
+    """vit, switch-vit, topK-vit, random-vit, ec-vit (expert choice), soft-moe-vit; "pr-" for a
+    residual (PR-MoE) layer, "widenet-" for blocks sharing one layer (WideNet)."""
     if not cfg.moe_block_indices():
         return "vit"
     if cfg.router == "random":
-        return "random-vit"
-    if cfg.router == "switch":
-        return "switch-vit"
-    return f"top{cfg.top_k}-vit"
+        label = "random-vit"
+    elif cfg.router == "switch":
+        label = "switch-vit"
+    elif cfg.router == "expert_choice":
+        label = "ec-vit"
+    elif cfg.router == "soft":
+        label = "soft-moe-vit"
+    else:
+        label = f"top{cfg.top_k}-vit"
+    if cfg.moe_residual:
+        label = "pr-" + label
+    if cfg.share_blocks:
+        label = "widenet-" + label
+    return label
 
 
 def experts_of(cfg: ViTConfig) -> int | list[int] | None:

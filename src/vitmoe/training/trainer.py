@@ -2,6 +2,10 @@
 gradient clipping, MoE auxiliary loss, bf16/fp16 autocast, optional torch.compile, crash-safe
 checkpoints, exact resume, and per-epoch metrics (the run-directory contract read by vitmoe.report).
 
+Options of issue 5: consistency regularisation of randomly routed models (`consistency_weight`:
+two forward passes per step, see `losses.symmetric_kl`), an augmentation policy and normalisation
+overrides passed to the loader, and a training-time budget (`time_budget_s`, checked per step).
+
 The hot loop does not synchronise with the device: losses, accuracy counts, expert loads and the
 "first non-finite step" marker are accumulated in device tensors and read at log points
 (every `log_every` steps) and at the end of each epoch.
@@ -28,8 +32,9 @@ import torch.nn.functional as F
 from ..models import ConfigError, VisionTransformer, atomic_write, model_info
 from ..moe import parallel as moe_parallel
 from . import checkpoint as ckpt
-from .config import TrainConfig, check_ep_size, experts_of, model_label
+from .config import TrainConfig, check_ep_size, experts_of
 from .dist import DistContext, resolve_device
+from .losses import symmetric_kl
 from .schedule import lr_factor
 
 METRICS_FILE = "metrics.jsonl"
@@ -156,6 +161,17 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp: str = "o
             "images_per_s": n / seconds if seconds > 0 else float("nan")}
 
 
+def with_normalization(data, mean, std):
+    """`data` whose DatasetInfo normalises with (mean, std) (the loader reads them from the info)."""
+    import dataclasses
+
+    from ..data import ImageData
+
+    if tuple(mean) == tuple(data.info.mean) and tuple(std) == tuple(data.info.std):
+        return data
+    return ImageData(data.images, data.labels, dataclasses.replace(data.info, mean=tuple(mean), std=tuple(std)))
+
+
 # ---------------------------------------------------------------------------------------------
 class Trainer:
     """One training run. `Trainer(cfg).fit()`; `resume=True` continues from `cfg.out`'s latest checkpoint."""
@@ -189,8 +205,11 @@ class Trainer:
 
         train_data = self._train_data if self._train_data is not None else load_dataset(cfg.dataset, "train", cfg.data_dir)
         test_data = self._test_data if self._test_data is not None else load_dataset(cfg.dataset, "test", cfg.data_dir)
+        mean, std = cfg.normalization()
+        train_data, test_data = with_normalization(train_data, mean, std), with_normalization(test_data, mean, std)
         self.train_loader = DeviceLoader(train_data, cfg.batch_size, device, train=True, seed=cfg.seed,
-                                         rank=dist.rank, world_size=dist.world_size, augment=cfg.augment)
+                                         rank=dist.rank, world_size=dist.world_size, augment=cfg.augment,
+                                         augment_policy=cfg.augment_policy if cfg.augment else "none")
         self.test_loader = DeviceLoader(test_data, cfg.eval_batch_size or cfg.batch_size, device, train=False,
                                         seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, augment=False)
         self.steps_per_epoch = len(self.train_loader)
@@ -210,9 +229,13 @@ class Trainer:
         self.info = model_info(self.model_cfg)
         self.optimizer = build_optimizer(cfg, self.model)
         min_ratio = cfg.min_lr / cfg.lr
+        # With a time budget the cosine also follows the budget fraction used (0 without one).
+        self.budget_used_s = 0.0
+        self.stopped_by_budget = False
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            lambda s: lr_factor(s, self.total_steps, self.warmup_steps, cfg.schedule, min_ratio))
+            lambda s: lr_factor(s, self.total_steps, self.warmup_steps, cfg.schedule, min_ratio,
+                                min_progress=self._budget_fraction()))
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
         self.train_module: torch.nn.Module = self.model
         if dist.distributed:
@@ -241,10 +264,19 @@ class Trainer:
             cfg.save_yaml(self.run_dir / CONFIG_FILE)
             self._rewrite_metrics()
         self.tb = self._tensorboard()
-        self.log(f"{model_label(self.model_cfg)} ({cfg.model}) on {cfg.dataset}: {self.info.total_params:,} parameters "
+        self.budget_used_s = sum(r["epoch_time_s"] for r in self.history)
+        extras = []
+        if cfg.consistency_weight > 0:
+            extras.append(f"consistency weight {cfg.consistency_weight:g} (2 forwards/step"
+                          f"{', stop-gradient' if cfg.consistency_stopgrad else ''})")
+        if cfg.augment and cfg.augment_policy != "none":
+            extras.append(f"augment {cfg.augment_policy}")
+        if cfg.time_budget_s is not None:
+            extras.append(f"time budget {cfg.time_budget_s:g}s of training")
+        self.log(f"{cfg.run_label()} ({cfg.model}) on {cfg.dataset}: {self.info.total_params:,} parameters "
                  f"({self.info.active_params_per_token:,} active per token), {len(train_data):,} train / "
                  f"{len(test_data):,} test images, {self.steps_per_epoch} steps/epoch, batch {cfg.batch_size}, "
-                 f"device {device}, run dir {self.run_dir}")
+                 f"device {device}, run dir {self.run_dir}" + "".join(f"; {e}" for e in extras))
 
     def _tensorboard(self):
         if not (self.cfg.tensorboard and self.dist.is_main):
@@ -295,6 +327,11 @@ class Trainer:
             if self.epoch >= cfg.epochs:
                 self.log(f"run already has {self.epoch} of {cfg.epochs} epochs; nothing to do")
             while self.epoch < cfg.epochs:
+                if self._budget_exhausted():
+                    self.stopped_by_budget = True
+                    self.log(f"time budget {cfg.time_budget_s:g}s used ({self.budget_used_s:.1f}s of training); "
+                             f"stopping after epoch {self.epoch}")
+                    break
                 self.train_epoch(self.epoch + 1)
         finally:
             if self.tb is not None:
@@ -306,13 +343,57 @@ class Trainer:
                      f"run dir {self.run_dir}")
         return TrainResult(self.run_dir, summary, self.history)
 
+    def _budget_fraction(self) -> float:
+        budget = self.cfg.time_budget_s
+        return min(1.0, self.budget_used_s / budget) if budget else 0.0
+
+    def _budget_step_over(self, t0: float, budget_before: float) -> bool:
+        """After a step: is the time budget used up? Host clock only (no device sync; on a GPU the
+        host may be a few queued steps ahead). Several ranks must stop at the same step, so they
+        compare their mean clock, at log points only (every `log_every` steps; 0: at epoch ends)."""
+        elapsed = time.perf_counter() - t0
+        if self.dist.distributed:
+            if not (self.cfg.log_every and self.step % self.cfg.log_every == 0):
+                return False
+            elapsed = self._mean_over_ranks(elapsed)
+        self.budget_used_s = budget_before + elapsed
+        return self.budget_used_s >= self.cfg.time_budget_s
+
+    def _mean_over_ranks(self, value: float) -> float:
+        t = torch.tensor([value], device=self.device, dtype=torch.float64)
+        return float(self.dist.all_reduce_sum(t)) / self.dist.world_size
+
+    def _budget_exhausted(self) -> bool:
+        return self.cfg.time_budget_s is not None and self.budget_used_s >= self.cfg.time_budget_s
+
+    def _forward_losses(self, x: torch.Tensor, y: torch.Tensor, scale: float, moe: bool):
+        """One pass (or two, with consistency) of the batch: (logits of pass 1, cross-entropy, aux
+        total, consistency or None, [(aux, stats) of each pass]). Losses are sums times `scale`."""
+        cfg, device, model = self.cfg, self.device, self.model
+        passes, logits_all = [], []
+        for _ in range(cfg.forwards_per_step):  # the second pass draws fresh random routes
+            with autocast_context(cfg.amp, device):
+                logits_all.append(self.forward(x))
+            # Read now: the next forward resets the layers' records (the tensors stay in the graph).
+            passes.append((model.aux_loss(), model.moe_stats() if moe else {}))
+        ce = [F.cross_entropy(lg.float(), y, label_smoothing=cfg.label_smoothing, reduction="sum") * scale
+              for lg in logits_all]
+        if len(logits_all) == 1:
+            return logits_all[0], ce[0], passes[0][0].total, None, passes
+        loss = 0.5 * (ce[0] + ce[1])  # the cross-entropy of both passes, averaged (THOR)
+        aux_total = 0.5 * (passes[0][0].total + passes[1][0].total)
+        cons = symmetric_kl(logits_all[0], logits_all[1], stopgrad=cfg.consistency_stopgrad, reduction="sum") * scale
+        return logits_all[0], loss, aux_total, cons, passes
+
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         cfg, device, model = self.cfg, self.device, self.model
         model.train()
         loader = self.train_loader
         moe_names = [name for name, _ in model.moe_modules()]
+        nf = cfg.forwards_per_step
         loss_sum = torch.zeros((), device=device)
         aux_sum = torch.zeros((), device=device)
+        cons_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         seen = torch.zeros((), device=device, dtype=torch.int64)
         aux_terms: dict[str, torch.Tensor] = {}
@@ -323,18 +404,19 @@ class Trainer:
         first_bad = torch.full((), -1, device=device, dtype=torch.int64)
         n_steps = 0
         bar = _Progress(cfg.progress and self.dist.is_main, self.steps_per_epoch, f"epoch {epoch}/{cfg.epochs}")
+        budget_before = self.budget_used_s
+        partial = False
         _sync(device)
         t0 = time.perf_counter()
         for i, (x, y) in enumerate(loader.iter_epoch(epoch)):
-            with autocast_context(cfg.amp, device):
-                logits = self.forward(x)
             # Mean over the GLOBAL batch: ranks may hold unequal shares of the last batch, and DDP
             # averages gradients over ranks, hence the factor world_size / global count.
             global_n = loader.global_batch_size(i)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing,
-                                   reduction="sum") * (self.dist.world_size / global_n)
-            aux = model.aux_loss()
-            total = loss + cfg.aux_loss_weight * aux.total if moe_names else loss
+            logits, loss, aux_total, cons, passes = self._forward_losses(
+                x, y, self.dist.world_size / global_n, bool(moe_names))
+            total = loss + cfg.aux_loss_weight * aux_total if moe_names else loss
+            if cons is not None:
+                total = total + cfg.consistency_weight * cons
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(total).backward()
@@ -360,16 +442,19 @@ class Trainer:
                 bad = ~torch.isfinite(total.detach())
                 first_bad = torch.where(bad & (first_bad < 0), step_dev, first_bad)
                 loss_sum += loss.detach() * (global_n / self.dist.world_size)
-                aux_sum += aux.total.detach() * y.numel()
+                aux_sum += aux_total.detach() * y.numel()
+                if cons is not None:
+                    cons_sum += cons.detach() * (global_n / self.dist.world_size)
                 correct += (logits.detach().argmax(-1) == y).sum()
                 seen += y.numel()
-                for k, v in aux.terms.items():
-                    aux_terms[k] = aux_terms.get(k, 0) + v
-                for name, st in model.moe_stats().items():
-                    loads[name] = loads.get(name, 0) + st["load"]
-                    dropped[name] = dropped.get(name, 0) + st["dropped_frac"]
-                    if "entropy" in st:
-                        entropy[name] = entropy.get(name, 0) + st["entropy"]
+                for aux, stats in passes:  # loads sum over both passes (work done); rates average
+                    for k, v in aux.terms.items():
+                        aux_terms[k] = aux_terms.get(k, 0) + v
+                    for name, st in stats.items():
+                        loads[name] = loads.get(name, 0) + st["load"]
+                        dropped[name] = dropped.get(name, 0) + st["dropped_frac"]
+                        if "entropy" in st:
+                            entropy[name] = entropy.get(name, 0) + st["entropy"]
             bar.update()
             if cfg.log_every and self.step % cfg.log_every == 0:
                 self._check_finite(first_bad, epoch, checked="every %d steps" % cfg.log_every)
@@ -378,14 +463,21 @@ class Trainer:
                 if self.tb is not None:
                     self.tb.add_scalar("train/loss_step", cur, self.step)
                     self.tb.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
+            if cfg.time_budget_s is not None and i + 1 < self.steps_per_epoch and self._budget_step_over(t0, budget_before):
+                partial = True
+                break
         _sync(device)
         train_time = time.perf_counter() - t0
         bar.close()
         self._check_finite(first_bad, epoch, checked="at the end of the epoch")
+        self.budget_used_s = budget_before + (self._mean_over_ranks(train_time) if self.dist.distributed else train_time)
+        if cfg.time_budget_s is not None and self.budget_used_s >= cfg.time_budget_s:
+            self.stopped_by_budget = True
 
-        packed = torch.stack([loss_sum.double(), aux_sum.double(), correct.double(), seen.double()])
+        packed = torch.stack([loss_sum.double(), aux_sum.double(), cons_sum.double(), correct.double(),
+                              seen.double()])
         self.dist.all_reduce_sum(packed)
-        loss_total, aux_total, correct_n, seen_n = packed.tolist()
+        loss_total, aux_total, cons_total, correct_n, seen_n = packed.tolist()
         ev = evaluate(model, self.test_loader, device, cfg.amp, self.dist)
         n = max(seen_n, 1.0)
         row = {
@@ -401,10 +493,14 @@ class Trainer:
             "eval_time_s": ev["seconds"],
             "eval_images_per_s": ev["images_per_s"],
             "aux_loss": aux_total / n,
-            "aux_terms": {k: float(v) / max(n_steps, 1) for k, v in aux_terms.items()},
+            "aux_terms": {k: float(v) / max(n_steps * nf, 1) for k, v in aux_terms.items()},
             "expert_load": {k: [float(c) for c in self.dist.all_reduce_sum(v.clone()).tolist()] for k, v in loads.items()},
-            "dropped_frac": {k: float(v) / max(n_steps, 1) for k, v in dropped.items()},
-            "router_entropy": {k: float(v) / max(n_steps, 1) for k, v in entropy.items()},
+            "dropped_frac": {k: float(v) / max(n_steps * nf, 1) for k, v in dropped.items()},
+            "router_entropy": {k: float(v) / max(n_steps * nf, 1) for k, v in entropy.items()},
+            "forwards_per_step": nf,
+            "consistency_loss": cons_total / n if nf > 1 else None,
+            "steps_in_epoch": n_steps,
+            "partial_epoch": partial,
         }
         if self.dist.distributed:  # per-rank means of fractions -> mean over ranks
             for key in ("aux_terms", "dropped_frac", "router_entropy"):
@@ -424,21 +520,33 @@ class Trainer:
                 self.run_dir, epoch, model, state, keep=self.cfg.keep_checkpoints, is_best=is_best,
                 model_state=model_state,
                 metadata={"dataset": cfg.dataset, "epoch": epoch, "test_acc": row["test_acc"],
-                          "name": model_label(self.model_cfg)})
+                          "name": cfg.run_label(), **self._norm_metadata()})
             with open(self.run_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps(row) + "\n")
                 f.flush()
             _write_json(self.run_dir / SUMMARY_FILE, self.summary())
             if self.tb is not None:
-                for k in ("train_loss", "train_acc", "test_loss", "test_acc", "images_per_s", "aux_loss"):
+                for k in ("train_loss", "train_acc", "test_loss", "test_acc", "images_per_s", "aux_loss",
+                          "consistency_loss"):
                     if row[k] is not None:
                         self.tb.add_scalar(f"epoch/{k}", row[k], epoch)
         self.dist.barrier()
+        budget = (f"  [{'partial epoch: ' + str(n_steps) + ' steps, ' if partial else ''}time budget "
+                  f"{self.budget_used_s:.1f}/{cfg.time_budget_s:g}s]" if cfg.time_budget_s is not None else "")
         self.log(f"epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}%  "
                  f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.2f}%  lr {row['lr']:.3g}  "
                  f"{row['images_per_s']:.0f} img/s  {train_time:.1f}s"
-                 + (f"  aux {row['aux_loss']:.4f}" if moe_names else ""))
+                 + (f"  aux {row['aux_loss']:.4f}" if moe_names else "")
+                 + (f"  consistency {row['consistency_loss']:.4f} (2 forwards/step)" if nf > 1 else "")
+                 + budget)
         return row
+
+    def _norm_metadata(self) -> dict[str, Any]:
+        """The normalisation, recorded in checkpoints when it is not the dataset's (for `vitmoe eval`)."""
+        if self.cfg.norm_mean is None and self.cfg.norm_std is None:
+            return {}
+        mean, std = self.cfg.normalization()
+        return {"normalization": {"mean": list(mean), "std": list(std)}}
 
     def _reduce_expert_grads(self) -> None:
         if self.ep is not None:
@@ -486,7 +594,7 @@ class Trainer:
         eips = [r["eval_images_per_s"] for r in h if r.get("eval_images_per_s") and math.isfinite(r["eval_images_per_s"])]
         best = max(h, key=lambda r: r["test_acc"]) if h else None
         return {
-            "name": model_label(self.model_cfg),
+            "name": cfg.run_label(),
             "model": cfg.model,
             "experts": experts_of(self.model_cfg),
             "params": self.info.total_params,
@@ -508,6 +616,13 @@ class Trainer:
             "eval_mode": self.model_cfg.eval_mode if self.model_cfg.moe_block_indices() else None,
             "device": str(self.device),
             "world_size": self.dist.world_size,
+            "forwards_per_step": cfg.forwards_per_step,
+            "consistency_weight": cfg.consistency_weight,
+            "augment_policy": cfg.augment_policy if cfg.augment else None,
+            "time_budget_s": cfg.time_budget_s,
+            "stopped_by_budget": bool(getattr(self, "stopped_by_budget", False)),
+            "steps": self.step,
+            "wall_time_s": sum(times) + sum(r.get("eval_time_s") or 0.0 for r in h),
         }
 
 

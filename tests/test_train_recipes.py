@@ -1,0 +1,70 @@
+"""The recipe files in configs/ reproduce the reference runs (REFERENCE.md s.1-2) and run."""
+import json
+from pathlib import Path
+
+import pytest
+
+import vitmoe
+from vitmoe.cli.main import build_parser, main
+from vitmoe.cli.train import build_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+COLOSSAL = ("pr_moe_lite6_cifar10.yaml", "vit_lite7_cifar10.yaml", "widenet_tiny_cifar10.yaml")
+TINY_SETS = ["--set", "model.embed_dim=16", "--set", "model.num_heads=2", "--set", "model.mlp_hidden=32",
+             "--set", "log_every=0", "--set", "progress=false"]
+
+
+def _config(*argv):
+    return build_config(build_parser().parse_args(["train", *argv]))
+
+
+@pytest.mark.parametrize("name, model", [("vit_cifar10.yaml", "vit"), ("switch_vit_cifar10.yaml", "switch_vit"),
+                                         ("random_vit_cifar10.yaml", "random_vit")])
+def test_source_recipes(name, model):
+    cfg = _config("--config", str(CONFIGS / name))
+    assert (cfg.model, cfg.dataset, cfg.epochs, cfg.batch_size, cfg.optimizer, cfg.lr, cfg.weight_decay) == \
+        (model, "cifar10", 350, 256, "adam", 2.5e-4, 1e-4)
+    assert (cfg.schedule, cfg.augment, cfg.augment_policy, cfg.consistency_weight) == ("cosine", True, "none", 0.0)
+    assert cfg.normalization() == ((0.5,) * 3, (0.5,) * 3)  # the source's Normalize((0.5,), (0.5,))
+    m = cfg.resolved_model_config()
+    assert (m.embed_dim, m.depth, m.num_heads, m.mlp_hidden, m.patch_size) == (300, 12, 12, 1024, 4)
+
+
+@pytest.mark.parametrize("name", COLOSSAL)
+def test_colossalai_recipes(name):
+    cfg = _config("--config", str(CONFIGS / name))
+    assert cfg.model == {"pr_moe_lite6_cifar10.yaml": "pr_moe_lite6", "vit_lite7_cifar10.yaml": "vit_lite7",
+                         "widenet_tiny_cifar10.yaml": "widenet_tiny"}[name]
+    assert (cfg.dataset, cfg.epochs, cfg.batch_size, cfg.warmup_epochs) == ("cifar10", 200, 512, 40.0)
+    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.schedule) == ("adamw", 2e-3, 3e-2, "cosine")
+    assert (cfg.grad_clip, cfg.label_smoothing, cfg.augment, cfg.augment_policy) == (1.0, 0.1, True, "autoaugment")
+    assert cfg.normalization() == ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+    m = cfg.resolved_model_config()
+    if m.moe_block_indices():
+        # "aux-loss weight 0.01" on the balance loss: aux_loss_weight x the model's per-term weights.
+        assert cfg.aux_loss_weight * m.balance_loss_weight == pytest.approx(0.01)
+        assert cfg.aux_loss_weight * m.z_loss_weight == 0.0
+    if cfg.model == "pr_moe_lite6":
+        assert (m.moe_block_indices(), m.experts_per_moe_block(), m.moe_residual) == ([1, 3, 5], [4, 4, 8], True)
+        assert (m.embed_dim, m.depth, m.num_heads, m.mlp_hidden, m.pool, m.norm_eps) == (256, 6, 4, 512, "mean", 1e-6)
+
+
+def test_pr_moe_recipe_smoke_run_on_digits(tmp_path):
+    run = tmp_path / "pr"
+    assert main(["train", "--config", str(CONFIGS / "pr_moe_lite6_cifar10.yaml"), "--dataset", "digits",
+                 "--epochs", "1", "--batch", "512", "--out", str(run), "--set", "norm_mean=null",
+                 "--set", "norm_std=null", *TINY_SETS]) == 0
+    s = json.loads((run / "summary.json").read_text())
+    assert (s["model"], s["name"], s["experts"], s["augment_policy"]) == ("pr_moe_lite6", "pr-switch-vit", [4, 4, 8],
+                                                                        "autoaugment")
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(row["expert_load"]) == {"blocks.1.mlp.moe", "blocks.3.mlp.moe", "blocks.5.mlp.moe"} or \
+        len(row["expert_load"]) == 3
+    assert vitmoe.load_model(run / "checkpoints" / "epoch-0001" / "model.safetensors") is not None
+
+
+def test_recipe_norm_needs_matching_channels():
+    # The CIFAR normalisation cannot silently apply to a one-channel dataset.
+    code = main(["train", "--config", str(CONFIGS / "pr_moe_lite6_cifar10.yaml"), "--dataset", "digits",
+                 "--epochs", "1"])
+    assert code == 2
