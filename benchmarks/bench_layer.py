@@ -23,6 +23,7 @@ from torch import nn
 
 from vitmoe.models import Mlp
 from vitmoe.moe import MoEMlp, grouped_mm_supported
+from vitmoe.runtime import keep_freed_memory
 
 
 class LoopSwitch(nn.Module):
@@ -69,7 +70,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--no-loop", action="store_true", help="skip the per-expert loop baseline")
+    ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                    help="keep: glibc keeps freed memory, as the vitmoe command sets (vitmoe.runtime); "
+                         "default: the allocator returns large blocks to the OS after each use")
     args = ap.parse_args()
+    kept = keep_freed_memory() if args.malloc == "keep" else False
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -77,7 +82,8 @@ def main() -> None:
     x = torch.randn(args.batch, args.tokens, D, device=device, dtype=dtype, requires_grad=True)
     g = torch.randn_like(x)
     print(f"# MoE MLP forward+backward, D={D} H={H} tokens={args.batch}x{args.tokens}, {device} {args.dtype}, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}, grouped_mm: {grouped_mm_supported(x)}")
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}, grouped_mm: {grouped_mm_supported(x)}, "
+          f"malloc keeps freed memory: {kept}")
     print(f"# median of {args.repeats} interleaved rounds; ratio = time / dense time in the same rounds\n")
     print("| experts | variant | ms | x dense |")
     print("|---:|---|---:|---:|")

@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ..runtime import keep_freed_memory
+
+    keep_freed_memory()  # our own process only; see vitmoe.runtime
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

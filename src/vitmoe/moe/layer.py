@@ -126,9 +126,9 @@ class MoEMlp(MoELayer):
 
         d = dispatch_routing(routing, self.num_experts, capacity)
         if sharded:
-            y_SO = expert_parallel_apply(self.experts, x_TD[d.token_S], d, self.ep, capacity)
+            y_SO = expert_parallel_apply(self.experts, x_TD.index_select(0, d.token_S), d, self.ep, capacity)
         else:
-            y_SO = self.experts(x_TD[d.token_S], d.kept_E, d.expert_S, capacity)
+            y_SO = self.experts(x_TD.index_select(0, d.token_S), d.kept_E, d.expert_S, capacity)
         y_TO = combine(y_SO, d, B * N)
         extra = None
         if routing.copies is not None:  # expert choice: the share of tokens no expert took

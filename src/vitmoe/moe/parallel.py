@@ -115,7 +115,7 @@ def expert_parallel_apply(experts: GroupedExperts, x_SD: Tensor, d: Dispatch, ep
     # Rows arrive grouped by source, then by expert; the grouped matmul wants them by expert.
     local_expert_R = torch.repeat_interleave(torch.arange(El, device=x_SD.device).repeat(K), recv_counts)
     order_R = torch.argsort(local_expert_R, stable=True)
-    y_sorted = experts(x_recv[order_R], recv_counts_KE.sum(0), local_expert_R[order_R],
+    y_sorted = experts(x_recv.index_select(0, order_R), recv_counts_KE.sum(0), local_expert_R[order_R],
                        None if capacity is None else capacity * K)
     y_recv = torch.empty_like(y_sorted).index_copy(0, order_R, y_sorted)
     y_back = all_to_all_single_autograd(y_recv, send_splits, recv_splits, ep.group)
