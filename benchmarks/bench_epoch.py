@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from vitmoe import create_model, model_info
+from vitmoe.runtime import keep_freed_memory
 from vitmoe.data import DATASETS, DeviceLoader, ImageData
 from vitmoe.training.losses import symmetric_kl
 from vitmoe.training.trainer import autocast_context, param_groups
@@ -83,6 +84,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = p.parse_args()
+    keep_freed_memory()  # as the vitmoe command does (vitmoe.runtime); VITMOE_MALLOC=default to compare
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
