@@ -72,6 +72,27 @@ def test_two_ranks_equal_one_process(tmp_path):
         assert moved > 1e-3, f"{case}: training did not change the weights"
 
 
+def _worker4(rank, world, root):
+    train, test = _data()
+    cfg = _cfg("topk-capacity-ep2", Path(root) / "ep2-world4")
+    cfg.batch_size = 16  # 63 images: batches of 16, 16, 16, 15 split 4 ways
+    ctx = DistContext(rank=rank, world_size=world, device=torch.device("cpu"), is_main=rank == 0)
+    Trainer(cfg, ctx, train_data=train, test_data=test, log=lambda m: None).fit()
+
+
+def test_four_ranks_with_two_expert_replicas_equal_one_process(tmp_path):
+    # World 4, ep 2: each expert shard lives on 2 ranks, whose gradients are averaged over the
+    # replica group; the checkpoint written by 4 ranks must equal one process's.
+    run_workers(_worker4, 4, str(tmp_path), timeout=240)
+    train, test = _data()
+    cfg = _cfg("topk-capacity-ep2", tmp_path / "single")
+    cfg.ep_size, cfg.batch_size = 1, 16
+    Trainer(cfg, train_data=train, test_data=test, log=lambda m: None).fit()
+    single, ep = _weights(tmp_path / "single"), _weights(tmp_path / "ep2-world4")
+    for k in single:
+        torch.testing.assert_close(ep[k], single[k], rtol=1e-4, atol=2e-5, msg=k)
+
+
 def _weights_init(case):
     import vitmoe
 
@@ -119,3 +140,18 @@ def test_killed_rank_ends_the_job_and_the_run_resumes_on_one_process(tmp_path):
                            "--ep-size", "1", "--epochs", "3"], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "checkpoints" / "epoch-0003").is_dir()
+
+
+def test_torchrun_workers_train_one_run(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vitmoe",
+           "train", "--dataset", "digits", "--model", "random_vit", "--epochs", "1", "--batch", "64",
+           "--ep-size", "2", "--set", "model.embed_dim=16", "--set", "model.depth=1", "--set", "model.num_heads=2",
+           "--set", "model.mlp_hidden=16", "--set", "model.head_hidden=16"]
+    # No --out: rank 0 picks the default name (it holds a timestamp) and the others follow it.
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1, runs
+    summary = __import__("json").loads((runs[0] / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs"] == 1
