@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import grads
 
 from vitmoe.models import Mlp
 from vitmoe.moe import MoEMlp, dispatch, expert_capacity, load_balancing_loss, router_z_loss
@@ -31,15 +32,6 @@ def naive_moe(m: MoEMlp, x_BND: torch.Tensor) -> torch.Tensor:
             h = torch.nn.functional.gelu(x[t] @ e.w1[j] + e.b1[j])
             out[t] = out[t] + r.gates_TK[t, k].to(x.dtype) * (h @ e.w2[j] + e.b2[j])
     return torch.stack(out).view(B, N, -1)
-
-
-def grads(m, x, fn):
-    m.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(True)
-    y = fn(x)
-    g = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    y.backward(g.to(y.dtype))
-    return y.detach(), x.grad, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
 def make(router="topk", k=1, cf=None, E=4, path="grouped", **kw):

@@ -4,21 +4,13 @@ import math
 
 import pytest
 import torch
+from conftest import grads
 import torch.nn.functional as F
 
 from vitmoe.moe import MoEMlp, dispatch_routing
 from vitmoe.moe.routers.topk import router_logits
 
 D, H = 12, 20
-
-
-def grads(m, x, fn):
-    m.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(True)
-    y = fn(x)
-    g = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    y.backward(g.to(y.dtype))
-    return y.detach(), x.grad, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
 def assert_same(a, b, tol):

@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+from conftest import grads
 import torch.nn.functional as F
 
 from vitmoe.moe import SoftMoE
@@ -33,15 +34,6 @@ def naive_soft(m, x_BND):
             ys.append(F.gelu(slot @ e.w1[k] + e.b1[k]) @ e.w2[k] + e.b2[k])
         out.append(combine @ torch.stack(ys))
     return torch.stack(out)
-
-
-def grads(m, x, fn):
-    m.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(True)
-    y = fn(x)
-    g = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    y.backward(g.to(y.dtype))
-    return y.detach(), x.grad, {n: p.grad.clone() for n, p in m.named_parameters()}
 
 
 def test_dispatch_and_combine_weights_are_distributions():
