@@ -143,7 +143,6 @@ def test_killed_rank_ends_the_job_and_the_run_resumes_on_one_process(tmp_path):
 
 
 def test_torchrun_workers_train_one_run(tmp_path):
-    out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vitmoe",
            "train", "--dataset", "digits", "--model", "random_vit", "--epochs", "1", "--batch", "64",
            "--ep-size", "2", "--set", "model.embed_dim=16", "--set", "model.depth=1", "--set", "model.num_heads=2",

@@ -1,5 +1,4 @@
 """ViT, presets, merging, accounting and checkpoints."""
-import json
 import warnings
 
 import pytest
@@ -9,7 +8,6 @@ from safetensors.torch import save_file
 
 import vitmoe
 from vitmoe.models import ConfigError, Mlp, load_model, model_config, model_info, read_metadata, save_model
-from vitmoe.moe import MoEMlp
 
 
 def n_params(m):
@@ -169,4 +167,3 @@ def test_merged_checkpoint_loads_as_plain_vit(tmp_path):
         torch.testing.assert_close(dense(x), m(x), rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="does not fit preset"):
         vitmoe.create_model("vit", checkpoint=str(tmp_path / "dense.safetensors"))
-    json.dumps(meta)

@@ -14,6 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
+from ..fileio import atomic_write_text
 from .common import CLIError, HelpFormatter, echo
 
 MODELS = ("vit", "switch_vit", "random_vit")
@@ -176,8 +177,8 @@ def run(args: argparse.Namespace) -> int:
                                          threshold=args.threshold))
     if budget is not None:
         table = cost_table([c.out for c in configs], families)
-        (out / "report" / "cost.md").write_text(
-            f"Time-limited comparison on {args.dataset}: {budget:g}s of training per family.\n\n" + table)
+        atomic_write_text(out / "report" / "cost.md",
+                          f"Time-limited comparison on {args.dataset}: {budget:g}s of training per family.\n\n" + table)
         echo(f"\nWhat each family did with {budget:g}s of training ({args.dataset}):\n")
         echo(table)
         echo(f"wrote {out / 'report' / 'cost.md'}")

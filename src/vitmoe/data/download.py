@@ -10,6 +10,7 @@ import tempfile
 import urllib.request
 from pathlib import Path, PurePosixPath
 
+from ..fileio import atomic_write
 from .info import DatasetError
 
 # Indirection so tests (and offline runs) can replace the network layer.
@@ -35,12 +36,10 @@ def download_file(url: str, dest: Path, md5: str | None = None, timeout: float =
     Network errors propagate (`urllib.error.URLError`, `OSError`); a checksum mismatch raises `DatasetError`.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
+
+    def fetch(tmp: str) -> None:
         digest = hashlib.md5(usedforsecurity=False)
-        with os.fdopen(fd, "wb") as out, urlopen(url, timeout=timeout) as response:
+        with open(tmp, "wb") as out, urlopen(url, timeout=timeout) as response:
             for chunk in iter(lambda: response.read(CHUNK), b""):
                 digest.update(chunk)
                 out.write(chunk)
@@ -49,10 +48,8 @@ def download_file(url: str, dest: Path, md5: str | None = None, timeout: float =
                 f"md5 mismatch for {url}: expected {md5}, got {digest.hexdigest()} (download corrupt or tampered; "
                 f"nothing was written to {dest})"
             )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest
+
+    return atomic_write(dest, fetch)
 
 
 def _check_member(member: tarfile.TarInfo, folder: str, archive: Path) -> None:

@@ -92,10 +92,6 @@ class MoEMlp(MoELayer):
     def aux_weights(self) -> dict[str, float]:
         return self.router.aux_weights
 
-    @property
-    def merges_at_eval(self) -> bool:
-        return not self.router.has_distribution and not self.training and self.eval_mode == "merged"
-
     def capacity(self, tokens: int) -> int | None:
         factor = self.capacity_factor_train if self.training else self.capacity_factor_eval
         capacity = expert_capacity(tokens, self.top_k, self.num_experts, factor, self.min_capacity)

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..models import atomic_write, save_model
+from ..fileio import atomic_write_text
+from ..models import save_model
 
 CHECKPOINT_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -66,7 +67,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _write_pointer(ckdir: Path, name: str, target: str) -> None:
-    atomic_write(ckdir / name, lambda tmp: Path(tmp).write_text(target + "\n"))
+    atomic_write_text(ckdir / name, target + "\n")
 
 
 def _read_pointer(ckdir: Path, name: str) -> str | None:

@@ -403,13 +403,13 @@ class TrainConfig:
         return os.path.join("runs", f"{self.model}-{self.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
 
     def save_yaml(self, path: str | os.PathLike) -> None:
-        from ..models import atomic_write
+        from ..fileio import atomic_write_text
 
         data = self.to_dict()
         data["resolved_model_config"] = self.resolved_model_config().to_dict()
         data["name"] = self.run_label()
         text = yaml.safe_dump(data, sort_keys=False)
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        atomic_write_text(path, text)
 
     def structural_diff(self, other: "TrainConfig") -> list[str]:
         """Fields of `other` that differ from self and may not change on resume."""

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models import ConfigError, VisionTransformer, atomic_write, model_info
+from ..fileio import atomic_write_text
+from ..models import ConfigError, VisionTransformer, model_info
 from ..moe import parallel as moe_parallel
 from . import checkpoint as ckpt
 from .config import TrainConfig, check_ep_size, experts_of
@@ -99,8 +100,7 @@ def autocast_context(amp: str, device: torch.device):
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    text = json.dumps(data, indent=2) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _sync(device: torch.device) -> None:
@@ -316,8 +316,7 @@ class Trainer:
 
     def _rewrite_metrics(self) -> None:
         path = self.run_dir / METRICS_FILE
-        text = "".join(json.dumps(row) + "\n" for row in self.history)
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in self.history))
 
     # -----------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
