@@ -187,7 +187,7 @@ def test_cifar_download_offline_clear_error(tmp_path):
     msg = str(err.value)
     assert "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz" in msg
     assert "network disabled in tests" in msg and str(tmp_path / "dl") in msg and "cifar-100-python/" in msg
-    assert list((tmp_path / "dl").iterdir()) == []  # no partial file left behind
+    assert not (tmp_path / "dl").exists()  # no partial file, nor the folder made for the download
 
 
 def _tar_gz(src_root: Path, folder: str, dest: Path) -> str:
@@ -224,7 +224,7 @@ def test_cifar_download_md5_mismatch_rejected(tmp_path, monkeypatch):
     target = tmp_path / "dl"
     with pytest.raises(DatasetError, match="md5 mismatch"):
         load_dataset("cifar10", "train", data_dir=target)
-    assert list(target.iterdir()) == []  # temp file removed, nothing renamed into place
+    assert not target.exists()  # temp file removed, nothing renamed into place, the folder made for it gone
 
 
 def test_cifar_hand_placed_archive_used_offline(tmp_path, monkeypatch):
@@ -471,3 +471,84 @@ def test_data_package_never_imports_torchvision():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.split(".")[0] in {"torchvision", "PIL"} for n in names), source
+
+
+# ---------------------------------------------------------------- failed downloads leave nothing behind
+
+
+def _download_fails_after(n_ok: int):
+    """A `download_file` stand-in: the first `n_ok` calls write a (whole) file, then the network fails."""
+    calls = []
+
+    def fake(url, dest, md5=None, timeout=60.0):
+        calls.append(dest)
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)  # as the real one does before fetching
+        if len(calls) > n_ok:
+            raise urllib.error.URLError("connection reset")
+        Path(dest).write_bytes(b"whole file")
+        return Path(dest)
+
+    return fake, calls
+
+
+@pytest.mark.parametrize("n_ok", [0, 1])
+def test_failed_fmnist_download_removes_the_folders_it_made(tmp_path, monkeypatch, n_ok):
+    fake, calls = _download_fails_after(n_ok)
+    monkeypatch.setattr(download, "download_file", fake)
+    # Default target ./data/fashion-mnist (cwd is an empty scratch dir): neither folder may stay behind.
+    with pytest.raises(DatasetError, match="connection reset"):
+        load_dataset("fashion-mnist", "train")
+    assert len(calls) == n_ok + 1 and calls[0] == Path("data/fashion-mnist/train-images-idx3-ubyte.gz")
+    assert not Path("data").exists()
+    # An explicit --data-dir that does not exist yet: the same.
+    with pytest.raises(DatasetError, match="connection reset"):
+        load_dataset("fashion-mnist", "test", data_dir=tmp_path / "new" / "dir")
+    assert not (tmp_path / "new").exists()
+
+
+def test_failed_download_keeps_folders_that_existed(tmp_path, monkeypatch):
+    fake, _ = _download_fails_after(1)
+    monkeypatch.setattr(download, "download_file", fake)
+    mine = tmp_path / "mine"
+    (mine / "fashion-mnist").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(DatasetError):
+        load_dataset("fashion-mnist", "train", data_dir=mine)
+    # The folders were there before: they stay, with the one whole file fetched into them.
+    assert sorted(p.name for p in (mine / "fashion-mnist").iterdir()) == ["train-images-idx3-ubyte.gz"]
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_failed_cifar_download_removes_the_folder_it_made(tmp_path, monkeypatch):
+    fake, calls = _download_fails_after(0)
+    monkeypatch.setattr(download, "download_file", fake)
+    with pytest.raises(DatasetError, match="connection reset"):
+        load_dataset("cifar10", "train")
+    assert calls == [Path("data/cifar-10-python.tar.gz")] and not Path("data").exists()
+    # A later search is not shadowed: the hand-placed folder in $DATA is found.
+    make_cifar10(tmp_path / "env")
+    monkeypatch.setenv("DATA", str(tmp_path / "env"))
+    assert len(load_dataset("cifar10", "test", download=False)) == 5
+
+
+def test_check_dataset_is_cheap_and_names_bad_files(tmp_path):
+    make_fmnist(tmp_path / "ok", gz=True)
+    data.check_dataset("fashion-mnist", tmp_path / "ok", download=False)
+    make_fmnist(tmp_path / "raw", gz=False)
+    data.check_dataset("fashion-mnist", tmp_path / "raw", download=False)
+    # A cut raw file and a gzip whose trailer disagrees with its header are named.
+    bad = tmp_path / "raw" / "t10k-images-idx3-ubyte"
+    bad.write_bytes(bad.read_bytes()[:-5])
+    with pytest.raises(DatasetError, match=r"t10k-images-idx3-ubyte is truncated: header says 7 images"):
+        data.check_dataset("fashion-mnist", tmp_path / "raw", download=False)
+    write_idx(tmp_path / "ok" / "train-labels-idx1-ubyte", np.zeros(19), 2049, True)
+    with pytest.raises(DatasetError, match=r"holds 20 images but .*train-labels-idx1-ubyte.gz holds 19 labels"):
+        data.check_dataset("fashion-mnist", tmp_path / "ok", download=False)
+    with pytest.raises(DatasetError, match="not found"):
+        data.check_dataset("fashion-mnist", tmp_path / "empty", download=False)
+    make_cifar10(tmp_path / "c")
+    data.check_dataset("cifar10", tmp_path / "c", download=False)
+    (tmp_path / "c" / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(DatasetError, match=r"data_batch_3 is missing"):
+        data.check_dataset("cifar10", tmp_path / "c", download=False)
+    data.check_dataset("digits")

@@ -27,6 +27,7 @@ __all__ = [
     "OpPlan",
     "apply_plan",
     "autoaugment_plan",
+    "check_dataset",
     "get_info",
     "load_dataset",
     "normalize",
@@ -60,3 +61,22 @@ def load_dataset(
     from .digits import load_digits
 
     return load_digits(split)
+
+
+def check_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, download: bool = True) -> None:
+    """Make sure a dataset can be loaded, cheaply: its files are found (or downloaded / extracted, as
+    `load_dataset` would) and their presence, headers and sizes are checked without decoding the data.
+
+    The parent of a multi-process run calls this before starting workers, so a missing or broken dataset
+    is one `DatasetError` there instead of the same failure in every worker.
+    """
+    key = canonical_name(name)
+    if key in ("cifar10", "cifar100"):
+        from .cifar import check_cifar
+
+        check_cifar(key, data_dir, download)
+    elif key == "fashion-mnist":
+        from .fashion_mnist import check_fashion_mnist
+
+        check_fashion_mnist(data_dir, download)
+    # digits ships with scikit-learn: nothing to find.

@@ -115,14 +115,14 @@ def _missing_message(name: str, roots: list[Path]) -> str:
     )
 
 
-def load_cifar(name: str, split: str, data_dir: str | os.PathLike[str] | None = None, download: bool = True) -> ImageData:
-    """Read a CIFAR split, extracting a local archive or downloading (md5-verified) when needed."""
+def locate_cifar(name: str, data_dir: str | os.PathLike[str] | None = None, download: bool = True) -> Path:
+    """The extracted CIFAR folder: found, extracted from a local archive, or downloaded (md5-verified)."""
     source = CIFAR_SOURCES[name]
     roots = search_roots(data_dir)
 
     for root in roots:
         if (root / source.folder).is_dir():
-            return _read_folder(root / source.folder, name, split)
+            return root / source.folder
 
     # An archive placed by hand (offline machines): verify it like a download before trusting it.
     for root in roots:
@@ -131,7 +131,7 @@ def load_cifar(name: str, split: str, data_dir: str | os.PathLike[str] | None = 
             got = dl.md5sum(archive)
             if got != source.md5:
                 raise DatasetError(f"{name}: {archive} has md5 {got}, expected {source.md5} (incomplete or wrong file)")
-            return _read_folder(dl.extract_folder(archive, root, source.folder), name, split)
+            return dl.extract_folder(archive, root, source.folder)
 
     if not download:
         raise DatasetError(_missing_message(name, roots) + "; download=False, so nothing was fetched")
@@ -139,10 +139,35 @@ def load_cifar(name: str, split: str, data_dir: str | os.PathLike[str] | None = 
     target = resolve_data_dir(data_dir)
     archive = target / source.archive
     try:
-        dl.download_file(source.url, archive, md5=source.md5)
+        # A failed download removes what it created (the folder too), so no empty ./data shadows later searches.
+        with dl.download_scope(target) as scope:
+            scope.add(dl.download_file(source.url, archive, md5=source.md5))
+            return dl.extract_folder(archive, target, source.folder)
     except (urllib.error.URLError, OSError) as exc:  # URLError, timeouts, connection resets, disk errors
         reason = getattr(exc, "reason", exc)
         raise DatasetError(
             _missing_message(name, roots) + f"; downloading {source.url} to {archive} failed: {reason}"
         ) from exc
-    return _read_folder(dl.extract_folder(archive, target, source.folder), name, split)
+
+
+def load_cifar(name: str, split: str, data_dir: str | os.PathLike[str] | None = None, download: bool = True) -> ImageData:
+    """Read a CIFAR split, extracting a local archive or downloading (md5-verified) when needed."""
+    return _read_folder(locate_cifar(name, data_dir, download), name, split)
+
+
+def check_cifar(name: str, data_dir: str | os.PathLike[str] | None = None, download: bool = True) -> Path:
+    """Make sure every batch file of both splits is there (downloading/extracting as `load_cifar` would)
+    and not empty, without unpickling the data; returns the folder."""
+    source = CIFAR_SOURCES[name]
+    folder = locate_cifar(name, data_dir, download)
+    for split in ("train", "test"):
+        for fname in source.splits[split]:
+            path = folder / fname
+            if not path.is_file():
+                raise DatasetError(
+                    f"{name}: {path} is missing: the folder {folder} is incomplete "
+                    f"(delete it so the archive is extracted or downloaded again)"
+                )
+            if path.stat().st_size == 0:
+                raise DatasetError(f"{name}: {path} is empty (delete the folder so it is extracted or downloaded again)")
+    return folder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -50,6 +51,49 @@ def download_file(url: str, dest: Path, md5: str | None = None, timeout: float =
             )
 
     return atomic_write(dest, fetch)
+
+
+class DownloadScope:
+    """What one download created: the directories made for it and the files fetched into them."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.created: list[Path] = []  # deepest first
+        self.files: list[Path] = []
+
+    def add(self, path: Path) -> Path:
+        """Register a file this download wrote (removed on failure when it lies in a created directory)."""
+        self.files.append(Path(path))
+        return Path(path)
+
+    def undo(self) -> None:
+        created = {os.path.abspath(d) for d in self.created}
+        for f in self.files:
+            if os.path.abspath(f.parent) in created:
+                with contextlib.suppress(OSError):
+                    f.unlink()
+        for d in self.created:
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if empty: never removes what another process put there
+
+
+@contextlib.contextmanager
+def download_scope(directory: str | os.PathLike):
+    """Create `directory` (and missing parents) for a download; if the body raises, remove the files it
+    registered in directories it created and then those directories, so a failed download leaves no
+    empty or half-filled `./data/...` folder behind to shadow the real data in later searches.
+    Files fetched into a directory that already existed stay (each is whole and verified)."""
+    scope = DownloadScope(Path(directory))
+    p = scope.directory
+    while not p.exists() and p != p.parent and str(p) not in ("", "."):
+        scope.created.append(p)
+        p = p.parent
+    scope.directory.mkdir(parents=True, exist_ok=True)
+    try:
+        yield scope
+    except BaseException:
+        scope.undo()
+        raise
 
 
 def _check_member(member: tarfile.TarInfo, folder: str, archive: Path) -> None:

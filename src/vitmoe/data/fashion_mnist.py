@@ -117,22 +117,23 @@ def _read_pair(images_path: Path, labels_path: Path) -> ImageData:
 
 def _download(target: Path, split: str) -> tuple[Path, Path]:
     paths = []
-    for stem in FILES[split]:
-        fname = f"{stem}.gz"
-        paths.append(dl.download_file(DOWNLOAD_BASE + fname, target / fname, md5=DOWNLOAD_MD5[fname]))
+    with dl.download_scope(target) as scope:  # on failure: nothing it created stays behind
+        for stem in FILES[split]:
+            fname = f"{stem}.gz"
+            paths.append(scope.add(dl.download_file(DOWNLOAD_BASE + fname, target / fname, md5=DOWNLOAD_MD5[fname])))
     return paths[0], paths[1]
 
 
-def load_fashion_mnist(
+def locate_fashion_mnist(
     split: str, data_dir: str | os.PathLike[str] | None = None, download: bool = True
-) -> ImageData:
-    """Read a Fashion-MNIST split from the first directory holding both of its IDX files (raw or .gz)."""
+) -> tuple[Path, Path]:
+    """(images, labels) files of a split: the first directory holding both (raw or .gz), else downloaded."""
     image_stem, label_stem = FILES[split]
     dirs = candidate_dirs(data_dir)
     for directory in dirs:
         images_path, labels_path = _find(directory, image_stem), _find(directory, label_stem)
         if images_path is not None and labels_path is not None:
-            return _read_pair(images_path, labels_path)
+            return images_path, labels_path
 
     message = (
         f"{NAME}: {image_stem}[.gz] and {label_stem}[.gz] not found; searched {describe(dirs)}. "
@@ -143,7 +144,49 @@ def load_fashion_mnist(
         raise DatasetError(message + "; download=False, so nothing was fetched")
     target = resolve_data_dir(data_dir) / "fashion-mnist"
     try:
-        images_path, labels_path = _download(target, split)
+        return _download(target, split)
     except (urllib.error.URLError, OSError) as exc:
         raise DatasetError(message + f"; downloading to {target} failed: {getattr(exc, 'reason', exc)}") from exc
-    return _read_pair(images_path, labels_path)
+
+
+def load_fashion_mnist(
+    split: str, data_dir: str | os.PathLike[str] | None = None, download: bool = True
+) -> ImageData:
+    """Read a Fashion-MNIST split from the first directory holding both of its IDX files (raw or .gz)."""
+    return _read_pair(*locate_fashion_mnist(split, data_dir, download))
+
+
+def _idx_header(path: Path, size: int) -> tuple[tuple[int, ...], int]:
+    """The first `size` header bytes as big-endian ints and the decompressed length, without reading the data:
+    raw files by their size, .gz files by the gzip trailer (ISIZE, the length mod 2**32)."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                raw = fh.read(size)
+            with open(path, "rb") as fh:
+                fh.seek(-4, os.SEEK_END)
+                length = struct.unpack("<I", fh.read(4))[0]
+        else:
+            with open(path, "rb") as fh:
+                raw = fh.read(size)
+            length = path.stat().st_size
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+        raise DatasetError(f"{NAME}: {path} is truncated or corrupt: {exc}") from exc
+    if len(raw) < size:
+        raise DatasetError(f"{NAME}: {path} is truncated: {len(raw)} bytes is shorter than the {size}-byte IDX header")
+    return struct.unpack(f">{size // 4}i", raw), length
+
+
+def check_fashion_mnist(data_dir: str | os.PathLike[str] | None = None, download: bool = True) -> None:
+    """Make sure both splits' IDX files are there (downloading them as `load_fashion_mnist` would) with
+    valid headers, sizes and matching counts, without decoding the images."""
+    for split in ("train", "test"):
+        images_path, labels_path = locate_fashion_mnist(split, data_dir, download)
+        (magic, n, rows, cols), length = _idx_header(images_path, 16)
+        if magic != IMAGE_MAGIC or (rows, cols) != (SIDE, SIDE) or (length - 16) % 2**32 != (n * rows * cols) % 2**32:
+            read_idx_images(images_path)  # decodes the file and raises the precise error
+        (magic, n_labels), length = _idx_header(labels_path, 8)
+        if magic != LABEL_MAGIC or (length - 8) % 2**32 != n_labels % 2**32:
+            read_idx_labels(labels_path)
+        if n != n_labels:
+            raise DatasetError(f"{NAME}: {images_path} holds {n} images but {labels_path} holds {n_labels} labels")
