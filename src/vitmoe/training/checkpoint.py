@@ -18,14 +18,14 @@ import os
 import random
 import re
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, dir_mode
 from ..models import save_model
 
 CHECKPOINT_DIR = "checkpoints"
@@ -49,6 +49,17 @@ def _fsync_path(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A new, uniquely named directory that follows the umask (tempfile.mkdtemp would make it 0700)."""
+    while True:
+        path = parent / f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            path.mkdir(mode=dir_mode())
+            return path
+        except FileExistsError:
+            continue
 
 
 def rng_state() -> dict[str, Any]:
@@ -116,7 +127,7 @@ def save_checkpoint(
     ckdir = Path(run_dir) / CHECKPOINT_DIR
     ckdir.mkdir(parents=True, exist_ok=True)
     name = f"epoch-{epoch:04d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=ckdir))
+    tmp = _make_temp_dir(ckdir, f".tmp-{name}-")
     try:
         save_model(model, tmp / MODEL_FILE, metadata=metadata, state_dict=model_state)
         with open(tmp / STATE_FILE, "wb") as f:
@@ -126,7 +137,7 @@ def save_checkpoint(
         _fsync_path(tmp)
         final = ckdir / name
         if final.exists():  # re-saving an epoch (e.g. after a resume): move the old one aside first
-            trash = Path(tempfile.mkdtemp(prefix=f".tmp-old-{name}-", dir=ckdir))
+            trash = _make_temp_dir(ckdir, f".tmp-old-{name}-")
             os.rename(final, trash / name)
         os.rename(tmp, final)
         _fsync_path(ckdir)
