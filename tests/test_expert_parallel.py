@@ -5,8 +5,9 @@ import torch.distributed as dist
 from dist_utils import run_workers
 
 from vitmoe.moe import MoEMlp
-from vitmoe.moe.parallel import (
-    expert_param_names, full_state_dict, init_expert_parallel, local_state_dict, reduce_expert_grads, shard_experts,
+from vitmoe.moe.parallel import init_expert_parallel
+from vitmoe.training.expert_parallel import (
+    expert_param_names, full_state_dict, local_state_dict, reduce_expert_grads, shard_experts,
 )
 
 D, H, E = 8, 12, 4

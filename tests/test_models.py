@@ -7,6 +7,7 @@ from conftest import TINY
 from safetensors.torch import save_file
 
 import vitmoe
+from vitmoe.moe import collect_moe_outputs
 from vitmoe.models import ConfigError, Mlp, load_model, model_config, model_info, read_metadata, save_model
 
 
@@ -81,12 +82,12 @@ def test_every_preset_builds_runs_and_every_parameter_gets_a_gradient(name):
         kw["depth"] = max(blocks) + 1
     model = vitmoe.create_model(name, **kw)
     x = torch.randn(4, 3, 32, 32)
-    logits = model(x)
+    out = model(x, return_aux=True)
+    logits = out.logits
     assert logits.shape == (4, 10) and torch.isfinite(logits).all()
-    aux = model.aux_loss()
-    (torch.nn.functional.cross_entropy(logits, torch.arange(4)) + aux.total).backward()
+    (torch.nn.functional.cross_entropy(logits, torch.arange(4)) + out.aux_loss).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
-    if model.config.router == "random":  # one expert per layer per forward: the others legitimately get none
+    if model.config.moe.router == "random":  # one expert per layer per forward: the others legitimately get none
         missing = [n for n in missing if ".experts." not in n]
     assert not missing
     model.eval()
@@ -106,14 +107,18 @@ def test_moe_layer_plan_and_pyramid():
 
 def test_aux_loss_and_stats_collected_from_layers():
     m = vitmoe.create_model("switch_vit", num_experts=4, **TINY)
-    assert float(vitmoe.create_model("vit", **TINY).aux_loss().total) == 0
-    m(torch.randn(2, 3, 32, 32))
-    aux = m.aux_loss()
-    layers = [mod for _, mod in m.moe_modules()]
-    expected = sum(0.01 * l.aux["balance"] + 1e-3 * l.aux["z"] for l in layers)
-    torch.testing.assert_close(aux.total, expected)
-    assert set(aux.terms) == {"balance", "z"}
-    stats = m.moe_stats()
+    dense = vitmoe.create_model("vit", **TINY)(torch.randn(2, 3, 32, 32), return_aux=True)
+    assert float(dense.aux_loss) == 0 and dense.aux_terms == {} and dense.moe_stats == {}
+    x = torch.randn(2, 3, 32, 32)
+    with collect_moe_outputs(m) as moe:
+        out = m(x, return_aux=True)  # the model's own collection nests inside the caller's
+    layers = moe.layer_aux()
+    expected = sum(0.01 * aux["balance"] + 1e-3 * aux["z"] for aux in layers.values())
+    torch.testing.assert_close(out.aux_loss, expected)
+    assert set(out.aux_terms) == {"balance", "z"}
+    torch.testing.assert_close(out.aux_terms["z"], torch.stack([a["z"] for a in layers.values()]).mean().detach())
+    torch.testing.assert_close(m(x), out.logits)  # plain forward: the logits alone
+    stats = out.moe_stats
     assert list(stats) == ["blocks.0.mlp", "blocks.1.mlp"]
     assert float(stats["blocks.0.mlp"]["load"].sum()) == 2 * 65
 
@@ -121,8 +126,9 @@ def test_aux_loss_and_stats_collected_from_layers():
 @pytest.mark.parametrize("override,field", [
     (dict(embed_dim=30, num_heads=4), "num_heads"), (dict(patch_size=5), "patch_size"),
     (dict(pool="max"), "pool"), (dict(moe_layers="some"), "moe_layers"), (dict(moe_layers=[0, 99]), "moe_layers"),
-    (dict(moe_layers="all", num_experts=[4, 4]), "num_experts"), (dict(router="magic"), "router"),
-    (dict(depth=0), "depth"), (dict(embed_dimm=8), "embed_dimm"), (dict(top_k=2), "top_k"),
+    (dict(moe_layers="all", num_experts=[4, 4]), "num_experts"), (dict(moe=dict(router="magic")), "moe.router"),
+    (dict(depth=0), "depth"), (dict(embed_dimm=8), "embed_dimm"), (dict(moe=dict(top_k=2)), "moe.top_k"),
+    (dict(moe=dict(top_k=True)), "moe.top_k"), (dict(moe=dict(jitter_eps=float("nan"))), "moe.jitter_eps"),
 ])
 def test_bad_config_names_the_field(override, field):
     with pytest.raises(ConfigError, match=field):

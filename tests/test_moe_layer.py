@@ -7,7 +7,7 @@ import torch
 from conftest import grads
 
 from vitmoe.models import Mlp
-from vitmoe.moe import MoEMlp, dispatch, expert_capacity, load_balancing_loss, router_z_loss
+from vitmoe.moe import MoEMlp, collect_moe_outputs, dispatch, expert_capacity, load_balancing_loss, router_z_loss
 
 D, H = 12, 20
 PATHS = ["grouped", "padded"]
@@ -53,9 +53,10 @@ def test_dispatch_matches_naive_reference(path, k, cf):
     # torch._grouped_mm has no float64 kernel: the grouped path runs in float32 against the
     # float64 reference (routing is identical: the router computes in float32 either way).
     m, tol = (ref, 1e-10) if path == "padded" else (copy.deepcopy(ref).float(), 2e-5)
-    y, gx, gp = grads(m, x.to(m.experts.w1.dtype), m)
+    with collect_moe_outputs(m) as moe:
+        y, gx, gp = grads(m, x.to(m.experts.w1.dtype), m)
     if cf is not None and cf < 1:  # the case must actually drop copies to test dropping
-        assert float(m.stats["dropped_frac"]) > 0
+        assert float(moe.stats()[""]["dropped_frac"]) > 0
     y_ref, gx_ref, gp_ref = grads(ref, x, lambda x: naive_moe(ref, x))
     torch.testing.assert_close(y.double(), y_ref, rtol=tol, atol=tol)
     torch.testing.assert_close(gx.double(), gx_ref, rtol=tol, atol=tol)
@@ -96,12 +97,14 @@ def test_capacity_respected_and_dropped_copies_are_zero(path):
     T = 20
     C = expert_capacity(T, 1, E, cf)
     assert C == 5
-    y = m(x).reshape(T, -1)
+    with collect_moe_outputs(m) as moe:
+        y = m(x).reshape(T, -1)
+    stats = moe.stats()[""]
     r = m.router(x)
     d = dispatch(r.gates_TK, r.experts_TK, E, C)
     assert int(d.kept_E.max()) <= C and d.kept_E.tolist() == [0, 0, 5, 0]
-    assert float(m.stats["dropped_frac"]) == pytest.approx(15 / 20)
-    assert m.stats["load"].tolist() == [0, 0, 20, 0]
+    assert float(stats["dropped_frac"]) == pytest.approx(15 / 20)
+    assert stats["load"].tolist() == [0, 0, 20, 0]
     # The first C tokens (in order) are kept; every later copy contributes exactly zero.
     assert (y[C:] == 0).all() and (y[:C].abs().sum(-1) > 0).all()
 
@@ -130,9 +133,13 @@ def test_z_loss_hand_computation_and_aux_terms_on_layer():
     expected = (math.log(1 + 3) ** 2 + (1 + math.log(2)) ** 2) / 2
     assert float(router_z_loss(logits)) == pytest.approx(expected)
     m = MoEMlp(D, H, num_experts=4, router="switch", balance_loss_weight=0.5, z_loss_weight=0.25)
-    m(torch.randn(2, 3, D))
-    assert set(m.aux) == {"balance", "z"}
-    assert float(m.weighted_aux_loss()) == pytest.approx(float(0.5 * m.aux["balance"] + 0.25 * m.aux["z"]))
+    with collect_moe_outputs(m) as moe:
+        m(torch.randn(2, 3, D))
+    aux = moe.layer_aux()[""]
+    assert set(aux) == {"balance", "z"}
+    assert float(moe.aux_loss()) == pytest.approx(float(0.5 * aux["balance"] + 0.25 * aux["z"]))
+    # Outside a collection block nothing is recorded, so the layer holds no graph between steps.
+    assert m._collectors == []
 
 
 def test_topk_gates_renormalised_and_router_in_fp32_under_autocast():
@@ -184,8 +191,9 @@ def test_random_batch_granularity_one_expert_per_forward():
     x = torch.randn(3, 5, D, dtype=torch.float64)
     seen = set()
     for _ in range(20):
-        y = m(x)
-        load = m.stats["load"]
+        with collect_moe_outputs(m) as moe:
+            y = m(x)
+        load = moe.stats()[""]["load"]
         assert int((load > 0).sum()) == 1 and float(load.sum()) == 15
         j = int(load.argmax())
         seen.add(j)

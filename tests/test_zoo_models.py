@@ -8,7 +8,7 @@ from conftest import TINY
 import vitmoe
 from vitmoe.models import ConfigError, Mlp, load_model, model_config, model_info, save_model
 from vitmoe.models.residual import ResidualMoE
-from vitmoe.moe import MoEMlp, SoftMoE
+from vitmoe.moe import MoEMlp, SoftMoE, collect_moe_outputs
 
 D, H = 12, 20
 
@@ -60,7 +60,7 @@ def test_recipe_settings_of_presets(name):
     c = model_config(name)
     assert (c.embed_dim, c.num_heads, c.mlp_hidden, c.patch_size, c.img_size) == (256, 4, 512, 4, 32)
     assert (c.pool, c.head, c.head_init, c.drop_rate, c.norm_eps) == ("mean", "linear", "zero", 0.1, 1e-6)
-    assert (c.capacity_factor_train, c.capacity_factor_eval, c.min_capacity) == (1.25, 2.0, 4)
+    assert (c.moe.capacity_factor_train, c.moe.capacity_factor_eval, c.moe.min_capacity) == (1.25, 2.0, 4)
     m = vitmoe.create_model(name)
     assert m.cls_token is None and (m.head[-1].weight == 0).all()
     assert all(b.norm1.eps == 1e-6 for b in m.blocks)
@@ -69,12 +69,12 @@ def test_recipe_settings_of_presets(name):
 def test_moe_presets_routing_choices():
     moe = model_config("vit_moe_lite6")
     assert (moe.moe_block_indices(), moe.experts_per_moe_block()) == ([1, 3, 5], [4, 4, 8])
-    assert (moe.router, moe.top_k, moe.router_noise, moe.moe_residual) == ("topk", 2, "gaussian", False)
+    assert (moe.moe.router, moe.moe.top_k, moe.moe.router_noise, moe.moe.residual) == ("topk", 2, "gaussian", False)
     pr = model_config("pr_moe_lite6")
     assert (pr.moe_block_indices(), pr.experts_per_moe_block()) == ([1, 3, 5], [4, 4, 8])
-    assert (pr.router, pr.top_k, pr.router_noise, pr.moe_residual) == ("switch", 1, "jitter", True)
+    assert (pr.moe.router, pr.moe.top_k, pr.moe.router_noise, pr.moe.residual) == ("switch", 1, "jitter", True)
     wn = model_config("widenet_tiny")
-    assert (wn.depth, wn.share_blocks, wn.moe_block_indices(), wn.top_k) == (6, True, list(range(6)), 2)
+    assert (wn.depth, wn.share_blocks, wn.moe_block_indices(), wn.moe.top_k) == (6, True, list(range(6)), 2)
     kinds = [type(b.mlp) for b in vitmoe.create_model("pr_moe_lite6").blocks]
     assert kinds == [Mlp, ResidualMoE, Mlp, ResidualMoE, Mlp, ResidualMoE]
     assert isinstance(vitmoe.create_model("soft_moe_lite6").blocks[1].mlp, SoftMoE)
@@ -82,14 +82,14 @@ def test_moe_presets_routing_choices():
 
 def test_model_info_matches_counted_parameters_for_every_preset_and_variant():
     for name, kw in [(n, {}) for n in sorted(EXPECTED)] + [
-        ("widenet_tiny", dict(depth=3, moe_residual=True)), ("soft_moe_lite6", dict(slots_per_expert=3)),
-        ("widenet_tiny", dict(router="soft", top_k=1)), ("vit_lite6", dict(share_blocks=True)),
+        ("widenet_tiny", dict(depth=3, moe=dict(residual=True))), ("soft_moe_lite6", dict(moe=dict(slots_per_expert=3))),
+        ("widenet_tiny", dict(moe=dict(router="soft", top_k=1))), ("vit_lite6", dict(share_blocks=True)),
     ]:
         m = vitmoe.create_model(name, **kw)
         info = model_info(m.config)
         assert info.total_params == n_params(m), (name, kw)
-        assert info.active_params_per_token <= info.total_params or m.config.router == "soft"
-        assert info.mergeable == (not m.config.moe_residual and m.config.router != "soft")
+        assert info.active_params_per_token <= info.total_params or m.config.moe.router == "soft"
+        assert info.mergeable == (not m.config.moe.residual and m.config.moe.router != "soft")
         if info.mergeable:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -114,9 +114,10 @@ def test_residual_moe_with_dense_weight_zero_equals_plain_moe():
         r.coef.bias.copy_(torch.tensor([0.0, -1e4]))
         r.mlp.fc2.bias.normal_()
     x = torch.randn(3, 7, D, dtype=torch.float64)
-    y, gx = grads(r, x)
+    with collect_moe_outputs(r) as moe:
+        y, gx = grads(r, x)
     moe_grads = {n: p.grad.clone() for n, p in r.moe.named_parameters()}
-    assert float(r.moe.stats["dropped_frac"]) > 0  # dropped tokens: zero from both branches here
+    assert float(moe.stats()["moe"]["dropped_frac"]) > 0  # dropped tokens: zero from both branches here
     plain = MoEMlp(D, H, num_experts=4, router="switch", capacity_factor_train=1.0).double()
     plain.load_state_dict(r.moe.state_dict())
     y_ref, gx_ref = grads(plain, x)
@@ -138,12 +139,14 @@ def test_residual_moe_mixes_per_token():
 
 def test_pr_moe_model_aux_stats_and_merge_refused():
     m = vitmoe.create_model("pr_moe_lite6", **dict(TINY, depth=6))
-    m(torch.randn(2, 3, 32, 32))
+    with collect_moe_outputs(m) as moe:
+        out = m(torch.randn(2, 3, 32, 32), return_aux=True)
     names = [n for n, _ in m.moe_modules()]
     assert names == ["blocks.1.mlp.moe", "blocks.3.mlp.moe", "blocks.5.mlp.moe"]
-    expected = sum(0.01 * mod.aux["balance"] + 1e-3 * mod.aux["z"] for _, mod in m.moe_modules())
-    torch.testing.assert_close(m.aux_loss().total, expected)
-    assert list(m.moe_stats()) == names
+    assert list(moe.layer_aux()) == names
+    expected = sum(0.01 * aux["balance"] + 1e-3 * aux["z"] for aux in moe.layer_aux().values())
+    torch.testing.assert_close(out.aux_loss, expected)
+    assert list(out.moe_stats) == names
     with pytest.raises(ValueError, match="residual MoE"):
         vitmoe.merge_experts(m)
     with pytest.raises(ValueError, match="Soft MoE"):
@@ -177,15 +180,15 @@ def test_widenet_aux_loss_counts_every_block_call():
     layer = m.blocks[0].mlp
     seen = []
     layer.router.register_forward_hook(lambda mod, inp, out: seen.append(out.aux))
-    m(torch.randn(2, 3, 32, 32))
-    assert len(seen) == 4 and layer.calls == 4
+    out = m(torch.randn(2, 3, 32, 32), return_aux=True)
+    assert len(seen) == 4
     expected = sum(0.01 * a["balance"] + 1e-3 * a["z"] for a in seen)
-    aux = m.aux_loss()
-    torch.testing.assert_close(aux.total, expected)
-    torch.testing.assert_close(aux.terms["balance"], torch.stack([a["balance"] for a in seen]).mean().detach())
-    assert float(m.moe_stats()["blocks.0.mlp"]["load"].sum()) == 4 * 2 * 64 * 2  # depth x tokens x top-2
-    m(torch.randn(2, 3, 32, 32))  # a new forward starts over
-    assert layer.calls == 4 and len(seen) == 8
+    torch.testing.assert_close(out.aux_loss, expected)
+    torch.testing.assert_close(out.aux_terms["balance"], torch.stack([a["balance"] for a in seen]).mean().detach())
+    assert float(out.moe_stats["blocks.0.mlp"]["load"].sum()) == 4 * 2 * 64 * 2  # depth x tokens x top-2
+    again = m(torch.randn(2, 3, 32, 32), return_aux=True)  # a new forward starts over
+    assert len(seen) == 8
+    torch.testing.assert_close(again.aux_loss, sum(0.01 * a["balance"] + 1e-3 * a["z"] for a in seen[4:]))
 
 
 def test_widenet_checkpoint_round_trip_and_merge_into_plain_vit(tmp_path):
@@ -207,18 +210,18 @@ def test_widenet_checkpoint_round_trip_and_merge_into_plain_vit(tmp_path):
 
 # --- configuration -----------------------------------------------------------------------------
 @pytest.mark.parametrize("override,field", [
-    (dict(second_policy="maybe"), "second_policy"),
-    (dict(second_policy="sampling", router="switch", top_k=1), "second_policy"),
-    (dict(second_threshold=1.5), "second_threshold"),
-    (dict(router="soft", top_k=2), "top_k"),
-    (dict(router="expert_choice", top_k=1, capacity_factor_eval=None), "capacity_factor_eval"),
-    (dict(slots_per_expert=0), "slots_per_expert"),
-    (dict(moe_layers="none", num_experts=4), "moe_residual"),
+    (dict(moe=dict(second_policy="maybe")), "moe.second_policy"),
+    (dict(moe=dict(second_policy="sampling", router="switch", top_k=1)), "moe.second_policy"),
+    (dict(moe=dict(second_threshold=1.5)), "moe.second_threshold"),
+    (dict(moe=dict(router="soft", top_k=2)), "moe.top_k"),
+    (dict(moe=dict(router="expert_choice", top_k=1, capacity_factor_eval=None)), "moe.capacity_factor_eval"),
+    (dict(moe=dict(slots_per_expert=0)), "moe.slots_per_expert"),
+    (dict(moe_layers="none", num_experts=4), "moe.residual"),
     (dict(share_blocks=True), "moe_layers"),
-    (dict(router="fancy"), "soft"),
+    (dict(moe=dict(router="fancy")), "soft"),
 ])
 def test_new_fields_validated_with_the_field_named(override, field):
-    base = "pr_moe_lite6" if field == "moe_residual" else "vit_moe_lite6"
+    base = "pr_moe_lite6" if field == "moe.residual" else "vit_moe_lite6"
     with pytest.raises(ConfigError, match=field):
         model_config(base, **override)
     assert model_config("widenet_tiny", num_experts=[4] * 6).share_blocks

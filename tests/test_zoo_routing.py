@@ -7,7 +7,7 @@ import torch
 from conftest import grads
 import torch.nn.functional as F
 
-from vitmoe.moe import MoEMlp, dispatch_routing
+from vitmoe.moe import MoEMlp, collect_moe_outputs, dispatch_routing
 from vitmoe.moe.routers.topk import router_logits
 
 D, H = 12, 20
@@ -44,8 +44,10 @@ def test_second_policy_all_keeps_every_second_copy():
     ref.load_state_dict(m.state_dict())
     x = torch.randn(2, 9, D, dtype=torch.float64)
     assert m.router(x).keep_TK is None
-    torch.testing.assert_close(m(x), ref(x), rtol=0, atol=0)
-    assert float(m.stats["load"].sum()) == 2 * 18
+    with collect_moe_outputs(m) as moe:
+        y = m(x)
+    torch.testing.assert_close(y, ref(x), rtol=0, atol=0)
+    assert float(moe.stats()[""]["load"].sum()) == 2 * 18
 
 
 def naive_first_only(m, x_BND):
@@ -67,8 +69,9 @@ def test_threshold_one_drops_every_second_copy_and_equals_first_expert_only(path
     # Gates are renormalised over both choices before the second is dropped (GShard's order).
     probs = r.probs_TE.topk(2, dim=-1).values
     torch.testing.assert_close(r.gates_TK[:, 0], probs[:, 0] / probs.sum(-1))
-    out = grads(m, x.to(m.experts.w1.dtype), m)
-    assert float(m.stats["load"].sum()) == 21  # unsent copies are not load
+    with collect_moe_outputs(m) as moe:
+        out = grads(m, x.to(m.experts.w1.dtype), m)
+    assert float(moe.stats()[""]["load"].sum()) == 21  # unsent copies are not load
     assert_same(out, grads(ref, x, lambda x: naive_first_only(ref, x)), tol)
 
 
@@ -80,8 +83,9 @@ def test_unsent_second_copies_take_no_capacity():
     d = dispatch_routing(r, 2, C)
     assert C == 10 and int(d.dropped) == 0 and int(d.kept_E.sum()) == 10
     assert (d.gate_S[10:] == 0).all()  # the unsent copies sit behind the kept ones, gate 0
-    m(x)
-    assert float(m.stats["dropped_frac"]) == 0
+    with collect_moe_outputs(m) as moe:
+        m(x)
+    assert float(moe.stats()[""]["dropped_frac"]) == 0
 
 
 def test_threshold_keeps_exactly_the_second_gates_above_it():
@@ -90,8 +94,9 @@ def test_threshold_keeps_exactly_the_second_gates_above_it():
     r = m.router(x)
     torch.testing.assert_close(r.keep_TK[:, 1], r.gates_TK[:, 1] > 0.3)
     assert 0 < int(r.keep_TK[:, 1].sum()) < 64
-    m(x)
-    assert float(m.stats["load"].sum()) == 64 + int(r.keep_TK[:, 1].sum())
+    with collect_moe_outputs(m) as moe:
+        m(x)
+    assert float(moe.stats()[""]["load"].sum()) == 64 + int(r.keep_TK[:, 1].sum())
 
 
 def test_sampling_keeps_second_copies_with_probability_twice_their_gate():
@@ -142,12 +147,13 @@ def test_expert_choice_matches_naive_reference(path, cf, E):
     m.experts.dispatch_path = path
     C = math.ceil(cf * 21 / E)
     assert m.capacity(21) == C
-    out = grads(m, x.to(m.experts.w1.dtype), m)
+    with collect_moe_outputs(m) as moe:
+        out = grads(m, x.to(m.experts.w1.dtype), m)
     assert_same(out, grads(ref, x, lambda x: naive_expert_choice(ref, x)), tol)
     # Exactly C copies per expert: never more, and balanced by construction.
-    assert m.stats["load"].tolist() == [float(C)] * E
-    assert float(m.stats["dropped_frac"]) == 0
-    assert set(m.aux) == {"z"}  # no balance loss
+    assert moe.stats()[""]["load"].tolist() == [float(C)] * E
+    assert float(moe.stats()[""]["dropped_frac"]) == 0
+    assert set(moe.layer_aux()[""]) == {"z"}  # no balance loss
 
 
 def test_expert_choice_a_token_is_taken_by_zero_to_all_experts():
@@ -161,9 +167,10 @@ def test_expert_choice_a_token_is_taken_by_zero_to_all_experts():
     taken_T = torch.bincount(r.copies.token_S, minlength=16)
     assert torch.bincount(r.copies.expert_S, minlength=E).tolist() == [C] * E
     assert int(taken_T.max()) >= 2 and int(taken_T.min()) == 0 and int(taken_T.sum()) == E * C
-    y = m(x)
+    with collect_moe_outputs(m) as moe:
+        y = m(x)
     assert (y[0, taken_T == 0] == 0).all()  # untouched tokens: zero from the MoE branch
-    assert float(m.stats["untouched_frac"]) == pytest.approx(float((taken_T == 0).double().mean()))
+    assert float(moe.stats()[""]["untouched_frac"]) == pytest.approx(float((taken_T == 0).double().mean()))
     # Capacity factor E: every expert takes every token, the layer is the dense mixture.
     m = make("expert_choice", E=E, cf=float(E))
     probs = m.router(x, 16).probs_TE.double()
@@ -174,8 +181,9 @@ def test_expert_choice_a_token_is_taken_by_zero_to_all_experts():
 def test_expert_choice_capacity_is_capped_by_token_count_and_required():
     m = make("expert_choice", E=2, cf=2.0, min_capacity=100)
     assert m.capacity(10) == 10
-    m(torch.randn(2, 5, D, dtype=torch.float64))
-    assert m.stats["load"].tolist() == [10.0, 10.0]
+    with collect_moe_outputs(m) as moe:
+        m(torch.randn(2, 5, D, dtype=torch.float64))
+    assert moe.stats()[""]["load"].tolist() == [10.0, 10.0]
     with pytest.raises(ValueError, match="capacity_factor"):
         MoEMlp(D, H, num_experts=4, router="expert_choice")
     with pytest.raises(ValueError, match="top_k"):

@@ -6,8 +6,9 @@ import torch
 from conftest import grads
 import torch.nn.functional as F
 
-from vitmoe.moe import SoftMoE
-from vitmoe.moe.parallel import ExpertParallel, shard_experts
+from vitmoe.moe import SoftMoE, collect_moe_outputs
+from vitmoe.moe.parallel import ExpertParallel
+from vitmoe.training.expert_parallel import shard_experts
 
 D, H = 12, 20
 
@@ -54,15 +55,17 @@ def test_matches_naive_reference_in_output_and_gradients(path, E, s):
     # No float64 grouped kernel: that path runs in float32 against the float64 reference.
     m, tol = (ref, 1e-10) if path == "padded" else (copy.deepcopy(ref).float(), 2e-5)
     m.experts.dispatch_path = path
-    y, gx, gp = grads(m, x.to(m.phi.dtype), m)
+    with collect_moe_outputs(m) as moe:
+        y, gx, gp = grads(m, x.to(m.phi.dtype), m)
     y_ref, gx_ref, gp_ref = grads(ref, x, lambda x: naive_soft(ref, x))
     torch.testing.assert_close(y.double(), y_ref, rtol=tol, atol=tol)
     torch.testing.assert_close(gx.double(), gx_ref, rtol=tol, atol=tol)
     assert set(gp) == {"phi", "experts.w1", "experts.b1", "experts.w2", "experts.b2"}
     for name in gp:
         torch.testing.assert_close(gp[name].double(), gp_ref[name], rtol=tol, atol=tol, msg=name)
-    assert m.aux == {} and m.weighted_aux_loss() is None  # no aux loss
-    assert m.stats["load"].tolist() == [2.0 * s] * E and float(m.stats["dropped_frac"]) == 0
+    assert moe.layer_aux() == {"": {}} and float(moe.aux_loss()) == 0  # no aux loss
+    stats = moe.stats()[""]
+    assert stats["load"].tolist() == [2.0 * s] * E and float(stats["dropped_frac"]) == 0
 
 
 def test_permutation_equivariant_over_tokens_and_images_independent():

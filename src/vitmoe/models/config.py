@@ -1,20 +1,26 @@
-"""ViTConfig: every knob of a model, validated in one place with errors that name the field."""
+"""ViTConfig: every knob of a model, validated in one place with errors that name the field.
+
+MoE settings are one nested MoEConfig (`moe`); which blocks are MoE and how many experts each
+has stay here, since a pyramid gives every MoE block its own count.
+"""
 from __future__ import annotations
 
+import copy
 import dataclasses
-from dataclasses import dataclass, fields
-from typing import Any
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
 
 from torch import nn
 
-from ..moe import DISPATCH_PATHS, EVAL_MODES, EXPERT_INITS, LAYER_ROUTERS, MoEMlp, SoftMoE
-from ..moe.routers import GRANULARITIES, NOISE_POLICIES, SECOND_POLICIES
+from ..moe import MoEConfig, MoEMlp, SoftMoE
+from ..validation import ConfigError, Fields
 from .mlp import Mlp
 from .residual import ResidualMoE
 
-
-class ConfigError(ValueError):
-    """A configuration value is not allowed; the message names the field and what is."""
+# Spellings of MoE fields before they moved into `moe` (accepted with a FutureWarning in 0.x).
+LEGACY_MOE_FIELDS = {**{name: name for name in MoEConfig.field_names() if name != "residual"},
+                     "moe_residual": "residual"}
 
 
 @dataclass
@@ -42,36 +48,16 @@ class ViTConfig:
     pos_embed_rows: int | None = None
     """Rows of the positional table; None sizes it to the token count (see README on 12,798,490)."""
     share_blocks: bool = False
-    """WideNet: one attention and one MLP layer (dense or MoE: router and experts) shared by
-    every block; each block keeps its own two LayerNorms."""
+    """WideNet (Xue et al. 2022): one attention and one MLP layer (dense or MoE: router and
+    experts) shared by every block; each block keeps its own two LayerNorms."""
 
     # --- which blocks are MoE, and how ---
     moe_layers: Any = "none"
     """"none", "all", "every_other" (blocks 1, 3, 5, ...), "last:K", or a list of block indices."""
     num_experts: Any = 4
     """An int for every MoE block, or one int per MoE block (a pyramid)."""
-    router: str = "switch"
-    """"switch", "topk", "random", "expert_choice" (MoEMlp with that router) or "soft" (SoftMoE)."""
-    top_k: int = 1
-    capacity_factor_train: float | None = None
-    capacity_factor_eval: float | None = None
-    min_capacity: int = 0
-    expert_init: str = "shared"
-    eval_mode: str = "merged"
-    random_granularity: str = "batch"
-    router_noise: str = "none"
-    jitter_eps: float = 0.01
-    balance_loss_weight: float = 0.01
-    z_loss_weight: float = 1e-3
-    second_policy: str = "all"
-    """Top-2 only: "all" (always send the second copy), "sampling" (send with probability
-    2 * gate2, GShard), "random" (send if gate2 > second_threshold). See TopKRouter."""
-    second_threshold: float = 0.0
-    slots_per_expert: int = 1
-    """Soft MoE slots per expert."""
-    moe_residual: bool = False
-    """PR-MoE's residual MoE: a dense MLP branch next to each MoE layer, mixed per token."""
-    dispatch: str = "auto"
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Everything else about the MoE layers (router, top_k, capacities, losses, ...)."""
 
     # ------------------------------------------------------------------------------------
     @classmethod
@@ -79,13 +65,34 @@ class ViTConfig:
         return [f.name for f in fields(cls)]
 
     def replace(self, **overrides: Any) -> "ViTConfig":
-        unknown = sorted(set(overrides) - set(self.field_names()))
-        if unknown:
-            raise ConfigError(f"unknown model field(s) {unknown}; allowed: {', '.join(self.field_names())}")
-        return dataclasses.replace(self, **overrides)
+        """A copy with `overrides` applied. MoE fields go as `moe={...}` (merged into the current
+        MoEConfig) or `moe=MoEConfig(...)`, dotted as `"moe.top_k"`, or in the old flat spelling
+        (`top_k=2`, with a FutureWarning)."""
+        own, moe = {}, {}
+        for key, value in normalize_keys(overrides).items():
+            if key == "moe":
+                if isinstance(value, MoEConfig):
+                    own["moe"] = value
+                elif isinstance(value, Mapping):
+                    moe.update(value)
+                else:
+                    raise ConfigError(f"model field moe={value!r} is not allowed: a mapping of MoE fields")
+            elif key.startswith("moe."):
+                moe[key[4:]] = value
+            else:
+                own[key] = value
+        new = dataclasses.replace(self, **own)
+        return dataclasses.replace(new, moe=new.moe.replace(**moe)) if moe else new
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "moe"}
+        d["moe"] = self.moe.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ViTConfig":
+        """From `to_dict()` output, a YAML mapping, or an older flat checkpoint config."""
+        return cls().replace(**dict(data))
 
     @property
     def num_patches(self) -> int:
@@ -94,6 +101,10 @@ class ViTConfig:
     @property
     def num_tokens(self) -> int:
         return self.num_patches + (1 if self.pool == "cls" else 0)
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.moe_block_indices())
 
     def moe_block_indices(self) -> list[int]:
         spec, depth = self.moe_layers, self.depth
@@ -115,27 +126,27 @@ class ViTConfig:
         return [int(self.num_experts)] * len(blocks)
 
     def validate(self) -> "ViTConfig":
-        def need(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                raise ConfigError(f"model field {name}={getattr(self, name)!r} is not allowed: {allowed}")
+        """A checked copy (YAML strings coerced to the fields' types); ConfigError names the field."""
+        new = copy.deepcopy(self)
+        new._check(Fields(new, "model field "))
+        return new
 
-        def choice(name: str, options) -> None:
-            need(getattr(self, name) in options, name, f"one of {list(options)}")
-
+    def _check(self, f: Fields) -> None:
         for name in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth",
                      "num_heads", "mlp_hidden", "head_hidden"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, "a positive integer")
-        need(self.img_size % self.patch_size == 0, "patch_size", f"must divide img_size={self.img_size}")
-        need(self.embed_dim % self.num_heads == 0, "num_heads", f"must divide embed_dim={self.embed_dim}")
+            f.integer(name, 1)
+        f.need(self.img_size % self.patch_size == 0, "patch_size", f"must divide img_size={self.img_size}")
+        f.need(self.embed_dim % self.num_heads == 0, "num_heads",
+               f"a divisor of embed_dim={self.embed_dim}: one of {_divisors(self.embed_dim)} (flag --heads)")
         for name in ("drop_rate", "attn_drop_rate"):
-            need(0.0 <= getattr(self, name) < 1.0, name, "a probability in [0, 1)")
-        need(self.norm_eps > 0, "norm_eps", "a positive number")
-        choice("pool", ("cls", "mean"))
-        choice("head", ("mlp", "linear"))
-        choice("head_init", ("default", "zero"))
-        need(self.pos_embed_rows is None or self.pos_embed_rows >= self.num_tokens, "pos_embed_rows",
-             f"None or at least the token count {self.num_tokens}")
+            f.number(name, 0.0, 1.0, strict_hi=True)
+        f.number("norm_eps", 0.0, strict_lo=True)
+        f.boolean("qkv_bias")
+        f.choice("pool", ("cls", "mean"))
+        f.choice("head", ("mlp", "linear"))
+        f.choice("head_init", ("default", "zero"))
+        f.integer("pos_embed_rows", self.num_tokens, optional=True)
+        f.boolean("share_blocks")
 
         spec = self.moe_layers
         if isinstance(spec, str):
@@ -143,78 +154,63 @@ class ViTConfig:
             if spec.startswith("last:"):
                 tail = spec.split(":", 1)[1]
                 ok = tail.isdigit() and 1 <= int(tail) <= self.depth
-            need(ok, "moe_layers", f'"none", "all", "every_other", "last:K" (1 <= K <= depth={self.depth}) or a list of block indices')
+            f.need(ok, "moe_layers", f'"none", "all", "every_other", "last:K" (1 <= K <= depth={self.depth}) '
+                                     "or a list of block indices")
         else:
-            need(isinstance(spec, (list, tuple)) and len(set(spec)) == len(spec)
-                 and all(isinstance(i, int) and 0 <= i < self.depth for i in spec),
-                 "moe_layers", f"distinct block indices in [0, {self.depth})")
+            f.need(isinstance(spec, (list, tuple)) and len(set(spec)) == len(spec)
+                   and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.depth for i in spec),
+                   "moe_layers", f"distinct block indices in [0, {self.depth})")
         blocks = self.moe_block_indices()
         if isinstance(self.num_experts, (list, tuple)):
-            need(len(self.num_experts) == len(blocks), "num_experts",
-                 f"one count per MoE block ({len(blocks)} blocks: {blocks}) or a single int")
+            f.need(len(self.num_experts) == len(blocks), "num_experts",
+                   f"one count per MoE block ({len(blocks)} blocks: {blocks}) or a single int")
+        else:
+            f.integer("num_experts", 1)
+        f.need(all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in
+                   (self.num_experts if isinstance(self.num_experts, (list, tuple)) else [self.num_experts])),
+               "num_experts", "positive integers")
         experts = self.experts_per_moe_block()
-        need(all(isinstance(e, int) and e >= 1 for e in experts), "num_experts", "positive integers")
-        choice("router", LAYER_ROUTERS)
-        need(isinstance(self.top_k, int) and 1 <= self.top_k <= min(experts or [self.top_k]), "top_k",
-             f"an integer in [1, smallest expert count {min(experts or [1])}]")
-        need(self.router != "switch" or self.top_k == 1, "top_k", "1 for router 'switch' (use router 'topk' for k > 1)")
-        need(self.router not in ("expert_choice", "soft") or self.top_k == 1, "top_k",
-             f"1 for router {self.router!r} (expert choice: the capacity factor sets experts per token; "
-             "soft: every token mixes every expert)")
-        for name in ("capacity_factor_train", "capacity_factor_eval"):
-            v = getattr(self, name)
-            need(v is None or v >= 0, name, "None or 0 (dropless), or a positive factor")
-        if self.router == "expert_choice" and blocks:
-            for name in ("capacity_factor_train", "capacity_factor_eval"):
-                need(bool(getattr(self, name)), name, "a positive factor for router 'expert_choice' "
-                     "(each expert takes ceil(factor * tokens / experts) tokens)")
-        need(self.min_capacity >= 0, "min_capacity", "an integer >= 0")
-        choice("second_policy", SECOND_POLICIES)
-        need(self.second_policy == "all" or (self.router == "topk" and self.top_k == 2), "second_policy",
-             f"'all' unless router is 'topk' with top_k=2 (router={self.router!r}, top_k={self.top_k})")
-        need(0.0 <= self.second_threshold <= 1.0, "second_threshold", "a gate value in [0, 1]")
-        need(isinstance(self.slots_per_expert, int) and self.slots_per_expert >= 1, "slots_per_expert",
-             "a positive integer")
-        need(isinstance(self.moe_residual, bool) and (not self.moe_residual or bool(blocks)), "moe_residual",
-             "a bool, True only with MoE blocks (moe_layers is 'none')")
-        need(isinstance(self.share_blocks, bool), "share_blocks", "a bool")
         if self.share_blocks:
-            need(blocks in ([], list(range(self.depth))), "moe_layers",
-                 "'none' or every block ('all') with share_blocks=True: the blocks share one MLP layer")
-            need(len(set(experts)) <= 1, "num_experts", "one count with share_blocks=True (one shared expert set)")
-        choice("expert_init", EXPERT_INITS)
-        choice("eval_mode", EVAL_MODES)
-        choice("random_granularity", GRANULARITIES)
-        choice("router_noise", NOISE_POLICIES)
-        need(0 <= self.jitter_eps < 1, "jitter_eps", "a number in [0, 1)")
-        need(self.balance_loss_weight >= 0, "balance_loss_weight", "a number >= 0")
-        need(self.z_loss_weight >= 0, "z_loss_weight", "a number >= 0")
-        choice("dispatch", DISPATCH_PATHS)
-        return self
-
-    def moe_kwargs(self, num_experts: int) -> dict[str, Any]:
-        """Keyword arguments of MoEMlp for one block."""
-        return dict(
-            num_experts=num_experts, router=self.router, top_k=self.top_k,
-            capacity_factor_train=self.capacity_factor_train, capacity_factor_eval=self.capacity_factor_eval,
-            min_capacity=self.min_capacity, expert_init=self.expert_init, eval_mode=self.eval_mode,
-            random_granularity=self.random_granularity, router_noise=self.router_noise,
-            jitter_eps=self.jitter_eps, balance_loss_weight=self.balance_loss_weight,
-            z_loss_weight=self.z_loss_weight, second_policy=self.second_policy,
-            second_threshold=self.second_threshold, dispatch=self.dispatch,
-        )
+            f.need(blocks in ([], list(range(self.depth))), "moe_layers",
+                   "'none' or every block ('all') with share_blocks=True: the blocks share one MLP layer")
+            f.need(len(set(experts)) <= 1, "num_experts", "one count with share_blocks=True (one shared expert set)")
+        f.need(isinstance(self.moe, MoEConfig), "moe", "a MoEConfig")
+        self.moe = self.moe.validate(experts, prefix="model field moe.")
+        Fields(self.moe, "model field moe.").need(not self.moe.residual or bool(blocks), "residual",
+                                                  "False when no block is MoE (moe_layers is 'none')")
 
     def mlp_layer(self, block: int) -> tuple[type[nn.Module], dict[str, Any]]:
         """Block `block`'s MLP class and keyword arguments: the one place where the config picks
-        dense Mlp, routed MoEMlp or SoftMoE (by `router`), wrapped in ResidualMoE if asked."""
+        dense Mlp, routed MoEMlp or SoftMoE (by `moe.router`), wrapped in ResidualMoE if asked."""
         experts = dict(zip(self.moe_block_indices(), self.experts_per_moe_block()))
         if block not in experts:
             return Mlp, {}
-        if self.router == "soft":
-            layer, kwargs = SoftMoE, dict(num_experts=experts[block], slots_per_expert=self.slots_per_expert,
-                                          expert_init=self.expert_init, dispatch=self.dispatch)
-        else:
-            layer, kwargs = MoEMlp, self.moe_kwargs(experts[block])
-        if self.moe_residual:
+        layer = SoftMoE if self.moe.router == "soft" else MoEMlp
+        kwargs = dict(num_experts=experts[block], config=self.moe)
+        if self.moe.residual:
             return ResidualMoE, dict(moe_layer=layer, **kwargs)
         return layer, kwargs
+
+
+def normalize_keys(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Model override keys in today's spelling: old flat MoE names become `moe.NAME` (with a
+    FutureWarning); unknown names raise ConfigError listing the allowed ones."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        key = str(key)
+        if key in LEGACY_MOE_FIELDS and key not in ViTConfig.__dataclass_fields__:
+            new = f"moe.{LEGACY_MOE_FIELDS[key]}"
+            warnings.warn(f"model field {key!r} is now {new!r} (the MoE settings moved into model.moe); "
+                          f"the old spelling will be removed in a future release", FutureWarning, stacklevel=4)
+            key = new
+        if key.startswith("moe.") and key[4:] not in MoEConfig.field_names():
+            raise ConfigError(f"unknown MoE field {key[4:]!r} (in {key!r}); allowed: {', '.join(MoEConfig.field_names())}")
+        if key != "moe" and not key.startswith("moe.") and key not in ViTConfig.__dataclass_fields__:
+            raise ConfigError(f"unknown model field {key!r}; allowed: {', '.join(ViTConfig.field_names())} "
+                              f"(MoE fields as moe.FIELD: {', '.join(MoEConfig.field_names())})")
+        out[key] = value
+    return out
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0] if isinstance(n, int) and n > 0 else []

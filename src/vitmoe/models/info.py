@@ -26,7 +26,7 @@ class ModelInfo:
 
 
 def model_info(cfg: ViTConfig) -> ModelInfo:
-    cfg.validate()
+    cfg = cfg.validate()
     D, H, L, N = cfg.embed_dim, cfg.mlp_hidden, cfg.depth, cfg.num_tokens
     patch = cfg.in_chans * cfg.patch_size**2 * D + D
     embed = patch + (D if cfg.pool == "cls" else 0) + (cfg.pos_embed_rows or N) * D
@@ -36,13 +36,14 @@ def model_info(cfg: ViTConfig) -> ModelInfo:
     head = (D * cfg.head_hidden + cfg.head_hidden + cfg.head_hidden * cfg.num_classes + cfg.num_classes
             if cfg.head == "mlp" else D * cfg.num_classes + cfg.num_classes)
     moe = dict(zip(cfg.moe_block_indices(), cfg.experts_per_moe_block()))
-    soft, residual = cfg.router == "soft", cfg.moe_residual
-    if cfg.router == "expert_choice":
-        k_of = lambda e: min(cfg.capacity_factor_eval, e)  # noqa: E731 - mean experts per token
+    m = cfg.moe
+    soft, residual = m.router == "soft", m.residual
+    if m.router == "expert_choice":
+        k_of = lambda e: min(m.capacity_factor_eval, e)  # noqa: E731 - mean experts per token
     else:
-        k_of = lambda e: e if soft else cfg.top_k  # noqa: E731
+        k_of = lambda e: e if soft else m.top_k  # noqa: E731
     # Scores per token: the router's E logits, or Soft MoE's E * slots.
-    scorer = lambda e: 0 if cfg.router == "random" else D * e * (cfg.slots_per_expert if soft else 1)  # noqa: E731
+    scorer = lambda e: 0 if m.router == "random" else D * e * (m.slots_per_expert if soft else 1)  # noqa: E731
     res = mlp + D * 2 + 2 if residual else 0  # dense branch and its Linear(D, 2) mixing weights
 
     def mlp_params(i: int, active: bool) -> int:
@@ -66,7 +67,7 @@ def model_info(cfg: ViTConfig) -> ModelInfo:
         if i not in moe:
             per_mlp = 2 * N * 2 * D * H
         elif soft:
-            M = moe[i] * cfg.slots_per_expert
+            M = moe[i] * m.slots_per_expert
             # Logits, slots = dispatch^T X, combine @ outputs, and every slot through its expert.
             per_mlp = 2 * N * D * M * 3 + M * 2 * 2 * D * H
         else:

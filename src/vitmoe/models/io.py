@@ -60,7 +60,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     Overrides change non-structural fields (e.g. `eval_mode`, `capacity_factor_eval`).
     """
     meta = read_metadata(path)
-    cfg = ViTConfig(**meta["config"]).replace(**overrides)
+    cfg = ViTConfig.from_dict(meta["config"]).replace(**overrides)
     model = VisionTransformer(cfg)
     model.load_state_dict(load_file(str(path), device=str(map_location)), strict=True)
     return model.to(map_location)

@@ -8,7 +8,7 @@ import torch
 from ..moe import MoEMlp
 from .vit import VisionTransformer
 
-UNMERGEABLE = "residual MoE (moe_residual=True) and Soft MoE (router='soft')"
+UNMERGEABLE = "residual MoE (moe.residual=True) and Soft MoE (moe.router='soft')"
 
 WEIGHTINGS = ("uniform", "usage")
 
@@ -32,20 +32,24 @@ def merge_experts(model: VisionTransformer, weighting: str = "uniform") -> Visio
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     cfg = model.config
-    if cfg.moe_residual or cfg.router == "soft":
+    if cfg.moe.residual or cfg.moe.router == "soft":
         raise ValueError(f"merge_experts: {UNMERGEABLE} cannot be merged into a plain ViT "
-                         f"(this model: moe_residual={cfg.moe_residual}, router={cfg.router!r}); "
+                         f"(this model: moe.residual={cfg.moe.residual}, moe.router={cfg.moe.router!r}); "
                          "evaluate the MoE model itself")
     # Every name of every layer: a WideNet layer appears under each block that uses it.
     moe = {name: m for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, MoEMlp)}
     routed = [name for name, m in moe.items() if m.router.has_distribution]
     if routed:
         warnings.warn(
-            f"merging {len(routed)} MoE layer(s) with a learned router ({model.config.router}): the average of "
+            f"merging {len(routed)} MoE layer(s) with a learned router ({cfg.moe.router}): the average of "
             "specialised experts is not the routed model; expect lower accuracy than the MoE model",
             stacklevel=3,  # past the no_grad wrapper, to the caller
         )
-    dense = VisionTransformer(model.config.replace(moe_layers="none", num_experts=1, share_blocks=False))
+    # Built in the source's dtype and device: loading float64 experts into a float32 model would
+    # round them, and the merged model would no longer equal the MoE model's merged evaluation.
+    source = next(model.parameters())
+    dense = VisionTransformer(cfg.replace(moe_layers="none", num_experts=1, share_blocks=False))
+    dense.to(device=source.device, dtype=source.dtype)
     state = {k: v for k, v in model.state_dict().items()}
     for name, m in moe.items():
         weights = None
@@ -59,4 +63,4 @@ def merge_experts(model: VisionTransformer, weighting: str = "uniform") -> Visio
         state.update({f"{name}.fc1.weight": w1.t(), f"{name}.fc1.bias": b1,
                       f"{name}.fc2.weight": w2.t(), f"{name}.fc2.bias": b2})
     dense.load_state_dict(state, strict=True)
-    return dense.to(next(model.parameters()).device).train(model.training)
+    return dense.train(model.training)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .config import ConfigError, ViTConfig
+from ..moe import MoEConfig
+from ..validation import ConfigError
+from .config import ViTConfig, normalize_keys
 from .vit import VisionTransformer
 
 _PRESETS: dict[str, tuple[Callable[[], ViTConfig], str]] = {}
@@ -26,10 +28,26 @@ def describe_models() -> dict[str, str]:
 
 
 def model_config(name: str, **overrides: Any) -> ViTConfig:
-    """The preset's config with overrides applied and validated."""
+    """The preset's config with overrides applied and validated.
+
+    A new width without a head count keeps the preset's head width (d 300 with 12 heads of 25:
+    d 400 gets 16 heads); a width it does not divide is an error that names the valid counts.
+    """
     if name not in _PRESETS:
         raise ConfigError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    return _PRESETS[name][0]().replace(**overrides).validate()
+    preset = _PRESETS[name][0]()
+    overrides = normalize_keys(overrides)
+    width = overrides.get("embed_dim")
+    if width is not None and "num_heads" not in overrides and isinstance(width, int) and width != preset.embed_dim:
+        head_dim = preset.embed_dim // preset.num_heads
+        if width % head_dim:
+            options = [h for h in range(1, width + 1) if width % h == 0]
+            raise ConfigError(
+                f"model field embed_dim={width} does not keep preset {name!r}'s head width {head_dim} "
+                f"({preset.num_heads} heads of d {preset.embed_dim}): choose the head count with --heads "
+                f"(model.num_heads), one of {options}")
+        overrides["num_heads"] = width // head_dim
+    return preset.replace(**overrides).validate()
 
 
 def create_model(name: str, checkpoint: str | None = None, **overrides: Any) -> VisionTransformer:
@@ -51,7 +69,7 @@ def create_model(name: str, checkpoint: str | None = None, **overrides: Any) -> 
     return model
 
 
-# --- the source project's models (REFERENCE.md s.1) ---------------------------------------
+# --- the source project's models (switch-vit, HPML course project) ---------------------------------------
 @register_model("vit", "the source project's dense ViT: d 300, 12 layers, 12 heads, MLP 1024, patch 4, MLP head 3072")
 def _vit() -> ViTConfig:
     return ViTConfig()
@@ -59,23 +77,26 @@ def _vit() -> ViTConfig:
 
 @register_model("switch_vit", "vit with a switch (top-1) MoE MLP in every block, 32 experts, dropless")
 def _switch_vit() -> ViTConfig:
-    return ViTConfig(moe_layers="all", num_experts=32, router="switch")
+    return ViTConfig(moe_layers="all", num_experts=32, moe=MoEConfig(router="switch"))
 
 
 @register_model("random_vit", "vit with 4 randomly routed experts per block (one per layer per forward), merged at eval")
 def _random_vit() -> ViTConfig:
-    return ViTConfig(moe_layers="all", num_experts=4, router="random", random_granularity="batch", eval_mode="merged")
+    return ViTConfig(moe_layers="all", num_experts=4,
+                     moe=MoEConfig(router="random", random_granularity="batch", eval_mode="merged"))
 
 
-# --- the ColossalAI CIFAR recipe (REFERENCE.md s.2) -----------------------------------------
-def _lite(depth: int = 6, **moe) -> ViTConfig:
+# --- ColossalAI's ViT-MoE CIFAR-10 example (examples/images/vit/moe) -----------------------------------------
+def _lite(depth: int = 6, moe_layers: Any = "none", num_experts: Any = 4, share_blocks: bool = False,
+          **moe: Any) -> ViTConfig:
     """ViT-Lite shape and the recipe's common settings: mean pooling (no class token), a
     zero-initialised linear head, dropout 0.1 (projections and attention), LayerNorm eps 1e-6,
     capacity 1.25 train / 2.0 eval with at least 4 slots per expert."""
     return ViTConfig(
         img_size=32, patch_size=4, embed_dim=256, depth=depth, num_heads=4, mlp_hidden=512,
         pool="mean", head="linear", head_init="zero", drop_rate=0.1, attn_drop_rate=0.1, norm_eps=1e-6,
-        capacity_factor_train=1.25, capacity_factor_eval=2.0, min_capacity=4, **moe,
+        moe_layers=moe_layers, num_experts=num_experts, share_blocks=share_blocks,
+        moe=MoEConfig(capacity_factor_train=1.25, capacity_factor_eval=2.0, min_capacity=4, **moe),
     )
 
 
@@ -100,7 +121,7 @@ def _vit_moe_lite6() -> ViTConfig:
 @register_model("pr_moe_lite6", "ColossalAI's ViT-MoE Lite6 PR-MoE: vit_moe_lite6's pyramid as residual MoE "
                 "(dense MLP branch mixed per token), top-1 with jitter")
 def _pr_moe_lite6() -> ViTConfig:
-    return _lite(6, **_PYRAMID, moe_residual=True, router="switch", top_k=1, router_noise="jitter")
+    return _lite(6, **_PYRAMID, residual=True, router="switch", top_k=1, router_noise="jitter")
 
 
 @register_model("widenet_tiny", "WideNet: one attention, router and expert set shared by 6 blocks (own LayerNorms), "
@@ -110,7 +131,7 @@ def _widenet_tiny() -> ViTConfig:
     return _lite(6, moe_layers="all", num_experts=4, share_blocks=True, router="topk", top_k=2, router_noise="gaussian")
 
 
-# --- other routing schemes on the same shape (REFERENCE.md s.3; not trained by the reference) ----
+# --- other routing schemes on the same shape (not trained by the ColossalAI example) ----
 @register_model("ec_moe_lite6", "vit_moe_lite6 with expert-choice routing (each expert takes its top "
                 "ceil(cf * tokens / E) tokens; cf 1.25 train / 2.0 eval)")
 def _ec_moe_lite6() -> ViTConfig:

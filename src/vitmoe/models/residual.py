@@ -1,4 +1,4 @@
-"""Residual MoE (PR-MoE's residual half, REFERENCE.md s.2): a dense MLP next to the MoE layer.
+"""Residual MoE (the residual half of PR-MoE, Rajbhandari et al. 2022): a dense MLP next to the MoE layer.
 
 `out = c0 * moe(x) + c1 * mlp(x)`, with per-token `c = softmax(Linear(D, 2)(x))`. The dense
 branch has the MoE experts' hidden width and sees every token, so tokens an expert drops

@@ -1,17 +1,17 @@
-"""Vision Transformer whose blocks take their MLP as a class (dense Mlp, MoEMlp, SoftMoE or ResidualMoE:
-ViTConfig.mlp_layer picks it); `share_blocks` builds WideNet.
+"""Vision Transformer (Dosovitskiy et al. 2021) whose blocks take their MLP as a class (dense Mlp,
+MoEMlp, SoftMoE or ResidualMoE: ViTConfig.mlp_layer picks it); `share_blocks` builds WideNet.
 
 Shapes: B batch, C channels, N tokens, D width, h heads, d head width.
 """
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..moe import EVAL_MODES, MoELayer
+from ..moe import EVAL_MODES, MoELayer, collect_moe_outputs, find_moe_layers
 from .config import ViTConfig
 from .mlp import Mlp
 
@@ -79,11 +79,18 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
-class AuxLoss(NamedTuple):
-    total: Tensor
-    """Weighted sum of every auxiliary term of every MoE layer (add it to the task loss)."""
-    terms: dict[str, Tensor]
-    """Each term's unweighted mean over the MoE layers, for logging."""
+class ModelOutput(NamedTuple):
+    """What `VisionTransformer.forward(x, return_aux=True)` produced."""
+
+    logits: Tensor
+    aux_loss: Tensor
+    """Weighted sum of every auxiliary term of every MoE layer: add it to the task loss (0-d;
+    zero for a dense model and in evaluation)."""
+    aux_terms: dict[str, Tensor]
+    """Each term unweighted and detached, averaged over the MoE layers (for logging)."""
+    moe_stats: dict[str, dict[str, Tensor]]
+    """Per MoE layer: expert load [E], dropped_frac, router entropy, ... (detached device tensors).
+    A shared (WideNet) layer reports the load summed over its calls, rates averaged."""
 
 
 class VisionTransformer(nn.Module):
@@ -103,9 +110,6 @@ class VisionTransformer(nn.Module):
                                 qkv_bias=cfg.qkv_bias, drop=cfg.drop_rate, attn_drop=cfg.attn_drop_rate,
                                 norm_eps=cfg.norm_eps, **shared))
         self.blocks = nn.ModuleList(blocks)
-        if cfg.share_blocks:  # one layer, depth calls per forward: keep every call's losses
-            for _, m in self.moe_modules():
-                m.accumulate = True
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         if cfg.head == "mlp":
             self.head = nn.Sequential(nn.Linear(D, cfg.head_hidden), nn.GELU(), nn.Linear(cfg.head_hidden, cfg.num_classes))
@@ -131,42 +135,28 @@ class VisionTransformer(nn.Module):
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.pos_drop(x + self.pos_embed[:, : x.shape[1]])
-        for _, m in self.moe_modules():
-            m.reset_calls()
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
 
-    def forward(self, x_BCHW: Tensor) -> Tensor:
+    def forward(self, x_BCHW: Tensor, return_aux: bool = False) -> Tensor | ModelOutput:
+        """Logits [B, classes]; with `return_aux`, a ModelOutput that also holds the MoE layers'
+        auxiliary loss (to add to the task loss) and statistics of this forward."""
+        if not return_aux:
+            return self._logits(x_BCHW)
+        with collect_moe_outputs(self) as moe:
+            logits = self._logits(x_BCHW)
+        return ModelOutput(logits, moe.aux_loss(logits.device), moe.aux_terms(), moe.stats())
+
+    def _logits(self, x_BCHW: Tensor) -> Tensor:
         x = self.forward_features(x_BCHW)
         pooled = x[:, 0] if self.cls_token is not None else x.mean(dim=1)
         return self.head(pooled)
 
-    # --- MoE bookkeeping ------------------------------------------------------------------
-    def moe_modules(self) -> Iterator[tuple[str, MoELayer]]:
+    def moe_modules(self) -> list[tuple[str, MoELayer]]:
         """Every MoE layer once (a shared WideNet layer under its first block's name), including
         the MoE branch inside a residual MoE."""
-        for name, m in self.named_modules():
-            if isinstance(m, MoELayer):
-                yield name, m
-
-    def aux_loss(self) -> AuxLoss:
-        """Auxiliary losses of the last forward pass (zero for a dense model or in eval)."""
-        device = self.pos_embed.device
-        total, by_name = torch.zeros((), device=device), {}
-        for _, m in self.moe_modules():
-            weighted = m.weighted_aux_loss()
-            if weighted is not None:
-                total = total + weighted
-            for k, v in m.aux.items():  # summed over a shared layer's calls: log the mean
-                by_name.setdefault(k, []).append(v.detach() / max(m.calls, 1))
-        return AuxLoss(total, {k: torch.stack(v).mean() for k, v in by_name.items()})
-
-    def moe_stats(self) -> dict[str, dict[str, Tensor]]:
-        """Per MoE layer: expert load [E], dropped fraction, router entropy (device tensors).
-
-        A shared (WideNet) layer reports the load summed over its calls, rates averaged."""
-        return {name: dict(m.stats) for name, m in self.moe_modules() if m.stats}
+        return find_moe_layers(self)
 
     def set_eval_mode(self, mode: str) -> None:
         """Evaluation mode of randomly routed layers: merged, random or ensemble."""
@@ -174,4 +164,4 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"eval mode must be one of {EVAL_MODES}, got {mode!r}")
         for _, m in self.moe_modules():
             m.eval_mode = mode
-        self.config.eval_mode = mode
+        self.config = self.config.replace(moe={"eval_mode": mode})

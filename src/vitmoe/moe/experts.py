@@ -5,13 +5,34 @@ biases `[E, H]` / `[E, D]`. Legend in vitmoe.moe.routers.base.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..validation import Fields
+from .options import Options
+from .parallel import ExpertParallel, gather_experts
 
 EXPERT_INITS = ("shared", "independent")
 DISPATCH_PATHS = ("auto", "grouped", "padded")
+
+
+@dataclass
+class ExpertOptions(Options):
+    expert_init: str = "shared"
+    """"shared": every expert starts as a copy of one draw (what makes averaging experts meaningful,
+    AdaMix); "independent": one draw per expert."""
+    dispatch: str = "auto"
+    """Expert computation: "grouped" (torch._grouped_mm), "padded" (batched matmul over
+    capacity-padded queues) or "auto" (grouped where the device and dtype support it)."""
+
+    def check(self, f: Fields, experts: Sequence[int]) -> None:
+        super().check(f, experts)
+        f.choice("expert_init", EXPERT_INITS)
+        f.choice("dispatch", DISPATCH_PATHS)
 
 
 def grouped_mm_supported(x: Tensor, *widths: int) -> bool:
@@ -58,8 +79,9 @@ class GroupedExperts(nn.Module):
         self.act = act_layer()
         self.drop = nn.Dropout(drop)
         self._merged_cache: tuple[tuple, tuple[Tensor, ...]] | None = None
-        self.ep = None
-        """Set by vitmoe.moe.parallel.shard_experts: then the parameters hold this rank's experts."""
+        self.ep: ExpertParallel | None = None
+        """Set when the experts are split over ranks (vitmoe.training.expert_parallel.shard_experts):
+        then the parameters hold this rank's slice of them."""
         self.static_shapes: bool | None = None
         """Grouped path: keep shapes independent of routing (no host read of the kept count).
         None: only off the CPU, where reading a device count would stall the stream."""
@@ -76,6 +98,10 @@ class GroupedExperts(nn.Module):
                 nn.init.trunc_normal_(w, std=0.02)
         self.b1.zero_()
         self.b2.zero_()
+
+    @property
+    def sharded(self) -> bool:
+        return self.ep is not None and self.ep.size > 1
 
     # --- routed computation -------------------------------------------------------------
     def forward(self, x_SD: Tensor, counts_E: Tensor, expert_S: Tensor, capacity: int | None = None) -> Tensor:
@@ -145,10 +171,8 @@ class GroupedExperts(nn.Module):
     def all_weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(w1, b1, w2, b2) of every expert; gathered from the EP group when sharded (no grad)."""
         params = (self.w1, self.b1, self.w2, self.b2)
-        if self.ep is None or self.ep.size == 1:
+        if not self.sharded:
             return params
-        from .parallel import gather_experts
-
         return tuple(gather_experts(p.detach(), self.ep) for p in params)  # type: ignore[return-value]
 
     def forward_all(self, x_TD: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Soft MoE (Puigcerver et al. 2023, REFERENCE.md s.3): every expert sees weighted averages of tokens.
+"""Soft MoE (Puigcerver et al. 2023, "From Sparse to Soft Mixtures of Experts"): every expert sees weighted averages of tokens.
 
 Per image, with logits `X Phi` ([N, M], M = E * slots_per_expert slots):
   dispatch = softmax over tokens  -> slot m is a convex combination of the N tokens,
@@ -17,11 +17,19 @@ import torch
 from torch import Tensor, nn
 
 from .base_layer import MoELayer
+from .config import MoEConfig, resolve_config
 from .experts import GroupedExperts
 
 
 class SoftMoE(MoELayer):
-    """`[B, N, D] -> [B, N, D]`, with the dense Mlp's constructor contract."""
+    """`[B, N, D] -> [B, N, D]`, with the dense Mlp's constructor contract.
+
+    Args:
+        in_features, hidden_features, out_features, act_layer, drop: as the dense Mlp's.
+        num_experts: experts of this layer.
+        config: the MoE settings (this layer reads slots_per_expert, expert_init, dispatch);
+            keyword arguments override its fields.
+    """
 
     def __init__(
         self,
@@ -32,20 +40,16 @@ class SoftMoE(MoELayer):
         drop: float = 0.0,
         *,
         num_experts: int = 4,
-        slots_per_expert: int = 1,
-        expert_init: str = "shared",
-        dispatch: str = "auto",
+        config: MoEConfig | None = None,
+        **options,
     ):
-        super().__init__(num_experts)
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        if slots_per_expert < 1:
-            raise ValueError(f"slots_per_expert must be >= 1, got {slots_per_expert}")
-        self.slots_per_expert = slots_per_expert
+        config = resolve_config(config, options, num_experts, router="soft")
+        super().__init__(num_experts, config)
+        self.slots_per_expert = s = config.slots_per_expert
         # LeCun-normal, as in the paper: with LayerNormed inputs the logits start at unit scale.
-        self.phi = nn.Parameter(torch.randn(in_features, num_experts * slots_per_expert) * in_features**-0.5)
+        self.phi = nn.Parameter(torch.randn(in_features, num_experts * s) * in_features**-0.5)
         self.experts = GroupedExperts(num_experts, in_features, hidden_features, out_features,
-                                      act_layer, drop, init=expert_init, dispatch_path=dispatch)
+                                      act_layer, drop, init=config.expert_init, dispatch_path=config.dispatch)
 
     def weights(self, x_BND: Tensor) -> tuple[Tensor, Tensor]:
         """(dispatch_BNM, combine_BNM): softmax of the same logits over tokens, and over slots.
@@ -69,8 +73,7 @@ class SoftMoE(MoELayer):
         expert_S = torch.arange(E, device=x_BND.device).repeat_interleave(rows)
         y_SO = self.experts(slots_SD, counts_E, expert_S, rows)
         y_BMO = y_SO.view(E, B, s, -1).transpose(0, 1).reshape(B, E * s, -1)
-        self._record_aux({})
-        self._record(counts_E.float(), torch.zeros((), device=x_BND.device))
+        self._report({}, counts_E.float(), torch.zeros((), device=x_BND.device))
         return combine_BNM @ y_BMO
 
     def extra_repr(self) -> str:

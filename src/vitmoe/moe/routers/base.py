@@ -7,9 +7,14 @@ M = E * slots-per-expert soft slots per image (Soft MoE).
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 from torch import Tensor, nn
+
+from ...validation import Fields
+
+if TYPE_CHECKING:
+    from ..config import MoEConfig
 
 
 class Copies(NamedTuple):
@@ -25,9 +30,9 @@ class Copies(NamedTuple):
 
 
 class Routing(NamedTuple):
-    gates_TK: Tensor | None
+    gates_TK: Tensor | None = None
     """Combine weight of each token copy (float32). None when `copies` is given."""
-    experts_TK: Tensor | None
+    experts_TK: Tensor | None = None
     """Expert id of each token copy (int64). None when `copies` is given."""
     probs_TE: Tensor | None = None
     """Router probabilities, for statistics (None for routers without a distribution)."""
@@ -46,22 +51,32 @@ class Routing(NamedTuple):
 class Router(nn.Module):
     """Base class: `forward(x_BND, capacity=None) -> Routing`. Routing policy is all a router owns.
 
-    `capacity` is the per-expert slot count the layer will allow this forward; routers that
-    pick tokens per expert (expert choice) fill exactly that many, the others ignore it.
+    Built from the layer's whole MoEConfig (`Router(dim, num_experts, config)`), each router reads
+    the fields it uses. `capacity` is the per-expert slot count the layer allows this forward;
+    routers that pick tokens per expert (expert choice) fill exactly that many, the others ignore it.
     """
 
-    num_experts: int
-    top_k: int
-    aux_weights: dict[str, float]
-    """Weight of each auxiliary term this router can produce."""
     has_distribution: bool = True
     """False for routers that choose without scoring tokens (random): no balance loss, and
     their models are merged for inference."""
     chooses_tokens: bool = False
     """True when experts choose tokens (expert choice): the layer must give it a capacity."""
 
+    def __init__(self, dim: int, num_experts: int, config: "MoEConfig"):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, config.top_k
 
-ROUTERS: dict[str, Callable[..., Router]] = {}
+    @property
+    def aux_weights(self) -> dict[str, float]:
+        """Weight of each auxiliary term this router produces (one weight per term)."""
+        return {}
+
+    @classmethod
+    def check_config(cls, f: Fields, experts: Sequence[int]) -> None:
+        """Checks of the whole MoEConfig (`f.obj`) that only hold for this router."""
+
+
+ROUTERS: dict[str, type[Router]] = {}
 
 
 def register_router(*names: str):

@@ -1,4 +1,5 @@
-"""Expert-choice routing (Zhou et al. 2022, REFERENCE.md s.3): every expert takes its top-C tokens.
+"""Expert-choice routing (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing"):
+every expert takes its top-C tokens.
 
 Router scores are softmax over experts (fp32), as for top-k; then each expert picks the C
 tokens of the whole batch with the highest score for it, so a token is taken by 0..E
@@ -12,26 +13,40 @@ other images of its batch, in evaluation too (a known property of expert choice)
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Sequence
+
 import torch
 from torch import Tensor, nn
 
+from ...validation import Fields
 from .base import Copies, Router, Routing, register_router
-from .topk import router_logits, router_z_loss
+from .scoring import router_logits, router_z_loss
+
+if TYPE_CHECKING:
+    from ..config import MoEConfig
 
 
 @register_router("expert_choice")
 class ExpertChoiceRouter(Router):
     chooses_tokens = True
 
-    def __init__(self, dim: int, num_experts: int, top_k: int = 1, noise: str = "none", jitter_eps: float = 0.01,
-                 z_loss_weight: float = 1e-3, **_unused):
-        super().__init__()
-        if top_k != 1:
-            raise ValueError(f"router 'expert_choice' takes top_k=1 (its capacity factor sets experts per token), got {top_k}")
-        self.num_experts, self.top_k, self.noise, self.jitter_eps = num_experts, 1, noise, jitter_eps
-        self.aux_weights = {"z": z_loss_weight}
+    def __init__(self, dim: int, num_experts: int, config: "MoEConfig"):
+        super().__init__(dim, num_experts, config)
+        self.noise, self.jitter_eps = config.router_noise, config.jitter_eps
+        self._weights = {"z": config.z_loss_weight}
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         nn.init.trunc_normal_(self.weight, std=0.02)
+
+    @property
+    def aux_weights(self) -> dict[str, float]:
+        return self._weights
+
+    @classmethod
+    def check_config(cls, f: Fields, experts: Sequence[int]) -> None:
+        f.need(f.obj.top_k == 1, "top_k", "1 for router 'expert_choice' (its capacity factor sets experts per token)")
+        for name in ("capacity_factor_train", "capacity_factor_eval"):
+            f.need(bool(getattr(f.obj, name)), name, "a positive factor for router 'expert_choice' "
+                   "(each expert takes ceil(factor * tokens / experts) tokens)")
 
     def forward(self, x_BND: Tensor, capacity: int | None = None) -> Routing:
         T, E = x_BND.shape[0] * x_BND.shape[1], self.num_experts
@@ -44,7 +59,7 @@ class ExpertChoiceRouter(Router):
             gate_EC, token_EC = probs_TE.t().topk(C, dim=-1)
         expert_S = torch.arange(E, device=x_BND.device).repeat_interleave(C)
         copies = Copies(token_EC.reshape(-1), expert_S, gate_EC.reshape(-1))
-        return Routing(None, None, probs_TE, aux={"z": router_z_loss(logits_TE)}, copies=copies)
+        return Routing(probs_TE=probs_TE, aux={"z": router_z_loss(logits_TE)}, copies=copies)
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, noise={self.noise}"

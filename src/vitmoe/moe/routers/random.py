@@ -1,4 +1,5 @@
-"""Random routing (AdaMix / THOR, and the source project's RRM): no parameters, no balance loss.
+"""Random routing (AdaMix, Wang et al. 2022; THOR, Zuo et al. 2022; the source project's RRM):
+no parameters, no balance loss.
 
 granularity "batch": one draw per layer per forward, shared by every token (the public
 AdaMix code and the source project); "sample": one draw per image; "token": one per token.
@@ -6,26 +7,39 @@ Draws are uniform over experts; with top_k > 1 each token gets k distinct expert
 """
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
+import torch
+from torch import Tensor, nn
+
+from ...validation import Fields
+from ..options import Options
 from .base import Router, Routing, register_router
 
+if TYPE_CHECKING:
+    from ..config import MoEConfig
+
 GRANULARITIES = ("batch", "sample", "token")
+
+
+@dataclass
+class RandomOptions(Options):
+    random_granularity: str = "batch"
+    """Router "random": one draw per forward ("batch"), per image ("sample") or per token ("token")."""
+
+    def check(self, f: Fields, experts: Sequence[int]) -> None:
+        super().check(f, experts)
+        f.choice("random_granularity", GRANULARITIES)
 
 
 @register_router("random")
 class RandomRouter(Router):
     has_distribution = False
 
-    def __init__(self, dim: int, num_experts: int, top_k: int = 1, granularity: str = "batch", **_unused):
-        super().__init__()
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"random_granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-        self.num_experts, self.top_k, self.granularity = num_experts, top_k, granularity
-        self.aux_weights = {}
+    def __init__(self, dim: int, num_experts: int, config: "MoEConfig"):
+        super().__init__(dim, num_experts, config)
+        self.granularity = config.random_granularity
         self.generator: torch.Generator | None = None
         """Optional source of draws (distributed runs give every rank of a group the same one)."""
 
@@ -44,12 +58,26 @@ class RandomRouter(Router):
         if self.granularity == "batch":
             choice_1K = self._draw(1, device)
             single = choice_1K[0, 0] if K == 1 else None
-            return Routing(gates_TK, choice_1K.expand(T, K), single_expert=single)
+            return Routing(gates_TK=gates_TK, experts_TK=choice_1K.expand(T, K), single_expert=single)
         if self.granularity == "sample":
             experts_TK = self._draw(B, device).repeat_interleave(N, dim=0)
         else:
             experts_TK = self._draw(T, device)
-        return Routing(gates_TK, experts_TK)
+        return Routing(gates_TK=gates_TK, experts_TK=experts_TK)
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, top_k={self.top_k}, granularity={self.granularity}"
+
+
+def seed_random_routers(model: nn.Module, seed: int, device: torch.device) -> dict[str, torch.Generator]:
+    """Give every random router its own generator, seeded alike on every rank, so all ranks draw the
+    same routes (one expert per layer per forward for the whole global batch, as in one process).
+    Returns the generators by router name (their states go into training checkpoints)."""
+    routers = [(name, m) for name, m in model.named_modules() if isinstance(m, RandomRouter)]
+    gens = {}
+    for i, (name, router) in enumerate(routers):
+        g = torch.Generator(device=device)
+        g.manual_seed(seed * 1000003 + i)
+        router.generator = g
+        gens[name.removesuffix(".router")] = g
+    return gens

@@ -1,15 +1,39 @@
-"""Learned top-k router (Switch for k=1, GShard-style top-k for k>1). Formulas: REFERENCE.md s.3."""
+"""Learned top-k router: Switch (Fedus et al. 2021) for k=1, GShard-style top-k (Lepikhin et al. 2020) for k>1."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...validation import Fields
+from ..options import Options
 from .base import Router, Routing, register_router
+from .scoring import router_logits, router_z_loss
 
-NOISE_POLICIES = ("none", "jitter", "gaussian")
+if TYPE_CHECKING:
+    from ..config import MoEConfig
+
 SECOND_POLICIES = ("all", "sampling", "random")
+
+
+@dataclass
+class TopKOptions(Options):
+    balance_loss_weight: float = 0.01
+    """Weight of the Switch load-balancing loss (Switch Transformer: alpha = 0.01)."""
+    second_policy: str = "all"
+    """Top-2 only: "all" (always send the second copy), "sampling" (send with probability
+    2 * gate2, GShard), "random" (send if gate2 > second_threshold). See TopKRouter."""
+    second_threshold: float = 0.0
+
+    def check(self, f: Fields, experts: Sequence[int]) -> None:
+        super().check(f, experts)
+        f.number("balance_loss_weight", 0.0)
+        f.choice("second_policy", SECOND_POLICIES)
+        f.need(self.second_policy == "all" or (self.router == "topk" and self.top_k == 2), "second_policy",
+               f"'all' unless router is 'topk' with top_k=2 (router={self.router!r}, top_k={self.top_k})")
+        f.number("second_threshold", 0.0, 1.0)
 
 
 def load_balancing_loss(probs_TE: Tensor, first_choice_T: Tensor) -> Tensor:
@@ -21,27 +45,6 @@ def load_balancing_loss(probs_TE: Tensor, first_choice_T: Tensor) -> Tensor:
     counts_E = torch.zeros(E, device=probs_TE.device, dtype=probs_TE.dtype)
     counts_E.scatter_add_(0, first_choice_T, torch.ones_like(first_choice_T, dtype=probs_TE.dtype))
     return E * torch.dot(counts_E / T, probs_TE.mean(0))
-
-
-def router_z_loss(logits_TE: Tensor) -> Tensor:
-    """ST-MoE z-loss: mean squared log-partition, keeps router logits small."""
-    return torch.logsumexp(logits_TE, dim=-1).square().mean()
-
-
-def router_logits(x_BND: Tensor, weight_ED: Tensor, noise: str, jitter_eps: float, training: bool) -> Tensor:
-    """fp32 logits [T, E] of a bias-free linear router, with the training-time noise policy.
-
-    Call inside an autocast-disabled region. "jitter" multiplies the router input by
-    U(1-eps, 1+eps); "gaussian" adds N(0, std=1/E^2) to the logits (the ColossalAI recipe's
-    NormalNoiseGenerator, REFERENCE.md s.2). Both only in training.
-    """
-    x_TD = x_BND.reshape(-1, x_BND.shape[-1]).float()
-    if training and noise == "jitter":
-        x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - jitter_eps, 1 + jitter_eps)
-    logits_TE = F.linear(x_TD, weight_ED.float())
-    if training and noise == "gaussian":
-        logits_TE = logits_TE + torch.randn_like(logits_TE) / weight_ED.shape[0] ** 2
-    return logits_TE
 
 
 @register_router("switch", "topk")
@@ -60,32 +63,22 @@ class TopKRouter(Router):
     second copy is not sent keeps its first gate p1 / (p1 + p2), it is not rescaled to 1.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_experts: int,
-        top_k: int = 1,
-        noise: str = "none",
-        jitter_eps: float = 0.01,
-        balance_loss_weight: float = 0.01,
-        z_loss_weight: float = 1e-3,
-        second_policy: str = "all",
-        second_threshold: float = 0.0,
-    ):
-        super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-        if noise not in NOISE_POLICIES:
-            raise ValueError(f"router noise must be one of {NOISE_POLICIES}, got {noise!r}")
-        if second_policy not in SECOND_POLICIES:
-            raise ValueError(f"second_policy must be one of {SECOND_POLICIES}, got {second_policy!r}")
-        if second_policy != "all" and top_k != 2:
-            raise ValueError(f"second_policy {second_policy!r} needs top_k=2, got top_k={top_k}")
-        self.num_experts, self.top_k, self.noise, self.jitter_eps = num_experts, top_k, noise, jitter_eps
-        self.second_policy, self.second_threshold = second_policy, second_threshold
-        self.aux_weights = {"balance": balance_loss_weight, "z": z_loss_weight}
+    def __init__(self, dim: int, num_experts: int, config: "MoEConfig"):
+        super().__init__(dim, num_experts, config)
+        self.noise, self.jitter_eps = config.router_noise, config.jitter_eps
+        self.second_policy, self.second_threshold = config.second_policy, config.second_threshold
+        self._weights = {"balance": config.balance_loss_weight, "z": config.z_loss_weight}
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         nn.init.trunc_normal_(self.weight, std=0.02)
+
+    @property
+    def aux_weights(self) -> dict[str, float]:
+        return self._weights
+
+    @classmethod
+    def check_config(cls, f: Fields, experts: Sequence[int]) -> None:
+        f.need(f.obj.router != "switch" or f.obj.top_k == 1, "top_k",
+               "1 for router 'switch' (use router 'topk' for k > 1)")
 
     def forward(self, x_BND: Tensor, capacity: int | None = None) -> Routing:
         with torch.autocast(device_type=x_BND.device.type, enabled=False):
@@ -99,7 +92,7 @@ class TopKRouter(Router):
                 "z": router_z_loss(logits_TE),
             }
             keep_TK = self._keep_second(gates_TK.detach())
-        return Routing(gates_TK, experts_TK, probs_TE, None, aux, keep_TK)
+        return Routing(gates_TK=gates_TK, experts_TK=experts_TK, probs_TE=probs_TE, aux=aux, keep_TK=keep_TK)
 
     def _keep_second(self, gates_TK: Tensor) -> Tensor | None:
         if self.second_policy == "all" or (self.second_policy == "sampling" and not self.training):

@@ -1,0 +1,96 @@
+"""MoEConfig: every setting of an MoE layer, in one dataclass, checked once.
+
+The fields come from option groups that live beside the code that reads them (ScoringOptions in
+routers/scoring.py, TopKOptions in routers/topk.py, RandomOptions in routers/random.py,
+ExpertOptions in experts.py) plus the layer-level fields below; MoEConfig inherits them all, so
+one object describes a layer whole and is passed whole to it. Per-layer expert counts stay in
+ViTConfig (pyramids give each MoE block its own count).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from ..validation import ConfigError, Fields
+from .experts import ExpertOptions
+from .routers import ROUTERS, RandomOptions, ScoringOptions, TopKOptions
+
+EVAL_MODES = ("merged", "random", "ensemble")
+LAYER_ROUTERS = (*sorted(ROUTERS), "soft")
+"""Every value of MoEConfig.router: the routers of MoEMlp, and "soft" (the SoftMoE layer)."""
+
+
+@dataclass
+class MoEConfig(ExpertOptions, RandomOptions, TopKOptions, ScoringOptions):
+    router: str = "switch"
+    """"switch", "topk", "random", "expert_choice" (MoEMlp with that router) or "soft" (SoftMoE)."""
+    top_k: int = 1
+    """Experts per token (routers switch, topk, random)."""
+    capacity_factor_train: float | None = None
+    """Capacity C = ceil(factor * tokens * top_k / experts) per expert in training; None or 0:
+    dropless. Copies past an expert's capacity are dropped (zero output)."""
+    capacity_factor_eval: float | None = None
+    min_capacity: int = 0
+    eval_mode: str = "merged"
+    """Layers without a learned router (random): "merged" runs the uniform average of the
+    experts (dense cost), "random" keeps drawing routes, "ensemble" averages all experts' outputs."""
+    slots_per_expert: int = 1
+    """Soft MoE (router "soft"): slots each expert processes per image."""
+    residual: bool = False
+    """PR-MoE's residual MoE (Rajbhandari et al. 2022, DeepSpeed-MoE): a dense MLP branch next to
+    each MoE layer, mixed per token."""
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        own = [f.name for f in dataclasses.fields(self) if f.name in MoEConfig.__annotations__]
+        return {name: getattr(self, name) for name in own + [n for n in self.field_names() if n not in own]}
+
+    def replace(self, **overrides: Any) -> "MoEConfig":
+        unknown = sorted(set(overrides) - set(self.field_names()))
+        if unknown:
+            raise ConfigError(f"unknown MoE field(s) {unknown}; allowed: {', '.join(self.field_names())}")
+        return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MoEConfig":
+        return cls().replace(**dict(data))
+
+    def validate(self, experts: Sequence[int] = (), prefix: str = "moe.") -> "MoEConfig":
+        """A checked copy (YAML strings coerced to the fields' types). `experts`: the expert
+        count of every MoE layer it will configure (bounds top_k)."""
+        new = copy.copy(self)
+        f = Fields(new, prefix)
+        new.check(f, list(experts))
+        return new
+
+    def check(self, f: Fields, experts: Sequence[int]) -> None:
+        f.choice("router", LAYER_ROUTERS)
+        f.integer("top_k", 1)
+        smallest = min(experts) if experts else self.top_k
+        f.need(self.top_k <= smallest, "top_k", f"an integer in [1, smallest expert count {smallest}]")
+        for name in ("capacity_factor_train", "capacity_factor_eval"):
+            f.number(name, 0.0, optional=True)
+        f.integer("min_capacity", 0)
+        f.choice("eval_mode", EVAL_MODES)
+        f.integer("slots_per_expert", 1)
+        f.need(self.router != "soft" or self.top_k == 1, "top_k", "1 for router 'soft' (every token mixes every expert)")
+        f.boolean("residual")
+        super().check(f, experts)
+        if self.router in ROUTERS:
+            ROUTERS[self.router].check_config(f, experts)
+
+
+def resolve_config(config: MoEConfig | None, options: Mapping[str, Any], num_experts: int,
+                   router: str | None = None) -> MoEConfig:
+    """A layer's checked config: `config` (default MoEConfig()) with keyword `options` applied."""
+    config = (config or MoEConfig()).replace(**options)
+    if router is not None and config.router != router:
+        config = config.replace(router=router)
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ConfigError(f"num_experts={num_experts!r} is not allowed: a positive integer")
+    return config.validate([num_experts], prefix="")

@@ -1,0 +1,94 @@
+"""Checking configuration values: one error type and one way to turn YAML/CLI values into field types.
+
+Every config class (MoEConfig, ViTConfig, TrainConfig) validates its own fields with these helpers,
+so a bad value fails the same way from Python, YAML or the command line: a `ConfigError` that names
+the field (with its prefix, e.g. `model.moe.top_k`) and what is allowed.
+"""
+from __future__ import annotations
+
+import math
+import typing
+from typing import Any, Iterable
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+class ConfigError(ValueError):
+    """A configuration value is not allowed; the message names the field and what is."""
+
+
+class Fields:
+    """Checks the fields of one config object in place, naming each as `prefix + name`."""
+
+    def __init__(self, obj: Any, prefix: str = ""):
+        self.obj, self.prefix = obj, prefix
+
+    def fail(self, name: str, allowed: str) -> typing.NoReturn:
+        raise ConfigError(f"{self.prefix}{name}={getattr(self.obj, name)!r} is not allowed: {allowed}")
+
+    def need(self, ok: bool, name: str, allowed: str) -> None:
+        if not ok:
+            self.fail(name, allowed)
+
+    def choice(self, name: str, options: Iterable[Any]) -> None:
+        options = tuple(options)
+        v = getattr(self.obj, name)
+        if isinstance(v, str) and v.strip().lower() in options:
+            v = v.strip().lower()
+            setattr(self.obj, name, v)
+        self.need(v in options, name, f"one of {', '.join(map(str, options))}")
+
+    def integer(self, name: str, lo: int | None = None, hi: int | None = None, optional: bool = False) -> None:
+        v = getattr(self.obj, name)
+        if v is None and optional:
+            return
+        if isinstance(v, str):
+            v = _parse(v, int)
+        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            v = int(v)
+        allowed = _range_text("an integer", lo, hi, optional)
+        self.need(isinstance(v, int) and not isinstance(v, bool), name, allowed)
+        self.need((lo is None or v >= lo) and (hi is None or v <= hi), name, allowed)
+        setattr(self.obj, name, v)
+
+    def number(self, name: str, lo: float | None = None, hi: float | None = None, strict_lo: bool = False,
+               strict_hi: bool = False, optional: bool = False) -> None:
+        """A finite number in the range (NaN and infinities are never allowed)."""
+        v = getattr(self.obj, name)
+        if v is None and optional:
+            return
+        if isinstance(v, str):
+            v = _parse(v, float)
+        allowed = _range_text("a finite number", lo, hi, optional, strict_lo, strict_hi)
+        self.need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), name, allowed)
+        v = float(v)
+        self.need(lo is None or (v > lo if strict_lo else v >= lo), name, allowed)
+        self.need(hi is None or (v < hi if strict_hi else v <= hi), name, allowed)
+        setattr(self.obj, name, v)
+
+    def boolean(self, name: str) -> None:
+        v = getattr(self.obj, name)
+        if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
+            v = v.strip().lower() in _TRUE
+        self.need(isinstance(v, bool), name, "true or false")
+        setattr(self.obj, name, v)
+
+
+def _parse(text: str, kind: type) -> Any:
+    try:
+        return kind(text.strip())
+    except ValueError:
+        return text
+
+
+def _range_text(what: str, lo, hi, optional: bool, strict_lo: bool = False, strict_hi: bool = False) -> str:
+    if lo is not None and hi is not None:
+        text = f"{what} in {'(' if strict_lo else '['}{lo}, {hi}{')' if strict_hi else ']'}"
+    elif lo is not None:
+        text = f"{what} {'>' if strict_lo else '>='} {lo}"
+    elif hi is not None:
+        text = f"{what} {'<' if strict_hi else '<='} {hi}"
+    else:
+        text = what
+    return f"null or {text}" if optional else text
