@@ -39,8 +39,9 @@ def train_epoch(model, opt, loader, device, amp, consistency=0.0):
     t0 = time.perf_counter()
     for x, y in loader:
         with autocast_context(amp, device):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y) + model.aux_loss().total
+            out = model(x, return_aux=True)
+        logits = out.logits
+        loss = F.cross_entropy(logits.float(), y) + out.aux_loss
         if consistency:  # a second pass with fresh random routes (trainer: consistency_weight)
             with autocast_context(amp, device):
                 logits2 = model(x)
@@ -110,11 +111,11 @@ def main() -> None:
         model = create_model(preset, **width, **extra).to(device)
         opt = torch.optim.AdamW(param_groups(model, 0.05, True), lr=1e-4)
         fwd = torch.compile(model) if args.compile else model
-        fwd.aux_loss = model.aux_loss  # compiled wrapper: aux loss lives on the module
         # Warm-up: one batch of training and inference (allocations, compilation).
         x, y = next(iter(train_loader))
         with autocast_context(args.amp, device):
-            (F.cross_entropy(fwd(x).float(), y) + model.aux_loss().total).backward()
+            out = fwd(x, return_aux=True)
+            (F.cross_entropy(out.logits.float(), y) + out.aux_loss).backward()
         opt.zero_grad(set_to_none=True)
         runs.append(dict(label=label, model=fwd, opt=opt, params=model_info(model.config).total_params,
                          consistency=cw, train=[], infer=[]))

@@ -44,11 +44,13 @@ class MoEConfig(ExpertOptions, RandomOptions, TopKOptions, ScoringOptions):
 
     @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        """The layer-level fields first, then each option group's."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        own = [n for n in names if n in MoEConfig.__annotations__]
+        return own + [n for n in names if n not in own]
 
     def to_dict(self) -> dict[str, Any]:
-        own = [f.name for f in dataclasses.fields(self) if f.name in MoEConfig.__annotations__]
-        return {name: getattr(self, name) for name in own + [n for n in self.field_names() if n not in own]}
+        return {name: getattr(self, name) for name in self.field_names()}
 
     def replace(self, **overrides: Any) -> "MoEConfig":
         unknown = sorted(set(overrides) - set(self.field_names()))
