@@ -14,9 +14,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ..data import DatasetError
     from ..models import ConfigError
     from ..training.checkpoint import CheckpointError
+    from ..training.launch import WorkerUserError
     from ..training.trainer import RunDirError
 
-    return (CLIError, ConfigError, DatasetError, RunDirError, CheckpointError, FileNotFoundError)
+    return (CLIError, ConfigError, DatasetError, RunDirError, CheckpointError, FileNotFoundError, WorkerUserError)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
