@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import CLIError, HelpFormatter, echo
+from .common import CLIError, HelpFormatter, echo, warn
 
 
 def add_parser(sub) -> None:
@@ -16,36 +16,49 @@ def add_parser(sub) -> None:
         description="Print total parameters, active parameters per token, parameters after merging the experts, "
                     "and forward FLOPs per image (2 x multiply-adds of matmuls and convolutions).")
     p.add_argument("preset", metavar="PRESET", help=f"model preset: {', '.join(list_models())}")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="model field override (repeatable), e.g. --set num_experts=64 --set embed_dim=256")
+    p.add_argument("--set", action="append", default=[], metavar="model.FIELD=VALUE",
+                   help="model field override (repeatable), spelled as in vitmoe train, e.g. "
+                        "--set model.num_experts=64 --set model.embed_dim=256 --set model.moe.top_k=2")
     p.add_argument("--dataset", choices=list(DATASET_NAMES), default=None,
                    help="take image size, channels and classes from a dataset (default: the preset's, CIFAR-10 shape)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
 
+def model_overrides(items: list[str], preset: str) -> dict:
+    """`--set` items -> the model_config mapping, spelled as `vitmoe train` takes them (model.FIELD,
+    model.moe.FIELD). The old bare spelling (num_experts=64) still works, with a warning."""
+    from ..training.config import TrainConfig, parse_set
+
+    keyed = {}
+    for key, value in parse_set(items).items():
+        if not key.startswith(("model.", "model_config.")):
+            warn(f"--set {key}=...: write --set model.{key}=... (the spelling vitmoe train takes); "
+                 f"the bare field name is deprecated")
+            key = f"model.{key}"
+        keyed[key] = value
+    return TrainConfig(model=preset).updated(keyed).model_config
+
+
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from ..models import list_models, model_config, model_info
-    from ..training.config import TrainConfig, _coerce_model_value, parse_set
+    from ..training.config import TrainConfig, _coerce_model_value
 
     if args.preset not in list_models():
         raise CLIError(f"unknown model preset {args.preset!r}; choose one of: {', '.join(list_models())}")
-    overrides = {}
-    for key, value in parse_set(args.set).items():
-        key = key.split(".", 1)[1] if key.startswith(("model.", "model_config.")) else key
-        overrides[key] = _coerce_model_value(key, value)
+    overrides = model_overrides(args.set, args.preset)
     if args.dataset:
         cfg = TrainConfig(model=args.preset, dataset=args.dataset, model_config=overrides).validate().resolved_model_config()
     else:
-        cfg = model_config(args.preset, **overrides)
+        cfg = model_config(args.preset, **{k: _coerce_model_value(k, v) for k, v in overrides.items()})
     info = model_info(cfg)
     if args.json:
         echo(json.dumps({"model": args.preset, **asdict(info)}))
         return 0
     experts = cfg.experts_per_moe_block()
-    desc = (f"{len(experts)} MoE layers, {experts[0] if len(set(experts)) == 1 else experts} experts, router {cfg.router}"
+    desc = (f"{len(experts)} MoE layers, {experts[0] if len(set(experts)) == 1 else experts} experts, router {getattr(cfg, 'moe', cfg).router}"
             if experts else "dense")
     echo(f"model {args.preset}: d {cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}, MLP {cfg.mlp_hidden}, "
          f"patch {cfg.patch_size}, {cfg.img_size}x{cfg.img_size}x{cfg.in_chans}, {cfg.num_classes} classes; {desc}")

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from typing import Sequence
 
 from .. import __version__
@@ -17,8 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vitmoe",
         description="Vision Transformers with Mixture-of-Experts MLPs: train, evaluate, merge experts, report.",
         formatter_class=HelpFormatter,
-        epilog="Run `vitmoe COMMAND --help` for the options of a command. Quick start (offline, a few minutes "
-               "on a CPU): `vitmoe demo`.",
+        epilog="Run `vitmoe COMMAND --help` for the options of a command. Quick start (offline, "
+               f"{demo.DEMO_TIME}): `vitmoe demo`.",
     )
     parser.add_argument("--version", action="version", version=f"vitmoe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -27,12 +29,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """vitmoe's own warnings (deprecated spellings, report notes) as one line `vitmoe: warning: ...`;
+    other libraries' warnings as Python shows them."""
+    if os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep) or category.__module__.startswith("vitmoe"):
+        print(f"vitmoe: warning: {message}", file=sys.stderr if file is None else file, flush=True)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ..runtime import keep_freed_memory
 
     keep_freed_memory()  # our own process only; see vitmoe.runtime
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except user_errors() as e:

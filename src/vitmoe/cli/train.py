@@ -24,8 +24,8 @@ Settings are resolved as: TrainConfig defaults (the source recipe: Adam, lr 2.5e
 --set takes any TrainConfig field (lr, weight_decay, optimizer, warmup_epochs, label_smoothing,
 grad_clip, aux_loss_weight, augment_policy, norm_mean, norm_std, consistency_weight,
 consistency_stopgrad, time_budget_s, log_every, tensorboard, keep_checkpoints, ...) and model
-fields as model.FIELD (e.g. --set model.depth=6 --set model.capacity_factor_train=1.25); values
-are YAML. Recipes: configs/*.yaml (e.g. configs/pr_moe_lite6_cifar10.yaml, the ColossalAI ViT-MoE
+fields as model.FIELD and MoE fields as model.moe.FIELD (e.g. --set model.depth=6
+--set model.moe.capacity_factor_train=1.25); values are YAML. Recipes: configs/*.yaml (e.g. configs/pr_moe_lite6_cifar10.yaml, the ColossalAI ViT-MoE
 Lite6 PR-MoE recipe).
 The dataset sets img_size/in_chans/num_classes; patch_size stays the preset's (4) when it divides
 the image size (else the largest divisor below it).
@@ -54,16 +54,18 @@ def add_parser(sub) -> None:
     src.add_argument("--cifar100", action="store_true", default=None, help="use CIFAR-100 (same as --dataset cifar100)")
     src.add_argument("--out", default=None, help="run directory (default runs/MODEL-DATASET-TIMESTAMP)")
     src.add_argument("--dmodel", type=int, default=None, help="embedding width d_model (model field embed_dim; default 300)")
+    src.add_argument("--heads", type=int, default=None, metavar="H",
+                     help="attention heads (model field num_heads; default 12); must divide --dmodel")
 
     g = p.add_argument_group("model and data")
     g.add_argument("--model", choices=list_models(), default=None,
                    help="model preset (default switch_vit, or vit with --noswitch)")
-    from ..moe import ROUTERS
+    from ..moe import LAYER_ROUTERS
 
-    routers = ["switch", "topk", "random"] + sorted(set(ROUTERS) - {"switch", "topk", "random"})
-    g.add_argument("--router", choices=routers, default=None,
-                   help="router of the MoE layers (model field router)")
-    g.add_argument("--top-k", type=int, default=None, help="experts per token for --router topk (model field top_k)")
+    g.add_argument("--router", choices=list(LAYER_ROUTERS), default=None,
+                   help="router of the MoE layers (model field moe.router)")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="experts per token for --router topk (model field moe.top_k)")
     g.add_argument("--dataset", choices=list(DATASET_NAMES), default=None,
                    help="dataset (default cifar10 as in the source; digits works offline)")
     g.add_argument("--data-dir", default=None, help="where datasets are found/downloaded (default $DATA, then ./data)")
@@ -128,13 +130,48 @@ def flag_overrides(args: argparse.Namespace) -> dict:
             o[key] = value
     if args.dmodel is not None:
         o["model.embed_dim"] = args.dmodel
+    if args.heads is not None:
+        o["model.num_heads"] = args.heads
     if args.experts is not None and not args.noswitch:
         o["model.num_experts"] = args.experts
     if args.router is not None:
-        o["model.router"] = args.router
+        o[moe_key("router")] = args.router
     if args.top_k is not None:
-        o["model.top_k"] = args.top_k
+        o[moe_key("top_k")] = args.top_k
     return o
+
+
+def moe_key(name: str) -> str:
+    """The override key of an MoE setting: `model.moe.NAME` (MoE settings live in ViTConfig.moe)."""
+    from ..models import ViTConfig
+
+    return f"model.moe.{name}" if "moe" in ViTConfig.field_names() else f"model.{name}"
+
+
+# A model much larger than this for its dataset is almost certainly an accident (the default is the
+# source project's 242M-parameter switch_vit, sized for CIFAR): warn, naming the count and a fix.
+LARGE_MODEL_PARAMS = {"digits": 5_000_000}
+SMALL_MODEL_FLAGS = "--dmodel 64 --heads 4 --set model.depth=4 --set model.mlp_hidden=128 --experts 8"
+
+
+def size_warning(cfg) -> str | None:
+    """One line when the model is far too large for the dataset (e.g. the default switch_vit on 8x8
+    digits), computed from `vitmoe.models.model_info`; None otherwise."""
+    from ..models import model_info
+
+    limit = LARGE_MODEL_PARAMS.get(cfg.dataset)
+    if limit is None:
+        return None
+    model_cfg = cfg.resolved_model_config()
+    info = model_info(model_cfg)
+    if info.total_params <= limit:
+        return None
+    side = cfg.dataset_info().img_size
+    flags = SMALL_MODEL_FLAGS if model_cfg.moe_block_indices() else SMALL_MODEL_FLAGS.rsplit(" --experts", 1)[0]
+    # float32 weights + Adam's two moments: 12 bytes per parameter in every checkpoint
+    return (f"model {cfg.model} has {info.total_params:,} parameters (~{info.total_params * 12 / 1e9:.1f} GB per "
+            f"checkpoint), far more than the {side}x{side} {cfg.dataset} images need; for a small model run "
+            f"`vitmoe demo` or add {flags}")
 
 
 def build_config(args: argparse.Namespace):
@@ -179,6 +216,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     if args.noswitch and args.experts is not None:
         warn(f"--experts {args.experts} is ignored with --noswitch (dense vit), as in the source project")
+    if not args.resume and int(os.environ.get("RANK", 0)) == 0:
+        msg = size_warning(cfg)
+        if msg:
+            warn(msg)
     from ..training.launch import launch, run_worker, under_torchrun
 
     if under_torchrun():  # torchrun started this process as one worker
