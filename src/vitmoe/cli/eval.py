@@ -19,12 +19,39 @@ def add_parser(sub) -> None:
                    help="eval mode of randomly routed layers (default: the checkpoint's, normally merged)")
     p.add_argument("--dataset", choices=list(DATASET_NAMES), default=None,
                    help="test set (default: the checkpoint's training dataset)")
-    p.add_argument("--data-dir", default=None, help="dataset directory (default $DATA, then ./data)")
+    p.add_argument("--data-dir", default=None,
+                   help="dataset directory (default: the run's own data_dir from its config.yaml, then $DATA, "
+                        "then ./data)")
     p.add_argument("--batch", type=int, default=500, help="evaluation batch size")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draws in --mode random")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=run)
+
+
+def saved_data_dir(checkpoint, model_file) -> str | None:
+    """The `data_dir` in the config.yaml of the run that `checkpoint` (a run directory, a checkpoint
+    directory or a model file inside one) belongs to; None when there is none."""
+    from pathlib import Path
+
+    import yaml
+
+    from ..training.checkpoint import CHECKPOINT_DIR
+
+    model_file = Path(model_file)
+    candidates = [Path(checkpoint)] if Path(checkpoint).is_dir() else []
+    if model_file.parent.parent.name == CHECKPOINT_DIR:  # RUN/checkpoints/epoch-NNNN/model.safetensors
+        candidates.append(model_file.parent.parent.parent)
+    for d in candidates:
+        cfg_file = d / "config.yaml"
+        if cfg_file.is_file():
+            try:
+                saved = yaml.safe_load(cfg_file.read_text()) or {}
+            except (OSError, yaml.YAMLError):
+                return None
+            value = saved.get("data_dir") if isinstance(saved, dict) else None
+            return str(value) if value else None
+    return None
 
 
 def evaluate_checkpoint(checkpoint, mode=None, dataset=None, data_dir=None, batch=500, device="auto", seed=0) -> dict:
@@ -44,6 +71,8 @@ def evaluate_checkpoint(checkpoint, mode=None, dataset=None, data_dir=None, batc
     dataset = dataset or meta.get("dataset")
     if not dataset:
         raise CLIError(f"{path} does not record its dataset; pass --dataset")
+    if data_dir is None:  # where the run found its data (an explicit --data-dir wins)
+        data_dir = saved_data_dir(checkpoint, path)
     dev = resolve_device(device)
     overrides = {"eval_mode": mode} if mode else {}
     model = load_model(path, map_location=dev, **overrides)
