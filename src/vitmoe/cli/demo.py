@@ -18,7 +18,11 @@ from ..fileio import atomic_write_text
 from .common import CLIError, HelpFormatter, echo
 
 MODELS = ("vit", "switch_vit", "random_vit")
-# Small enough that the three runs take a few minutes on a 2-core CPU (8x8 digits, patch 4: 2x2 patches).
+# How long `make demo` / `vitmoe demo` takes (measured; README's quick start states the same words).
+DEMO_TIME = "about a minute on a 2-core CPU"
+# Marks an output folder the demo made: its runs may be replaced by the next demo (re-running the quick start).
+MARKER = ".vitmoe-demo"
+# Small enough for DEMO_TIME (8x8 digits, patch 4: 2x2 patches).
 DEMO_MODEL = dict(embed_dim=64, depth=4, num_heads=4, mlp_hidden=128, head_hidden=128, pool="mean")
 DEMO_EXPERTS = {"switch_vit": 8, "random_vit": 4}
 DEMO_RECIPE = dict(optimizer="adamw", lr=2e-3, weight_decay=0.05, warmup_epochs=2, batch_size=32, augment=False,
@@ -63,7 +67,9 @@ def add_parser(sub) -> None:
         description="Train the three source models at a small width (d 64, depth 4, 4 heads, MLP 128, mean pooling; "
                     "switch_vit with 8 experts, random_vit with 4, evaluated merged) with AdamW, then write the "
                     "report (results.md, accuracy.png, expert-load plots) into OUT/report and print the table. "
-                    "On the offline digits set this takes a few minutes on a 2-core CPU.\n\n"
+                    f"On the offline digits set this takes {DEMO_TIME}. Running it again replaces the runs it "
+                    "made before in OUT (marked by OUT/" + MARKER + "); a folder holding anything else is left "
+                    "alone (choose another --out, or --force).\n\n"
                     "With --time-budget S: a time-limited comparison. Each model family (default: "
                     + ", ".join(COMPARE_MODELS) + "; also random_vit_cr = random_vit with AdaMix consistency "
                     "regularisation) trains at d 64, depth 6, 4 heads, MLP 128 for S seconds of training time "
@@ -85,7 +91,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--threshold", type=float, default=75.0, help="accuracy for the 'epochs to' column")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device")
-    p.add_argument("--force", action="store_true", help="replace existing demo runs in OUT")
+    p.add_argument("--force", action="store_true",
+                   help="replace the runs in OUT even when OUT was not made by vitmoe demo")
     p.set_defaults(func=run)
 
 
@@ -137,9 +144,47 @@ def cost_table(run_dirs, labels) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _made_by_demo(out: Path) -> set[str] | None:
+    """Names of the entries of `out` an earlier demo made, or None when `out` is not a demo folder."""
+    marker = out / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        made = json.loads(marker.read_text()).get("made", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {str(m) for m in made}
+
+
+def claim_output(out: Path, run_dirs: list[Path], force: bool = False) -> None:
+    """Make `out` the demo's folder before anything is trained: runs an earlier demo made there are
+    removed (so `make demo` can run again); anything else that is in the way is an error (or, with
+    `force`, removed too). Then mark the folder with what this demo makes."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file; choose another --out")
+    made = _made_by_demo(out)
+    names = [d.name for d in run_dirs] + ["report"]
+    if made is None and out.is_dir() and any(out.iterdir()) and not force:
+        raise CLIError(f"{out} already exists and was not made by vitmoe demo (no {MARKER} there); choose another "
+                       f"--out, or pass --force to replace {', '.join(names)} in it")
+    made = made or set()
+    in_the_way = [out / n for n in names if (out / n).exists() and n not in made]
+    if in_the_way and not force:
+        raise CLIError(f"{', '.join(map(str, in_the_way))} {'is' if len(in_the_way) == 1 else 'are'} not from an "
+                       f"earlier vitmoe demo; choose another --out, or pass --force to replace "
+                       f"{'it' if len(in_the_way) == 1 else 'them'}")
+    for name in names:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / MARKER, json.dumps({"made": sorted(made | set(names))}) + "\n")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..training import train
-    from ..training.checkpoint import latest_checkpoint
 
     budget = args.time_budget
     if budget is not None and budget <= 0:
@@ -159,12 +204,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         configs = [compare_config(m, args.dataset, out, budget, args.epochs or COMPARE_MAX_EPOCHS, args.seed,
                                   args.device, args.data_dir, args.threshold) for m in families]
-    for cfg in configs:
-        run_dir = Path(cfg.out)
-        if run_dir.exists() and (latest_checkpoint(run_dir) is not None or (run_dir / "metrics.jsonl").exists()):
-            if not args.force:
-                raise CLIError(f"{run_dir} already holds a run; pass --force to replace it or choose another --out")
-            shutil.rmtree(run_dir)
+    claim_output(out, [Path(c.out) for c in configs], force=args.force)
     if budget is not None:
         echo(f"time-limited comparison on {args.dataset}: {len(configs)} families x {budget:g}s of training "
              f"(plus evaluation), at d {COMPARE_WIDTH['embed_dim']}, depth {COMPARE_WIDTH['depth']}")
