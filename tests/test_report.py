@@ -14,13 +14,14 @@ import pytest
 from vitmoe.report import (ReportFiles, ReportWarning, RunFormatError, expert_load_matrix,
                            load_run, make_report, plot_accuracy, plot_expert_load, results_table)
 from vitmoe.fileio import atomic_write
+from vitmoe.report.table import column_notes
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-HEADER = ("| model | experts | size | highest acc (epoch) | t_epoch "
+HEADER = ("| model | dataset | experts | size | active params | highest acc (epoch) | test images | t_epoch "
           "| Training Time (60,000 images) | Inference Time (60,000 images) |")
-ALIGN = "|---|:---:|:---:|:---:|:---:|:---:|:---:|"
-VIT_ROW = "| vit | - | 12,798,490 | 81.36 (345) | 31 | 11.80 | 4.60 |"
-MOE_ROW = "| switch-vit | 4 | 238,732,426 | 79.04 (321) | 33 | 68.86 | 4.98 |"
+ALIGN = "|---|:---:|:---:|:---:|:---:|:---:|:---:|:---:|:---:|:---:|"
+VIT_ROW = "| vit | fashion-mnist | - | 12,798,490 | 12,798,490 | 81.36 (345) | n/a | 31 | 11.80 | 4.60 |"
+MOE_ROW = "| switch-vit | fashion-mnist | 4 | 238,732,426 | 59,683,106 | 79.04 (321) | n/a | 33 | 68.86 | 4.98 |"
 
 
 # -- fixtures ---------------------------------------------------------------------------
@@ -210,14 +211,15 @@ def test_incomplete_rows_in_table(tmp_path):
     assert never.epochs_to(75.0) is None
     assert results_table([reached, never]) == "\n".join([
         HEADER, ALIGN,
-        "| vit-killed (incomplete) | - | n/a | 75.00 (3) | 3 | 30.00 | n/a |",
-        "| never (incomplete) | - | n/a | 74.99 (3) | - | 40.00 | n/a |",
+        "| vit-killed (incomplete) | fashion-mnist | - | n/a | n/a | 75.00 (3) | n/a | 3 | 30.00 | n/a |",
+        "| never (incomplete) | fashion-mnist | - | n/a | n/a | 74.99 (3) | n/a | - | 40.00 | n/a |",
         "",
         "- vit-killed (incomplete): no summary.json; values computed from metrics.jsonl (3 epochs logged).",
         "- never (incomplete): no summary.json; values computed from metrics.jsonl (3 epochs logged).",
+        "", "Columns:", "", *column_notes(75.0),
     ]) + "\n"
     # the threshold passed to the table is the one used for runs without a summary
-    assert "| never (incomplete) | - | n/a | 74.99 (3) | 2 | 40.00 | n/a |" in results_table(
+    assert "| never (incomplete) | fashion-mnist | - | n/a | n/a | 74.99 (3) | n/a | 2 | 40.00 | n/a |" in results_table(
         [never], threshold=70.0)
 
 
@@ -227,32 +229,36 @@ def test_incomplete_moe_run_experts_from_config(tmp_path):
     with pytest.warns(ReportWarning):
         run = load_run(run_dir)
     assert run.experts == 4 and run.is_moe and run.name == "moe-killed"
-    assert "| moe-killed (incomplete) | 4 | n/a | 50.00 (1) | - | 30.00 | n/a |" in results_table([run])
+    assert ("| moe-killed (incomplete) | fashion-mnist | 4 | n/a | n/a | 50.00 (1) | n/a | - | 30.00 | n/a |"
+            in results_table([run]))
 
 
 # -- the table ----------------------------------------------------------------------------
 def test_results_table_exact(dense_dir, moe_dir):
     runs = [load_run(dense_dir), load_run(moe_dir)]
-    assert results_table(runs) == f"{HEADER}\n{ALIGN}\n{VIT_ROW}\n{MOE_ROW}\n"
+    notes = "\n".join(["", "Columns:", "", *column_notes(75.0)]) + "\n"
+    assert results_table(runs) == f"{HEADER}\n{ALIGN}\n{VIT_ROW}\n{MOE_ROW}\n{notes}"
     # deterministic, and the given order is kept
     assert results_table(runs) == results_table([dense_dir, moe_dir])
-    assert results_table(runs[::-1]) == f"{HEADER}\n{ALIGN}\n{MOE_ROW}\n{VIT_ROW}\n"
+    assert results_table(runs[::-1]) == f"{HEADER}\n{ALIGN}\n{MOE_ROW}\n{VIT_ROW}\n{notes}"
 
 
 def test_table_threshold_other_than_summary_recomputes_from_metrics(dense_dir, tmp_path):
     vit = load_run(dense_dir)
-    assert "| vit | - | 12,798,490 | 81.36 (345) | 2 | 11.80 | 4.60 |" in results_table([vit], threshold=70.0)
+    assert ("| vit | fashion-mnist | - | 12,798,490 | 12,798,490 | 81.36 (345) | n/a | 2 | 11.80 | 4.60 |"
+            in results_table([vit], threshold=70.0))
     # no metrics and a different threshold: unknown, not "never reached"
     only_summary = write_run(tmp_path / "s", summary=summary("s", "vit", None, 10, 80.0, 5, 4, 1.0, 0.5))
     run = load_run(only_summary)
-    assert "| s | - | 10 | 80.00 (5) | 4 | 1.00 | 0.50 |" in results_table([run])
-    assert "| s | - | 10 | 80.00 (5) | n/a | 1.00 | 0.50 |" in results_table([run], threshold=70.0)
+    assert "| s | fashion-mnist | - | 10 | 10 | 80.00 (5) | n/a | 4 | 1.00 | 0.50 |" in results_table([run])
+    assert "| s | fashion-mnist | - | 10 | 10 | 80.00 (5) | n/a | n/a | 1.00 | 0.50 |" in results_table([run], threshold=70.0)
 
 
 def test_table_escapes_pipes_and_formats_null_threshold(tmp_path):
     s = summary("a|b", "switch_vit", [8, 8, 16], 1234, 70.5, 7, None, 2.346, 0.124)
     run = load_run(write_run(tmp_path / "p", summary=s))
-    assert results_table([run]).splitlines()[2] == "| a\\|b | 8/16 | 1,234 | 70.50 (7) | - | 2.35 | 0.12 |"
+    assert results_table([run]).splitlines()[2] == ("| a\\|b | fashion-mnist | 8/16 | 1,234 | 308 | 70.50 (7) | n/a | - "
+                                                   "| 2.35 | 0.12 |")
 
 
 # -- figures ------------------------------------------------------------------------------
@@ -329,8 +335,10 @@ def test_make_report_duplicate_names_and_incomplete(moe_dir, tmp_path):
         files = make_report([moe_dir, other], tmp_path / "out", threshold=76.0)
     assert list(files.expert_load_pngs) == ["switch-vit", "switch-vit_2"]
     assert (tmp_path / "out" / "expert_load_switch-vit_2.png").is_file()
-    assert "| switch-vit (incomplete) | 4 | n/a | 76.00 (1) | 1 | 30.00 | n/a |" in files.markdown
-    assert "| switch-vit | 4 | 238,732,426 | 79.04 (321) | 2 | 68.86 | 4.98 |" in files.markdown
+    assert ("| switch-vit (incomplete) | fashion-mnist | 4 | n/a | n/a | 76.00 (1) | n/a | 1 | 30.00 | n/a |"
+            in files.markdown)
+    assert ("| switch-vit | fashion-mnist | 4 | 238,732,426 | 59,683,106 | 79.04 (321) | n/a | 2 | 68.86 | 4.98 |"
+            in files.markdown)
 
 
 def test_make_report_requires_runs(tmp_path):

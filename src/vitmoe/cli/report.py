@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 
-from .common import HelpFormatter, echo
+from .common import HelpFormatter, echo, warn
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "report", help="results table and plots from run directories", formatter_class=HelpFormatter,
-        description="Write results.md (the source project's results table), accuracy.png and expert_load_<run>.png "
-                    "into --out and print the table.")
+        description="Write results.md (the source project's results table plus dataset, active parameters and "
+                    "test-set size, every column explained under it), accuracy.png and expert_load_<run>.png "
+                    "into --out and print the table. Runs of several datasets in one table get a warning.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (from vitmoe train/demo)")
     p.add_argument("--out", default="report", help="output directory")
     p.add_argument("--threshold", type=float, default=75.0, help="accuracy (percent) for the 'epochs to' column")
@@ -20,7 +22,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..report import RunFormatError, make_report
+    from ..report import ReportWarning, RunFormatError, make_report
     from .common import CLIError
 
     missing = [r for r in args.runs if not Path(r).is_dir()]
@@ -28,10 +30,17 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"not a run directory: {', '.join(missing)}")
     if not 0 <= args.threshold <= 100:
         raise CLIError(f"--threshold {args.threshold}: must be a percentage in [0, 100]")
-    try:
-        files = make_report(args.runs, args.out, threshold=args.threshold)
-    except RunFormatError as e:
-        raise CLIError(str(e)) from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ReportWarning)
+        try:
+            files = make_report(args.runs, args.out, threshold=args.threshold)
+        except RunFormatError as e:
+            raise CLIError(str(e)) from None
+    for w in caught:  # e.g. runs of several datasets in one table, a killed run, a truncated metrics line
+        if issubclass(w.category, ReportWarning):
+            warn(str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     echo(files.markdown)
     echo(f"wrote {', '.join(str(p) for p in files.paths)}")
     return 0

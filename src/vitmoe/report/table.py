@@ -1,36 +1,76 @@
-"""The results table of the source project, as markdown.
+"""The results table of the source project, as markdown, with the columns explained under it.
 
-Columns (as published by switch-vit)::
+Columns: the source project's (switch-vit's published table)::
 
     | model | experts | size | highest acc (epoch) | t_epoch |
     | Training Time (60,000 images) | Inference Time (60,000 images) |
 
-* ``experts``: ``-`` for a dense model;
-* ``size``: parameter count with thousands separators;
+plus ``dataset`` (after model), ``active params`` (after size) and ``test images`` (after the
+accuracy), so that a table never silently compares runs on different data or hides what a
+token actually computes with:
+
+* ``dataset``: the dataset the run trained and was tested on;
+* ``experts``: experts per MoE layer (``a/b`` when layers differ), ``-`` for a dense model;
+* ``size``: total parameter count with thousands separators;
+* ``active params``: parameters one token passes through (summary ``active_params``);
 * ``highest acc (epoch)``: best test accuracy in percent, 2 decimals, and its epoch;
+* ``test images``: size of the test set behind the accuracy (summary ``test_images``);
 * ``t_epoch``: first epoch whose test accuracy reached the threshold, ``-`` if never;
-* times: seconds to train on / classify 60,000 images, 2 decimals.
+* times: seconds to train on / classify 60,000 images at the run's median throughput
+  (summary ``train_time_60k_s`` / ``inference_time_60k_s``), 2 decimals.
 
 A value that is unavailable (e.g. the inference time of a run killed before it wrote
-``summary.json``) is written ``n/a``; such runs are marked ``(incomplete)`` and explained
-in a note under the table.  Row order is the order of ``runs``.
+``summary.json``, or a field an older run did not record) is written ``n/a``; such runs are
+marked ``(incomplete)`` and explained in a note under the table.  Row order is the order of
+``runs``.  Runs of more than one dataset get a note and a :class:`ReportWarning`.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Iterable, Union
 
-from .runs import DEFAULT_THRESHOLD, METRICS_FILE, SUMMARY_FILE, RunResult, load_run
+from .runs import DEFAULT_THRESHOLD, METRICS_FILE, SUMMARY_FILE, ReportWarning, RunResult, load_run
 
-__all__ = ["results_table", "HEADER", "format_row"]
+__all__ = ["results_table", "HEADER", "format_row", "column_notes", "datasets_of"]
 
-HEADER = ("model", "experts", "size", "highest acc (epoch)", "t_epoch",
+HEADER = ("model", "dataset", "experts", "size", "active params", "highest acc (epoch)", "test images", "t_epoch",
           "Training Time (60,000 images)", "Inference Time (60,000 images)")
-ALIGN = ("---", ":---:", ":---:", ":---:", ":---:", ":---:", ":---:")
+ALIGN = ("---",) + (":---:",) * (len(HEADER) - 1)
 NA = "n/a"
 INCOMPLETE = "(incomplete)"
 
 RunLike = Union[RunResult, str, os.PathLike]
+
+_DATASET_ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "cifar-10": "cifar10",
+                    "cifar-100": "cifar100"}
+
+
+def _dataset(run: RunResult) -> str | None:
+    """The run's dataset in its canonical spelling (fashion_mnist -> fashion-mnist), or None."""
+    if not run.dataset:
+        return None
+    key = str(run.dataset).strip().lower()
+    return _DATASET_ALIASES.get(key, key)
+
+
+def _test_images(run: RunResult) -> int | None:
+    value = getattr(run, "test_images", None)
+    if value is None and run.summary:
+        value = run.summary.get("test_images")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
+        return None
+    return int(value)
+
+
+def datasets_of(runs: Iterable[RunResult]) -> list[str]:
+    """The distinct datasets of ``runs``, in order of first appearance."""
+    out: list[str] = []
+    for run in runs:
+        d = _dataset(run)
+        if d and d not in out:
+            out.append(d)
+    return out
 
 
 def _cell(text: str) -> str:
@@ -39,6 +79,10 @@ def _cell(text: str) -> str:
 
 def _seconds(x: float | None) -> str:
     return NA if x is None else f"{x:.2f}"
+
+
+def _count(x: int | None) -> str:
+    return NA if x is None else f"{x:,}"
 
 
 def _experts(x: int | tuple[int, ...] | None) -> str:
@@ -50,9 +94,8 @@ def _experts(x: int | tuple[int, ...] | None) -> str:
 
 
 def format_row(run: RunResult, threshold: float = DEFAULT_THRESHOLD) -> list[str]:
-    """The seven cells of ``run``'s row (unescaped)."""
+    """The cells of ``run``'s row (unescaped), in ``HEADER`` order."""
     name = run.name if run.complete else f"{run.name} {INCOMPLETE}"
-    size = NA if run.params is None else f"{run.params:,}"
     if run.best_acc is None:
         best = NA
     elif run.best_epoch is None:
@@ -64,12 +107,35 @@ def format_row(run: RunResult, threshold: float = DEFAULT_THRESHOLD) -> list[str
     else:
         e = run.epochs_to(threshold)
         t_epoch = "-" if e is None else str(e)
-    return [name, _experts(run.experts), size, best, t_epoch,
-            _seconds(run.train_time_60k_s), _seconds(run.inference_time_60k_s)]
+    return [name, _dataset(run) or NA, _experts(run.experts), _count(run.params), _count(run.active_params), best,
+            _count(_test_images(run)), t_epoch, _seconds(run.train_time_60k_s), _seconds(run.inference_time_60k_s)]
+
+
+def column_notes(threshold: float = DEFAULT_THRESHOLD) -> list[str]:
+    """What every column means (markdown bullet lines, printed under the table)."""
+    return [
+        "- model: the run's name (vit, switch-vit, random-vit, ...); `(incomplete)`: the run wrote no "
+        f"{SUMMARY_FILE} (killed), its values come from {METRICS_FILE}.",
+        "- dataset: what the run trained and was tested on.",
+        "- experts: experts per MoE layer (`a/b`: layers differ); `-`: dense model.",
+        "- size: all parameters of the model.",
+        "- active params: parameters one token passes through (per MoE layer its router and the experts it "
+        "is sent to); equal to size for a dense model.",
+        "- highest acc (epoch): best test accuracy in percent, and the epoch it was reached.",
+        "- test images: the size of the test set behind the accuracy.",
+        f"- t_epoch: the first epoch whose test accuracy reached {threshold:g} % (`-`: never).",
+        "- Training Time (60,000 images): seconds to train on 60,000 images at the run's median training "
+        "throughput (images/s over its epochs; evaluation and checkpoints not counted), summary "
+        "`train_time_60k_s`: one epoch of a 60,000-image training set, comparable across datasets.",
+        "- Inference Time (60,000 images): seconds to classify 60,000 images at the run's median test-set "
+        "throughput, summary `inference_time_60k_s`.",
+        f"- `{NA}`: the run did not record the value.",
+    ]
 
 
 def results_table(runs: Iterable[RunLike], threshold: float = DEFAULT_THRESHOLD) -> str:
-    """Markdown results table for ``runs`` (RunResult objects or run directories).
+    """Markdown results table for ``runs`` (RunResult objects or run directories), with notes on
+    incomplete runs, on mixed datasets (also a :class:`ReportWarning`) and on every column.
 
     Deterministic: rows follow the given order; the text ends with a newline.
     """
@@ -78,6 +144,12 @@ def results_table(runs: Iterable[RunLike], threshold: float = DEFAULT_THRESHOLD)
     for run in runs:
         lines.append("| " + " | ".join(_cell(c) for c in format_row(run, threshold)) + " |")
     notes = []
+    datasets = datasets_of(runs)
+    if len(datasets) > 1:
+        msg = (f"the runs used {len(datasets)} different datasets ({', '.join(datasets)}): accuracies and "
+               f"times are not comparable across them")
+        warnings.warn(msg, ReportWarning, stacklevel=2)
+        notes.append(f"- **Note:** {msg}.")
     for run in runs:
         if not run.complete:
             n = len(run.metrics)
@@ -85,4 +157,5 @@ def results_table(runs: Iterable[RunLike], threshold: float = DEFAULT_THRESHOLD)
                          f"from {METRICS_FILE} ({n} epoch{'' if n == 1 else 's'} logged).")
     if notes:
         lines += ["", *notes]
+    lines += ["", "Columns:", "", *column_notes(threshold)]
     return "\n".join(lines) + "\n"
