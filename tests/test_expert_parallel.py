@@ -4,8 +4,8 @@ import torch
 import torch.distributed as dist
 from dist_utils import run_workers
 
-from vitmoe.moe import MoEMlp
-from vitmoe.moe.parallel import init_expert_parallel
+from vitmoe.moe import MoEMlp, SoftMoE
+from vitmoe.moe.parallel import ExpertParallel, init_expert_parallel
 from vitmoe.training.expert_parallel import (
     expert_param_names, full_state_dict, local_state_dict, reduce_expert_grads, shard_experts,
 )
@@ -16,6 +16,10 @@ CASES = {
     "top2-capacity": dict(router="topk", top_k=2, capacity_factor_train=1.0),
     "random-token": dict(router="random", random_granularity="token"),
     "random-batch": dict(router="random", random_granularity="batch"),
+    "expert-choice": dict(router="expert_choice", capacity_factor_train=1.0, capacity_factor_eval=1.0),
+    # threshold 1.0: every second copy unsent, so EP must skip them in its counts and exchange
+    "top2-threshold": dict(router="topk", top_k=2, second_policy="random", second_threshold=1.0,
+                           capacity_factor_train=1.0),
 }
 
 
@@ -85,3 +89,8 @@ def total_w1(g_ref, ref):
 @pytest.mark.parametrize("case", list(CASES))
 def test_ep2_equals_ep1(case):
     run_workers(_ep_vs_local, 2, case, timeout=120)
+
+
+def test_expert_parallel_refuses_soft_moe():
+    with pytest.raises(ValueError, match="Soft MoE"):
+        shard_experts(SoftMoE(D, H, num_experts=4), ExpertParallel(size=2, rank=0, group=None, replica_group=None))

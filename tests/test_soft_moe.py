@@ -7,8 +7,6 @@ from conftest import grads
 import torch.nn.functional as F
 
 from vitmoe.moe import SoftMoE, collect_moe_outputs
-from vitmoe.moe.parallel import ExpertParallel
-from vitmoe.training.expert_parallel import shard_experts
 
 D, H = 12, 20
 
@@ -87,8 +85,3 @@ def test_router_math_in_fp32_under_autocast_and_bad_arguments():
     assert d.dtype == c.dtype == torch.float32 and y.shape == x.shape and torch.isfinite(y).all()
     with pytest.raises(ValueError, match="slots_per_expert"):
         SoftMoE(D, H, num_experts=2, slots_per_expert=0)
-
-
-def test_expert_parallel_refuses_soft_moe():
-    with pytest.raises(ValueError, match="Soft MoE"):
-        shard_experts(make(E=4), ExpertParallel(size=2, rank=0, group=None, replica_group=None))
