@@ -5,7 +5,7 @@ import warnings
 
 import torch
 
-from ..moe import MoEMlp
+from ..moe import MoEMlp, find_moe_layers
 from .vit import VisionTransformer
 
 UNMERGEABLE = "residual MoE (moe.residual=True) and Soft MoE (moe.router='soft')"
@@ -37,7 +37,7 @@ def merge_experts(model: VisionTransformer, weighting: str = "uniform") -> Visio
                          f"(this model: moe.residual={cfg.moe.residual}, moe.router={cfg.moe.router!r}); "
                          "evaluate the MoE model itself")
     # Every name of every layer: a WideNet layer appears under each block that uses it.
-    moe = {name: m for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, MoEMlp)}
+    moe = {name: m for name, m in find_moe_layers(model, every_name=True) if isinstance(m, MoEMlp)}
     routed = [name for name, m in moe.items() if m.router.has_distribution]
     if routed:
         warnings.warn(

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ...validation import Fields
+from ..base_layer import find_moe_layers
 from ..options import Options
 from .base import Router, Routing, register_router
 
@@ -73,11 +74,11 @@ def seed_random_routers(model: nn.Module, seed: int, device: torch.device) -> di
     """Give every random router its own generator, seeded alike on every rank, so all ranks draw the
     same routes (one expert per layer per forward for the whole global batch, as in one process).
     Returns the generators by router name (their states go into training checkpoints)."""
-    routers = [(name, m) for name, m in model.named_modules() if isinstance(m, RandomRouter)]
     gens = {}
-    for i, (name, router) in enumerate(routers):
+    layers = [(name, m) for name, m in find_moe_layers(model) if isinstance(getattr(m, "router", None), RandomRouter)]
+    for i, (name, layer) in enumerate(layers):
         g = torch.Generator(device=device)
         g.manual_seed(seed * 1000003 + i)
-        router.generator = g
-        gens[name.removesuffix(".router")] = g
+        layer.router.generator = g
+        gens[name] = g
     return gens
