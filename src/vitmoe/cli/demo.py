@@ -19,7 +19,7 @@ from .common import CLIError, HelpFormatter, echo
 
 MODELS = ("vit", "switch_vit", "random_vit")
 # How long `make demo` / `vitmoe demo` takes (measured; README's quick start states the same words).
-DEMO_TIME = "about a minute on a 2-core CPU"
+DEMO_TIME = "under a minute on a 2-core CPU"
 # Marks an output folder the demo made: its runs may be replaced by the next demo (re-running the quick start).
 MARKER = ".vitmoe-demo"
 # Small enough for DEMO_TIME (8x8 digits, patch 4: 2x2 patches).

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from ..models import list_models, model_config, model_info
-    from ..training.config import TrainConfig, _coerce_model_value
+    from ..training.config import TrainConfig
 
     if args.preset not in list_models():
         raise CLIError(f"unknown model preset {args.preset!r}; choose one of: {', '.join(list_models())}")
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset:
         cfg = TrainConfig(model=args.preset, dataset=args.dataset, model_config=overrides).validate().resolved_model_config()
     else:
-        cfg = model_config(args.preset, **{k: _coerce_model_value(k, v) for k, v in overrides.items()})
+        cfg = model_config(args.preset, **overrides)
     info = model_info(cfg)
     if args.json:
         echo(json.dumps({"model": args.preset, **asdict(info)}))
