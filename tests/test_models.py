@@ -173,3 +173,16 @@ def test_merged_checkpoint_loads_as_plain_vit(tmp_path):
         torch.testing.assert_close(dense(x), m(x), rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="does not fit preset"):
         vitmoe.create_model("vit", checkpoint=str(tmp_path / "dense.safetensors"))
+
+
+@pytest.mark.slow
+def test_compiled_moe_model_matches_eager_with_its_aux_loss():
+    # torch.compile traces _grouped_mm's shape function, which takes bf16 only: fp32 must fall
+    # back to the padded path when compiling instead of failing (vitmoe train --compile).
+    m = vitmoe.create_model("switch_vit", num_experts=4, **TINY)
+    x = torch.randn(4, 3, 32, 32)
+    out = torch.compile(m)(x, return_aux=True)
+    ref = m(x, return_aux=True)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.aux_loss, ref.aux_loss, rtol=1e-5, atol=1e-7)
+    assert list(out.moe_stats) == list(ref.moe_stats) == ["blocks.0.mlp", "blocks.1.mlp"]

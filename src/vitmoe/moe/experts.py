@@ -46,6 +46,8 @@ def grouped_mm_supported(x: Tensor, *widths: int) -> bool:
         return False
     if any(w * x.element_size() % 16 for w in (x.shape[-1], *widths)):
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False  # the op's shape function (meta kernel) under torch.compile accepts bf16 only
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
     if x.device.type == "cuda":
