@@ -27,7 +27,7 @@ def test_readme_command_lines_resolve_like_the_source():
     m = cfg.resolved_model_config()
     assert (cfg.batch_size, cfg.epochs, cfg.nproc, cfg.model, cfg.dataset) == (256, 500, 4, "switch_vit", "cifar10")
     assert cfg.out == "vit_model_rtx_4_dmodel_300_experts_64_batch_256_cifar10"
-    assert (m.embed_dim, m.num_experts, m.router, m.moe_block_indices()) == (300, 64, "switch", list(range(12)))
+    assert (m.embed_dim, m.num_experts, m.moe.router, m.moe_block_indices()) == (300, 64, "switch", list(range(12)))
     assert (m.img_size, m.num_classes, m.patch_size) == (32, 10, 4)
 
     cfg = _config(README_DENSE)
@@ -41,7 +41,7 @@ def test_readme_command_lines_resolve_like_the_source():
 
 def test_precedence_config_flags_set(tmp_path):
     conf = tmp_path / "run.yaml"
-    conf.write_text("epochs: 7\nlr: 1e-3\nbatch_size: 64\nmodel_config:\n  depth: 3\n  embed_dim: 48\n")
+    conf.write_text("epochs: 7\nlr: 1e-3\nbatch_size: 64\nmodel_config:\n  depth: 3\n  embed_dim: 48\n  num_heads: 4\n")
     cfg = _config(["--config", str(conf), "--epochs", "9", "--set", "model.depth=5", "--dataset", "digits"])
     m = cfg.resolved_model_config()
     assert (cfg.epochs, cfg.lr, cfg.batch_size) == (9, 1e-3, 64)
@@ -83,14 +83,15 @@ def no_data(monkeypatch):
 
 
 @pytest.mark.parametrize("argv, needles", [
-    (["--set", "model.depth=-1"], ["depth", "positive integer"]),
+    (["--set", "model.depth=-1"], ["depth", "integer >= 1"]),
     (["--set", "lr=abc"], ["lr", "number"]),
     (["--set", "optimizer=sgd"], ["optimizer", "adam", "adamw"]),
     (["--set", "nope=1"], ["nope", "allowed"]),
     (["--set", "model.nope=1"], ["nope", "model field"]),
     (["--epochs", "0"], ["epochs", ">= 1"]),
-    (["--dmodel", "100"], ["num_heads", "embed_dim"]),
-    (["--experts", "0"], ["num_experts", "positive"]),
+    (["--dmodel", "110"], ["embed_dim=110", "--heads"]),  # 110 does not keep switch_vit's head width 25
+    (["--dmodel", "96", "--heads", "5"], ["num_heads", "embed_dim"]),
+    (["--experts", "0"], ["num_experts", ">= 1"]),
     (["--router", "topk", "--top-k", "40"], ["top_k"]),
     (["--set", "model.patch_size=3"], ["patch_size", "img_size"]),
     (["--noswitch", "--router", "topk"], ["--router", "dense"]),
