@@ -55,7 +55,8 @@ def add_parser(sub) -> None:
     src.add_argument("--out", default=None, help="run directory (default runs/MODEL-DATASET-TIMESTAMP)")
     src.add_argument("--dmodel", type=int, default=None, help="embedding width d_model (model field embed_dim; default 300)")
     src.add_argument("--heads", type=int, default=None, metavar="H",
-                     help="attention heads (model field num_heads; default 12); must divide --dmodel")
+                     help="attention heads (model field num_heads); must divide --dmodel (default: the preset's, "
+                          "12 for vit/switch_vit; --dmodel alone keeps the preset's head width)")
 
     g = p.add_argument_group("model and data")
     g.add_argument("--model", choices=list_models(), default=None,
