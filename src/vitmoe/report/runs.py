@@ -1,6 +1,7 @@
 """Loading training run directories (``config.yaml``, ``metrics.jsonl``, ``summary.json``).
 
-The run directory layout is the trainer's contract:
+The run directory layout is the trainer's contract, defined with its readers in
+:mod:`vitmoe.rundir`:
 
 * ``summary.json`` -- final numbers written when a run finishes (authoritative when present);
 * ``metrics.jsonl`` -- one JSON object per epoch (``epoch`` and ``test_acc`` required);
@@ -11,7 +12,6 @@ from ``metrics.jsonl`` is, and the result is flagged ``complete=False``.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -19,24 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..rundir import (CONFIG_FILE, DEFAULT_THRESHOLD, IMAGES_60K, METRICS_FILE, SUMMARY_FILE, RunFormatError,
+                      epochs_to_threshold, finite, finite_int, read_config, read_metrics, read_summary, summarize)
+
 __all__ = [
     "RunResult", "RunFormatError", "ReportWarning", "load_run", "epochs_to_threshold",
-    "DEFAULT_THRESHOLD", "IMAGES_60K",
+    "DEFAULT_THRESHOLD", "IMAGES_60K", "METRICS_FILE", "SUMMARY_FILE", "CONFIG_FILE",
 ]
-
-DEFAULT_THRESHOLD = 75.0
-IMAGES_60K = 60_000
-# Accuracies are percentages computed from integer counts; allow for float round-off
-# (e.g. 74.99999999999999 for 75 %) when comparing against the threshold.
-_THRESHOLD_EPS = 1e-9
-
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-CONFIG_FILE = "config.yaml"
-
-
-class RunFormatError(ValueError):
-    """A run directory is missing or one of its files cannot be parsed."""
 
 
 class ReportWarning(UserWarning):
@@ -68,6 +57,7 @@ class RunResult:
     inference_time_60k_s: float | None = None
     epochs: int | None = None
     dataset: str | None = None
+    test_images: int | None = None  # size of the test set behind the accuracies
     complete: bool = True          # summary.json was present
     metrics: list[dict[str, Any]] = field(default_factory=list, repr=False)
     summary: dict[str, Any] | None = field(default=None, repr=False)
@@ -108,40 +98,17 @@ class RunResult:
         return self.threshold is not None and math.isclose(self.threshold, threshold)
 
 
-def epochs_to_threshold(metrics: list[dict[str, Any]], threshold: float = DEFAULT_THRESHOLD
-                        ) -> int | None:
-    """First (1-based) epoch at which ``test_acc`` >= ``threshold``; None if never."""
-    for m in sorted(metrics, key=lambda r: r["epoch"]):
-        acc = _num(m.get("test_acc"))
-        if acc is not None and acc >= threshold - _THRESHOLD_EPS:
-            return int(m["epoch"])
-    return None
-
-
 # -- helpers --------------------------------------------------------------------------
-def _num(x: Any) -> float | None:
-    """A finite float, or None for missing / non-numeric / NaN / inf."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def _int(x: Any) -> int | None:
-    v = _num(x)
-    return int(v) if v is not None and v == int(v) else None
-
-
 def _norm_experts(x: Any) -> int | tuple[int, ...] | None:
     """int / list of per-layer counts / None -> None (dense), int, or tuple of distinct counts."""
     if x is None or isinstance(x, bool):
         return None
     if isinstance(x, (list, tuple)):
-        counts = sorted({int(v) for v in x if _int(v) is not None and int(v) > 1})
+        counts = sorted({int(v) for v in x if finite_int(v) is not None and int(v) > 1})
         if not counts:
             return None
         return counts[0] if len(counts) == 1 else tuple(counts)
-    v = _int(x)
+    v = finite_int(x)
     return v if v is not None and v > 0 else None
 
 
@@ -150,81 +117,18 @@ def _warn(run_warnings: list[str], msg: str) -> None:
     warnings.warn(msg, ReportWarning, stacklevel=3)
 
 
-def _read_metrics(path: Path, run_warnings: list[str]) -> list[dict[str, Any]]:
-    """Parse ``metrics.jsonl``; ignore a truncated last line, raise on a bad middle line."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    # index of the last non-blank line: only that one may be a truncated write
-    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
-    by_epoch: dict[int, dict[str, Any]] = {}
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        lineno = i + 1
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == last:
-                _warn(run_warnings, f"{path}:{lineno}: ignoring truncated last line ({e.msg})")
-                continue
-            raise RunFormatError(f"{path}:{lineno}: malformed JSON line: {e.msg} "
-                                 f"(column {e.colno})") from None
-        if not isinstance(rec, dict):
-            raise RunFormatError(f"{path}:{lineno}: expected a JSON object, "
-                                 f"got {type(rec).__name__}")
-        for key in ("epoch", "test_acc"):
-            if key not in rec:
-                raise RunFormatError(f"{path}:{lineno}: missing required key {key!r}")
-        epoch = _int(rec["epoch"])
-        if epoch is None:
-            raise RunFormatError(f"{path}:{lineno}: 'epoch' must be an integer, "
-                                 f"got {rec['epoch']!r}")
-        acc = rec["test_acc"]
-        if isinstance(acc, bool) or not isinstance(acc, (int, float)):  # NaN is allowed
-            raise RunFormatError(f"{path}:{lineno}: 'test_acc' must be a number, "
-                                 f"got {rec['test_acc']!r}")
-        rec["epoch"] = epoch
-        if epoch in by_epoch:  # resumed run re-logging an epoch: the later record wins
-            _warn(run_warnings, f"{path}:{lineno}: epoch {epoch} logged again; "
-                                f"keeping the later record")
-        by_epoch[epoch] = rec
-    return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-def _read_summary(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise RunFormatError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
-    if not isinstance(data, dict):
-        raise RunFormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _read_config(path: Path, run_warnings: list[str]) -> dict[str, Any]:
-    try:
-        import yaml  # lazy: only needed for fallbacks
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except Exception as e:  # config is only used for fallbacks: never fatal
-        _warn(run_warnings, f"{path}: cannot read config ({type(e).__name__}: {e}); ignoring it")
-        return {}
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        _warn(run_warnings, f"{path}: config is not a mapping; ignoring it")
-        return {}
-    return data
+_UNSET = object()
 
 
 def _experts_fallback(config: dict[str, Any], metrics: list[dict[str, Any]]
                       ) -> int | tuple[int, ...] | None:
     mc = config.get("model_config")
-    if isinstance(mc, dict) and "router" in mc:
-        if mc.get("router") is None:
-            return None
-        return _norm_experts(mc.get("num_experts"))
+    if isinstance(mc, dict):
+        # The router as model_config spells it: nested (moe: {router: ...}) or, in older runs, flat.
+        moe = mc.get("moe") if isinstance(mc.get("moe"), dict) else {}
+        router = moe.get("router", mc.get("router", _UNSET))
+        if router is not _UNSET:
+            return None if router is None else _norm_experts(mc.get("num_experts"))
     for m in reversed(metrics):  # infer from the logged loads
         load = m.get("expert_load")
         if isinstance(load, dict) and load:
@@ -252,9 +156,10 @@ def load_run(path: str | os.PathLike) -> RunResult:
                                 f"is this a training run directory?")
 
     run_warnings: list[str] = []
-    metrics = _read_metrics(mpath, run_warnings) if mpath.is_file() else []
-    summary = _read_summary(spath) if spath.is_file() else None
-    config = _read_config(cpath, run_warnings) if cpath.is_file() else {}
+    warn = lambda msg: _warn(run_warnings, msg)  # noqa: E731
+    metrics = read_metrics(mpath, warn) if mpath.is_file() else []
+    summary = read_summary(spath) if spath.is_file() else None
+    config = read_config(cpath, warn) if cpath.is_file() else {}
     s = summary or {}
 
     name = s.get("name") or config.get("name") or root.resolve().name
@@ -263,6 +168,7 @@ def load_run(path: str | os.PathLike) -> RunResult:
         metrics=metrics, summary=summary, config=config, warnings=run_warnings,
         model=s.get("model") or config.get("model"),
         dataset=s.get("dataset") or config.get("dataset"),
+        test_images=finite_int(s.get("test_images")),
     )
     if "experts" in s:
         run.experts = _norm_experts(s["experts"])
@@ -270,38 +176,35 @@ def load_run(path: str | os.PathLike) -> RunResult:
         run.experts = _experts_fallback(config, metrics)
 
     if summary is not None:
-        run.params = _int(s.get("params"))
-        run.active_params = _int(s.get("active_params"))
-        run.best_acc = _num(s.get("best_acc"))
-        run.best_epoch = _int(s.get("best_epoch"))
-        run.threshold = _num(s.get("threshold"))
+        run.params = finite_int(s.get("params"))
+        run.active_params = finite_int(s.get("active_params"))
+        run.best_acc = finite(s.get("best_acc"))
+        run.best_epoch = finite_int(s.get("best_epoch"))
+        run.threshold = finite(s.get("threshold"))
         if run.threshold is None and "epochs_to_threshold" in s:
             run.threshold = DEFAULT_THRESHOLD
-        run.epochs_to_threshold = _int(s.get("epochs_to_threshold"))
-        run.train_time_s = _num(s.get("train_time_s"))
-        run.time_per_epoch_s = _num(s.get("time_per_epoch_s"))
-        run.train_time_60k_s = _num(s.get("train_time_60k_s"))
-        run.inference_time_60k_s = _num(s.get("inference_time_60k_s"))
-        run.epochs = _int(s.get("epochs"))
+        run.epochs_to_threshold = finite_int(s.get("epochs_to_threshold"))
+        run.train_time_s = finite(s.get("train_time_s"))
+        run.time_per_epoch_s = finite(s.get("time_per_epoch_s"))
+        run.train_time_60k_s = finite(s.get("train_time_60k_s"))
+        run.inference_time_60k_s = finite(s.get("inference_time_60k_s"))
+        run.epochs = finite_int(s.get("epochs"))
     else:
         _warn(run_warnings, f"{root}: no {SUMMARY_FILE} (run incomplete?); "
                             f"computing what is possible from {METRICS_FILE}")
         run.epochs = metrics[-1]["epoch"] if metrics else None
         run.threshold = None  # epochs_to() recomputes for whatever threshold is asked
 
-    # fill gaps (always for an incomplete run, field by field for a partial summary)
-    accs = [(m["epoch"], _num(m["test_acc"])) for m in metrics]
-    accs = [(e, a) for e, a in accs if a is not None]
-    if run.best_acc is None and accs:
-        best_e, best_a = max(accs, key=lambda ea: (ea[1], -ea[0]))  # first epoch on ties
-        run.best_acc, run.best_epoch = best_a, best_e
-    times = [t for t in (_num(m.get("epoch_time_s")) for m in metrics) if t is not None]
-    if run.time_per_epoch_s is None and times:
-        run.time_per_epoch_s = sum(times) / len(times)
-    if run.train_time_s is None and times and summary is None:
-        run.train_time_s = sum(times)
-    ips = [v for v in (_num(m.get("images_per_s")) for m in metrics) if v is not None and v > 0]
-    if run.train_time_60k_s is None and ips:
-        # mean seconds per image over epochs, scaled to 60,000 images
-        run.train_time_60k_s = IMAGES_60K * sum(1.0 / v for v in ips) / len(ips)
+    # Fill gaps (always for an incomplete run, field by field for a partial summary) with the
+    # numbers the trainer's summary would hold (vitmoe.rundir.summarize).
+    if metrics:
+        derived = summarize(metrics)
+        if run.best_acc is None and derived["best_acc"] is not None:
+            run.best_acc, run.best_epoch = derived["best_acc"], derived["best_epoch"]
+        if run.time_per_epoch_s is None:
+            run.time_per_epoch_s = derived["time_per_epoch_s"]
+        if run.train_time_s is None and summary is None and derived["time_per_epoch_s"] is not None:
+            run.train_time_s = derived["train_time_s"]
+        if run.train_time_60k_s is None:
+            run.train_time_60k_s = derived["train_time_60k_s"]
     return run
