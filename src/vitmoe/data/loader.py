@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -37,6 +37,7 @@ class DeviceLoader:
       (CIFAR-10 policy) or RandAugment (2 ops, magnitude 9/31) between the crop and the flip, drawn the same
       way. Its draws come after the crop and flip draws, so crops and flips do not depend on the policy.
     * Eval (`train=False`): identity order, no augmentation; over all ranks each sample appears exactly once.
+    * `mean` / `std` (per channel, 0..1 scale) normalise the batches; None: the dataset's (`data.info`).
     """
 
     def __init__(
@@ -50,6 +51,8 @@ class DeviceLoader:
         world_size: int = 1,
         augment: bool = True,
         augment_policy: str = "none",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
         if augment_policy not in POLICIES:
             raise ValueError(f"unknown augment_policy {augment_policy!r}; expected one of {POLICIES}")
@@ -73,8 +76,14 @@ class DeviceLoader:
         self.images = data.images.to(device, non_blocking=False).contiguous()
         self.labels = data.labels.to(self.images.device)
         self.device = self.images.device  # normalised (e.g. "cuda" -> cuda:0) for generator placement
-        self._mean = torch.tensor(self.info.mean, dtype=torch.float32, device=self.device)
-        self._std = torch.tensor(self.info.std, dtype=torch.float32, device=self.device)
+        # Normalisation: the dataset's statistics unless the run overrides them (TrainConfig.norm_mean/std).
+        self.mean = tuple(float(m) for m in (self.info.mean if mean is None else mean))
+        self.std = tuple(float(s) for s in (self.info.std if std is None else std))
+        if len(self.mean) != self.info.in_chans or len(self.std) != self.info.in_chans:
+            raise ValueError(f"{self.info.name}: mean/std need one value per channel ({self.info.in_chans}), "
+                             f"got {self.mean} / {self.std}")
+        self._mean = torch.tensor(self.mean, dtype=torch.float32, device=self.device)
+        self._std = torch.tensor(self.std, dtype=torch.float32, device=self.device)
 
     @property
     def num_samples(self) -> int:
