@@ -141,13 +141,14 @@ def test_nan_loss_stops_with_step_and_keeps_last_good(tmp_path, digits):
     class Poisoned(Trainer):
         def setup(self):
             super().setup()
-            inner = self.forward
+            inner = self.train_step.forward
 
-            def forward(x):
-                out = inner(x)
-                return out * float("nan") if self.step == 16 else out  # the 17th step (epoch 2)
+            def forward(x, **kw):
+                out = inner(x, **kw)
+                # the 17th step (epoch 2)
+                return out._replace(logits=out.logits * float("nan")) if self.step == 16 else out
 
-            self.forward = forward
+            self.train_step.forward = forward
 
     with pytest.raises(NonFiniteLossError) as err:
         Poisoned(cfg, log=lambda m: None, train_data=tr, test_data=te).fit()

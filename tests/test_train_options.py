@@ -51,14 +51,15 @@ def test_normalization_override_and_policy_reach_the_loaders(tmp_path, digits):
     t.setup()
     assert t.train_loader.augment_policy == "randaugment" and t.test_loader.augment_policy == "none"
     for loader in (t.train_loader, t.test_loader):
-        assert (loader.info.mean, loader.info.std) == ((0.5,), (0.25,))
+        assert (loader.mean, loader.std) == ((0.5,), (0.25,))
+        assert loader.info == digits[0].info  # the dataset's description is not rewritten
     x, _ = next(iter(t.test_loader))
     raw = digits[1].images[: x.shape[0]].float() / 255.0
     torch.testing.assert_close(x, (raw - 0.5) / 0.25)
     # The default keeps the dataset's statistics.
     t2 = Trainer(_cfg(tmp_path, "plain"), log=lambda m: None, train_data=digits[0], test_data=digits[1])
     t2.setup()
-    assert t2.train_loader.info.std == digits[0].info.std and t2.train_loader.augment_policy == "none"
+    assert t2.train_loader.std == digits[0].info.std and t2.train_loader.augment_policy == "none"
 
 
 def test_normalization_is_recorded_for_eval(tmp_path, digits):

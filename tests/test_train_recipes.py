@@ -1,4 +1,4 @@
-"""The recipe files in configs/ reproduce the reference runs (REFERENCE.md s.1-2) and run."""
+"""The recipe files in configs/ reproduce the reference runs (switch-vit, ColossalAI ViT-MoE) and run."""
 import json
 from pathlib import Path
 
@@ -7,6 +7,7 @@ import pytest
 import vitmoe
 from vitmoe.cli.main import build_parser, main
 from vitmoe.cli.train import build_config
+from vitmoe.training import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 COLOSSAL = ("pr_moe_lite6_cifar10.yaml", "vit_lite7_cifar10.yaml", "widenet_tiny_cifar10.yaml")
@@ -41,11 +42,12 @@ def test_colossalai_recipes(name):
     assert cfg.normalization() == ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
     m = cfg.resolved_model_config()
     if m.moe_block_indices():
-        # "aux-loss weight 0.01" on the balance loss: aux_loss_weight x the model's per-term weights.
-        assert cfg.aux_loss_weight * m.balance_loss_weight == pytest.approx(0.01)
-        assert cfg.aux_loss_weight * m.z_loss_weight == 0.0
+        # "aux-loss weight 0.01" on the balance loss: one weight per term, in the model's MoE settings.
+        assert m.moe.balance_loss_weight == pytest.approx(0.01)
+        assert m.moe.z_loss_weight == 0.0
+        assert "aux_loss_weight" not in cfg.to_dict()
     if cfg.model == "pr_moe_lite6":
-        assert (m.moe_block_indices(), m.experts_per_moe_block(), m.moe_residual) == ([1, 3, 5], [4, 4, 8], True)
+        assert (m.moe_block_indices(), m.experts_per_moe_block(), m.moe.residual) == ([1, 3, 5], [4, 4, 8], True)
         assert (m.embed_dim, m.depth, m.num_heads, m.mlp_hidden, m.pool, m.norm_eps) == (256, 6, 4, 512, "mean", 1e-6)
 
 
@@ -68,3 +70,51 @@ def test_recipe_norm_needs_matching_channels():
     code = main(["train", "--config", str(CONFIGS / "pr_moe_lite6_cifar10.yaml"), "--dataset", "digits",
                  "--epochs", "1"])
     assert code == 2
+
+
+# An old recipe put the source's "aux-loss weight" on TrainConfig (a second weight on the model's
+# weighted total); it now lives in model.moe, one weight per term.
+OLD_RECIPE = """\
+model: pr_moe_lite6
+dataset: cifar10
+aux_loss_weight: {weight}
+model_config:
+  moe:
+    balance_loss_weight: 0.02
+"""
+
+
+def test_old_recipe_with_aux_loss_weight_one_loads_and_ignores_it(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text(OLD_RECIPE.format(weight=1.0))
+    with pytest.warns(FutureWarning, match="aux_loss_weight is deprecated and ignored"):
+        cfg = _config("--config", str(path))
+    m = cfg.resolved_model_config()
+    assert (m.moe.balance_loss_weight, m.moe.z_loss_weight) == (0.02, model_preset_z("pr_moe_lite6"))
+    assert "aux_loss_weight" not in cfg.to_dict()
+
+
+def test_old_recipe_with_another_aux_loss_weight_folds_it_into_the_terms(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text(OLD_RECIPE.format(weight=0.5))
+    with pytest.warns(FutureWarning, match="folded"):
+        cfg = _config("--config", str(path))
+    m = cfg.resolved_model_config()
+    # balance: the recipe's 0.02 x 0.5; z: the preset's weight x 0.5 (the old total times 0.5).
+    assert m.moe.balance_loss_weight == pytest.approx(0.01)
+    assert m.moe.z_loss_weight == pytest.approx(0.5 * model_preset_z("pr_moe_lite6"))
+    assert cfg.model_config["moe"]["balance_loss_weight"] == pytest.approx(0.01)
+    # Saved runs keep the folded weights and no aux_loss_weight: resuming does not fold twice.
+    cfg.save_yaml(tmp_path / "config.yaml")
+    again = TrainConfig.from_yaml(tmp_path / "config.yaml").validate()
+    assert again.resolved_model_config().moe == m.moe and "aux_loss_weight" not in again.to_dict()
+
+
+@pytest.mark.parametrize("value", ["heavy", -1.0, float("nan")])
+def test_bad_aux_loss_weight_is_named(value):
+    with pytest.raises(vitmoe.ConfigError, match="aux_loss_weight"):
+        TrainConfig.from_dict({"aux_loss_weight": value})
+
+
+def model_preset_z(name):
+    return vitmoe.models.model_config(name).moe.z_loss_weight

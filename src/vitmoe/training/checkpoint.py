@@ -180,10 +180,6 @@ def read_weights(ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu"
     return load_file(str(Path(ckpt_dir) / MODEL_FILE), device=str(device))
 
 
-def load_weights(model: torch.nn.Module, ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu") -> None:
-    model.load_state_dict(read_weights(ckpt_dir, device), strict=True)
-
-
 def resolve_model_file(path: str | os.PathLike) -> Path:
     """A model .safetensors file itself, or a run directory / checkpoint directory -> its latest model file."""
     p = Path(path)

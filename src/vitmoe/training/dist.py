@@ -28,6 +28,13 @@ class DistContext:
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
         return t
 
+    def mean_over_ranks(self, value: float) -> float:
+        """The mean of a host number over ranks (the number itself in one process)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], device=self.device, dtype=torch.float64)
+        return float(self.all_reduce_sum(t)) / self.world_size
+
     def barrier(self) -> None:
         if self.distributed:
             torch.distributed.barrier()
@@ -53,5 +60,23 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def single_process(device: str = "auto") -> DistContext:
-    return DistContext(device=resolve_device(device))
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timing); a no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device, ignore: list[str] = ()) -> torch.nn.Module:
+    """DistributedDataParallel around `model`, leaving the parameters named in `ignore` (sharded
+    experts, reduced over their replicas by the training step) and the buffers (per-rank usage
+    counters) to the caller. Every parameter gets a gradient each step (expert weights are stacked
+    tensors; a random route's index_select back-propagates a zero-filled gradient to the others)."""
+    import warnings
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if ignore:
+        DDP._set_params_and_buffers_to_ignore_for_model(model, list(ignore))
+    with warnings.catch_warnings():  # its own advice: keep False for rank-local buffers
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)

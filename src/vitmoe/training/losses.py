@@ -1,7 +1,8 @@
 """Training losses beyond the cross-entropy: the consistency regulariser of randomly routed models.
 
-AdaMix / THOR (REFERENCE.md s.3): the same batch goes through the model twice, each pass drawing
-its own random routes; the two predictions are pulled together by a symmetric KL divergence
+AdaMix (Wang et al. 2022) / THOR (Zuo et al. 2022): the same batch goes through the model twice,
+each pass drawing its own random routes; the two predictions are pulled together by a symmetric
+KL divergence
 
     0.5 * (KL(p1 || p2) + KL(p2 || p1)),   KL(p || q) = sum_c p_c (log p_c - log q_c),
 

@@ -20,3 +20,38 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "c
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, max((step - warmup_steps) / span, min_progress))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+RESUME_SCHEDULES = ("stretch", "restart")
+
+
+def extend_cycles(cycles: list[int], total_steps: int, mode: str) -> list[int]:
+    """The LR cycles after a resume that plans `total_steps` steps in all.
+
+    `cycles` are step boundaries [0, end_1, ..., end_n]: cycle i runs from cycles[i] to
+    cycles[i+1] with its own warm-up and cosine; a new run has one cycle, [0, total_steps].
+    "stretch" moves the end of the last cycle to `total_steps` (one cosine over the new total:
+    extending a finished run raises the lr again, to where the longer cosine would be).
+    "restart" keeps the planned cycles and, when `total_steps` goes past the last one, adds a
+    new cycle over the added steps (a fresh warm-up and cosine, SGDR-style). Shortening a plan
+    moves its end back in both modes.
+    """
+    if mode not in RESUME_SCHEDULES:
+        raise ValueError(f"resume schedule must be one of {RESUME_SCHEDULES}, got {mode!r}")
+    if mode == "restart" and total_steps > cycles[-1]:
+        return [*cycles, total_steps]
+    return [*(b for b in cycles[:-1] if b < total_steps), total_steps]
+
+
+def cyclic_lr_factor(step: int, cycles: list[int], warmup_steps: int, schedule: str = "cosine",
+                     min_ratio: float = 0.0, min_progress: float = 0.0) -> float:
+    """`lr_factor` within the cycle of `cycles` (see `extend_cycles`) that holds `step`; the
+    time-budget floor `min_progress` applies to the last cycle. One cycle [0, total] is exactly
+    `lr_factor(step, total, ...)`."""
+    i = len(cycles) - 2
+    while i > 0 and step < cycles[i]:
+        i -= 1
+    start, end = cycles[i], cycles[i + 1]
+    last = i == len(cycles) - 2
+    return lr_factor(step - start, end - start, warmup_steps, schedule, min_ratio,
+                     min_progress=min_progress if last else 0.0)

@@ -1,0 +1,107 @@
+"""TrainConfig: validation returns a checked copy, checks every field the way the model configs do,
+and old configs (aux_loss_weight, flat MoE names) still load."""
+import math
+import warnings
+
+import pytest
+
+from vitmoe.models import ConfigError
+from vitmoe.training import TrainConfig, Trainer
+from vitmoe.training.config import DATASET_NAMES, EVAL_MODES
+
+TINY_MC = dict(embed_dim=16, depth=2, num_heads=2, mlp_hidden=32, head_hidden=16, head="linear", num_experts=4)
+
+
+def test_validate_returns_a_new_checked_object_and_leaves_the_input_alone():
+    raw = TrainConfig(model="switch_vit", dataset="Fashion_MNIST", lr="1e-3", epochs="3", betas="[0.8, 0.9]",
+                      grad_clip=0, norm_std=0.5, model_config={"depth": "2", "moe": {"top_k": "1"}})
+    before = raw.to_dict()
+    cfg = raw.validate()
+    assert cfg is not raw and cfg.validated and not raw.validated
+    assert raw.to_dict() == before  # nothing coerced in place
+    assert (cfg.dataset, cfg.lr, cfg.epochs, cfg.betas, cfg.grad_clip, cfg.norm_std) == \
+        ("fashion-mnist", 1e-3, 3, (0.8, 0.9), None, [0.5])
+    assert cfg.model_config is not raw.model_config and cfg.model_config["moe"] is not raw.model_config["moe"]
+    assert cfg.resolved_model_config().depth == 2
+    # Validating again gives another copy; a changed copy (updated) must be validated again.
+    again = cfg.validate()
+    assert again is not cfg and again == cfg and again.validated
+    changed = cfg.updated({"epochs": 5})
+    assert not changed.validated and cfg.epochs == 3
+
+
+def test_validate_puts_old_flat_model_names_in_the_nested_spelling():
+    with pytest.warns(FutureWarning, match="moe.top_k"):
+        cfg = TrainConfig(model="switch_vit", model_config={"router": "topk", "top_k": 2, "depth": 2}).validate()
+    assert cfg.model_config == {"moe": {"router": "topk", "top_k": 2}, "depth": 2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the validated copy no longer warns each time it is resolved
+        assert cfg.resolved_model_config().moe.top_k == 2 and cfg.run_label() == "top2-vit"
+
+
+def test_trainer_does_not_revalidate_a_validated_config(tmp_path, monkeypatch):
+    cfg = TrainConfig(model="vit", dataset="digits", epochs=1, out=str(tmp_path / "run"),
+                      model_config={k: v for k, v in TINY_MC.items() if k != "num_experts"}).validate()
+    calls = []
+    real = TrainConfig.validate
+    monkeypatch.setattr(TrainConfig, "validate", lambda self: calls.append(1) or real(self))
+    t = Trainer(cfg, log=lambda m: None)
+    assert calls == [] and t.cfg is cfg
+    # Without an out, the trainer names the run directory on its own copy, not on the caller's.
+    cfg2 = real(TrainConfig(model="vit", dataset="digits", epochs=1))
+    t2 = Trainer(cfg2, log=lambda m: None)
+    assert calls == [] and cfg2.out is None and t2.cfg.out == str(t2.run_dir) and t2.cfg.validated
+    # An unvalidated config is validated once, into the trainer's copy.
+    raw = TrainConfig(model="vit", dataset="digits", epochs="1", out=str(tmp_path / "raw"))
+    t3 = Trainer(raw, log=lambda m: None)
+    assert calls == [1] and raw.epochs == "1" and t3.cfg.epochs == 1
+
+
+@pytest.mark.parametrize("kw, needles", [
+    (dict(lr=math.inf), ["lr", "finite"]),
+    (dict(lr=".inf"), ["lr", "finite"]),
+    (dict(lr="inf"), ["lr", "finite"]),
+    (dict(lr=float("nan")), ["lr", "finite"]),
+    (dict(weight_decay=-math.inf), ["weight_decay"]),
+    (dict(threshold=float("nan")), ["threshold"]),
+    (dict(epochs=True), ["epochs", "integer"]),
+    (dict(batch_size=False), ["batch_size", "integer"]),
+    (dict(seed=2**63), ["seed", str(2**63 - 1)]),
+    (dict(seed=-1), ["seed"]),
+    (dict(norm_mean=[math.inf]), ["norm_mean"]),
+    (dict(betas=[0.9, math.nan]), ["betas"]),
+    (dict(dataset="mnist"), ["dataset", "cifar10", "digits"]),
+    (dict(eval_mode="average"), ["eval_mode", "merged"]),
+    (dict(resume_schedule="cyclic"), ["resume_schedule", "stretch", "restart"]),
+    (dict(model_config={"moe": {"top_k": "two"}}), ["moe.top_k"]),
+])
+def test_every_field_is_checked_like_the_model_configs(kw, needles):
+    base = dict(model="switch_vit", dataset="digits", model_config=dict(TINY_MC))
+    base.update(kw)
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(**base).validate()
+    assert all(n in str(e.value) for n in needles), str(e.value)
+
+
+def test_one_list_of_datasets_and_eval_modes():
+    from vitmoe.data import DATASETS
+    from vitmoe.moe import EVAL_MODES as MOE_EVAL_MODES
+
+    assert DATASET_NAMES == tuple(DATASETS) and EVAL_MODES is MOE_EVAL_MODES
+    assert TrainConfig(dataset="CIFAR-10").validate().dataset == "cifar10"  # vitmoe.data's aliases
+
+
+def test_a_run_saved_with_aux_loss_weight_one_resumes(tmp_path):
+    from vitmoe.cli.main import build_parser
+    from vitmoe.cli.train import build_config
+
+    cfg = TrainConfig(model="switch_vit", dataset="digits", epochs=1, out=str(tmp_path / "run"),
+                      model_config=dict(TINY_MC)).validate()
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg.save_yaml(run / "config.yaml")
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("consistency_weight:", "aux_loss_weight: 1.0\nconsistency_weight:"))
+    with pytest.warns(FutureWarning, match="aux_loss_weight"):
+        resumed = build_config(build_parser().parse_args(["train", "--resume", str(run), "--epochs", "3"]))
+    assert resumed.epochs == 3 and resumed.resolved_model_config() == cfg.resolved_model_config()
