@@ -552,3 +552,33 @@ def test_check_dataset_is_cheap_and_names_bad_files(tmp_path):
     with pytest.raises(DatasetError, match=r"data_batch_3 is missing"):
         data.check_dataset("cifar10", tmp_path / "c", download=False)
     data.check_dataset("digits")
+
+
+def test_fmnist_gzip_bomb_rejected_after_reading_its_header(tmp_path):
+    # 10 images announced, 64 MB of zeros behind them: compressed it is ~64 KB.
+    import gzip
+    import struct
+    import tracemalloc
+
+    from vitmoe.data.fashion_mnist import read_idx_images
+
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    with gzip.open(path, "wb", compresslevel=9) as fh:
+        fh.write(struct.pack(">iiii", 2051, 10, 28, 28))
+        chunk = bytes(1 << 20)
+        for _ in range(64):
+            fh.write(chunk)
+    assert path.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(DatasetError, match=r"corrupt \(trailing data\): header says 10 images of 28x28"):
+            read_idx_images(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"read {peak} bytes for a 10-image file"
+    # A header that announces an absurd count is refused before any body is read.
+    with gzip.open(path, "wb") as fh:
+        fh.write(struct.pack(">iiii", 2051, 2**31 - 1, 28, 28))
+    with pytest.raises(DatasetError, match="announces 2147483647 items"):
+        read_idx_images(path)

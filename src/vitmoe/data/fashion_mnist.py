@@ -38,50 +38,65 @@ DOWNLOAD_MD5 = {
 }
 
 
-def _read_bytes(path: Path) -> bytes:
+# Far above Fashion-MNIST's 70,000 images: a header that announces more is corrupt or hostile.
+MAX_ITEMS = 10_000_000
+
+
+def _read_idx(path: Path, header_format: str, item_bytes) -> tuple[tuple[int, ...], bytes]:
+    """(header fields, body) of an IDX file, reading no more than the header announces.
+
+    The header is read first and the body is read up to its announced size plus one byte, so a
+    small .gz that inflates to gigabytes (a gzip bomb) is rejected after a few kilobytes of work.
+    `item_bytes(header)` checks the header and gives (count, bytes per item, what they are).
+    """
+    header_len = struct.calcsize(header_format)
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as fh:
-                return fh.read()
-        return path.read_bytes()
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as fh:
+            head = fh.read(header_len)
+            if len(head) < header_len:
+                raise DatasetError(f"{NAME}: {path} is truncated: {len(head)} bytes is shorter than the "
+                                   f"{header_len}-byte IDX header")
+            header = struct.unpack(header_format, head)
+            n, per_item, what_items = item_bytes(header)
+            if not 0 <= n <= MAX_ITEMS:
+                raise DatasetError(f"{NAME}: {path} is corrupt: its header announces {n} items "
+                                   f"(allowed: 0 to {MAX_ITEMS:,})")
+            expected = n * per_item
+            body = fh.read(expected + 1)
     except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
         raise DatasetError(f"{NAME}: {path} is truncated or corrupt: {exc}") from exc
+    if len(body) < expected:
+        raise DatasetError(f"{NAME}: {path} is truncated: header says {what_items} but the file holds {len(body)}")
+    if len(body) > expected:  # not read further: a bomb's size is never measured
+        raise DatasetError(f"{NAME}: {path} is corrupt (trailing data): header says {what_items} but the file "
+                           f"holds more")
+    return header, body
 
 
 def read_idx_images(path: Path) -> np.ndarray:
     """Images [N, 28, 28] uint8 from an IDX3 file; header, dimensions and exact byte count are checked."""
-    raw = _read_bytes(path)
-    if len(raw) < 16:
-        raise DatasetError(f"{NAME}: {path} is truncated: {len(raw)} bytes is shorter than the 16-byte IDX3 header")
-    magic, n, rows, cols = struct.unpack(">iiii", raw[:16])
-    if magic != IMAGE_MAGIC:
-        raise DatasetError(f"{NAME}: {path} has magic number {magic}, expected {IMAGE_MAGIC} (IDX3 uint8 images)")
-    if (rows, cols) != (SIDE, SIDE):
-        raise DatasetError(f"{NAME}: {path} holds {rows}x{cols} images, expected {SIDE}x{SIDE}")
-    expected = n * rows * cols
-    got = len(raw) - 16
-    if got != expected:
-        what = "truncated" if got < expected else "corrupt (trailing data)"
-        raise DatasetError(
-            f"{NAME}: {path} is {what}: header says {n} images of {rows}x{cols} ({expected} bytes) "
-            f"but the file holds {got}"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows, cols)
+    def check(header):
+        magic, n, rows, cols = header
+        if magic != IMAGE_MAGIC:
+            raise DatasetError(f"{NAME}: {path} has magic number {magic}, expected {IMAGE_MAGIC} (IDX3 uint8 images)")
+        if (rows, cols) != (SIDE, SIDE):
+            raise DatasetError(f"{NAME}: {path} holds {rows}x{cols} images, expected {SIDE}x{SIDE}")
+        return n, rows * cols, f"{n} images of {rows}x{cols} ({n * rows * cols} bytes)"
+
+    (_, n, rows, cols), body = _read_idx(path, ">iiii", check)
+    return np.frombuffer(body, dtype=np.uint8).reshape(n, rows, cols)
 
 
 def read_idx_labels(path: Path, num_classes: int = 10) -> np.ndarray:
     """Labels [N] int64 from an IDX1 file; header, exact byte count and label range are checked."""
-    raw = _read_bytes(path)
-    if len(raw) < 8:
-        raise DatasetError(f"{NAME}: {path} is truncated: {len(raw)} bytes is shorter than the 8-byte IDX1 header")
-    magic, n = struct.unpack(">ii", raw[:8])
-    if magic != LABEL_MAGIC:
-        raise DatasetError(f"{NAME}: {path} has magic number {magic}, expected {LABEL_MAGIC} (IDX1 uint8 labels)")
-    got = len(raw) - 8
-    if got != n:
-        what = "truncated" if got < n else "corrupt (trailing data)"
-        raise DatasetError(f"{NAME}: {path} is {what}: header says {n} labels but the file holds {got}")
-    labels = np.frombuffer(raw, dtype=np.uint8, offset=8).astype(np.int64)
+    def check(header):
+        magic, n = header
+        if magic != LABEL_MAGIC:
+            raise DatasetError(f"{NAME}: {path} has magic number {magic}, expected {LABEL_MAGIC} (IDX1 uint8 labels)")
+        return n, 1, f"{n} labels"
+
+    _, body = _read_idx(path, ">ii", check)
+    labels = np.frombuffer(body, dtype=np.uint8).astype(np.int64)
     if labels.size and labels.max() >= num_classes:
         raise DatasetError(f"{NAME}: {path} has label {labels.max()} outside 0..{num_classes - 1}")
     return labels
