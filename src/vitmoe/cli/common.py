@@ -12,12 +12,13 @@ class CLIError(Exception):
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that are the user's to fix (bad value, missing file or data): no traceback."""
     from ..data import DatasetError
-    from ..models import ConfigError
+    from ..models import ConfigError, ModelFileError
     from ..training.checkpoint import CheckpointError
     from ..training.launch import WorkerUserError
     from ..training.trainer import RunDirError
 
-    return (CLIError, ConfigError, DatasetError, RunDirError, CheckpointError, FileNotFoundError, WorkerUserError)
+    return (CLIError, ConfigError, DatasetError, RunDirError, CheckpointError, FileNotFoundError, WorkerUserError,
+            ModelFileError)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

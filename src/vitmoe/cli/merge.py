@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training.checkpoint import STATE_FILE, load_state
 
     path = resolve_model_file(args.checkpoint)
+    check_output(Path(args.out), path)
     try:
         meta = read_metadata(path)
     except ValueError as e:
@@ -59,3 +60,21 @@ def run(args: argparse.Namespace) -> int:
     n_after = sum(p.numel() for p in dense.parameters())
     echo(f"merged {len(moe)} MoE layer(s) ({args.weighting}): {n_before:,} -> {n_after:,} parameters; wrote {out}")
     return 0
+
+
+def check_output(out, source) -> None:
+    """Refuse, before any work, an OUT that would clobber a folder, the input, or a run's checkpoints."""
+    from pathlib import Path
+
+    from ..training.checkpoint import CHECKPOINT_DIR
+
+    out = Path(out)
+    if out.is_dir():
+        raise CLIError(f"OUT {out} is a directory: give the merged model a file name, e.g. {out / 'merged.safetensors'}")
+    resolved = out.resolve()
+    if resolved == Path(source).resolve():
+        raise CLIError(f"OUT {out} is the checkpoint being merged: choose another file")
+    for parent in resolved.parents:
+        if parent.name == CHECKPOINT_DIR and (parent.parent / "config.yaml").is_file():
+            raise CLIError(f"OUT {out} is inside the checkpoints of run {parent.parent}: merged models are written "
+                           "outside a run's checkpoints, which hold its training state")

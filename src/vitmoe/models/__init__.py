@@ -2,7 +2,7 @@
 from ..validation import ConfigError
 from .config import ViTConfig
 from .info import ModelInfo, model_info
-from .io import load_model, read_metadata, save_model
+from .io import ModelFileError, load_model, read_metadata, save_model
 from .merge import merge_experts
 from .mlp import Mlp
 from .registry import create_model, describe_models, list_models, model_config, register_model
@@ -11,5 +11,5 @@ from .vit import Attention, Block, ModelOutput, PatchEmbed, VisionTransformer
 __all__ = [
     "ViTConfig", "ConfigError", "VisionTransformer", "Block", "Attention", "PatchEmbed", "Mlp", "ModelOutput",
     "create_model", "list_models", "describe_models", "model_config", "register_model",
-    "merge_experts", "model_info", "ModelInfo", "save_model", "load_model", "read_metadata",
+    "merge_experts", "model_info", "ModelInfo", "save_model", "load_model", "read_metadata", "ModelFileError",
 ]
