@@ -82,16 +82,15 @@ def evaluate_checkpoint(checkpoint, mode=None, dataset=None, data_dir=None, batc
         raise CLIError(f"{path} was built for {cfg.in_chans}x{cfg.img_size}x{cfg.img_size} images and "
                        f"{cfg.num_classes} classes; dataset {dataset} does not fit")
     norm = meta.get("normalization")
+    mean = std = None
     if norm and dataset == meta.get("dataset"):  # trained with a normalisation other than the dataset's
-        from ..training.trainer import with_normalization
-
-        data = with_normalization(data, norm["mean"], norm["std"])
+        mean, std = norm["mean"], norm["std"]
     torch.manual_seed(seed)
-    loader = DeviceLoader(data, batch, dev, train=False)
+    loader = DeviceLoader(data, batch, dev, train=False, mean=mean, std=std)
     res = evaluate(model, loader, dev)
     moe = bool(cfg.moe_block_indices())
     return {"checkpoint": str(path), "dataset": dataset, "images": res["n"], "test_acc": res["acc"],
-            "test_loss": res["loss"], "mode": cfg.eval_mode if moe else None, "params": sum(p.numel() for p in model.parameters()),
+            "test_loss": res["loss"], "mode": cfg.moe.eval_mode if moe else None, "params": sum(p.numel() for p in model.parameters()),
             "images_per_s": res["images_per_s"]}
 
 
