@@ -22,7 +22,7 @@ available; offline, use --dataset digits (bundled with scikit-learn) or fashion-
 Settings are resolved as: TrainConfig defaults (the source recipe: Adam, lr 2.5e-4, weight decay
 1e-4, cosine per step, batch 256, 350 epochs) < --config FILE < explicit flags < --set key=value.
 --set takes any TrainConfig field (lr, weight_decay, optimizer, warmup_epochs, label_smoothing,
-grad_clip, aux_loss_weight, augment_policy, norm_mean, norm_std, consistency_weight,
+grad_clip, resume_schedule, augment_policy, norm_mean, norm_std, consistency_weight,
 consistency_stopgrad, time_budget_s, log_every, tensorboard, keep_checkpoints, ...) and model
 fields as model.FIELD and MoE fields as model.moe.FIELD (e.g. --set model.depth=6
 --set model.moe.capacity_factor_train=1.25); values are YAML. Recipes: configs/*.yaml (e.g. configs/pr_moe_lite6_cifar10.yaml, the ColossalAI ViT-MoE
@@ -33,7 +33,9 @@ the image size (else the largest divisor below it).
 Run directory (--out, default runs/MODEL-DATASET-TIME): config.yaml (resolved settings),
 metrics.jsonl (one line per epoch), summary.json (updated every epoch), checkpoints/ (latest
 and best, crash-safe). Continue a killed run with --resume RUN (only --epochs and execution
-flags may change).
+flags may change). Extending a finished run (--resume RUN --epochs N): by default the cosine is
+recomputed over the new total, so the lr rises again; --set resume_schedule=restart instead gives
+the added epochs a fresh warm-up and cosine.
 """
 
 
