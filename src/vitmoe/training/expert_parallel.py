@@ -131,29 +131,30 @@ def _optimizer_index(optimizer: torch.optim.Optimizer) -> dict[int, int]:
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
     """optimizer.state_dict() with the per-expert state (Adam moments) gathered like the weights."""
-    sd = optimizer.state_dict()
-    index = _optimizer_index(optimizer)
-    state = dict(sd["state"])
-    for pid, (param, ep) in _sharded_expert_params(model).items():
-        i = index.get(pid)
-        if i is None or i not in state:
-            continue
-        state[i] = {k: gather_experts(v, ep) if _is_expert_shaped(v, param) else v for k, v in state[i].items()}
-    return {**sd, "state": state}
+    def gather(v, param: Tensor, ep: ExpertParallel):
+        return gather_experts(v, ep) if _is_expert_shaped(v, param) else v
+
+    return _map_expert_state(optimizer.state_dict(), optimizer, model, gather)
 
 
 def local_optimizer_state(sd: dict, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
     """Slice a whole-expert optimizer state (full_optimizer_state or any world size) for this rank."""
+    def slice_(v, param: Tensor, ep: ExpertParallel):
+        n = param.shape[0]
+        whole = isinstance(v, Tensor) and v.ndim and v.shape[0] == n * ep.size and v.shape[1:] == param.shape[1:]
+        return v[ep.rank * n:(ep.rank + 1) * n] if whole else v
+
+    return _map_expert_state(sd, optimizer, model, slice_)
+
+
+def _map_expert_state(sd: dict, optimizer: torch.optim.Optimizer, model: nn.Module, convert) -> dict:
+    """`sd` with `convert(value, param, ep)` applied to every state entry of a sharded expert parameter."""
     index = _optimizer_index(optimizer)
     state = dict(sd["state"])
     for pid, (param, ep) in _sharded_expert_params(model).items():
         i = index.get(pid)
-        if i is None or i not in state:
-            continue
-        n = param.shape[0]
-        start = ep.rank * n
-        state[i] = {k: v[start:start + n] if isinstance(v, Tensor) and v.ndim and v.shape[0] == n * ep.size
-                    and v.shape[1:] == param.shape[1:] else v for k, v in state[i].items()}
+        if i is not None and i in state:
+            state[i] = {k: convert(v, param, ep) for k, v in state[i].items()}
     return {**sd, "state": state}
 
 
