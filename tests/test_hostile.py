@@ -14,9 +14,13 @@ from vitmoe.models import ModelFileError, load_model
 
 
 def _one_error_line(capsys, needle):
+    """Exactly one `vitmoe: error:` line holding `needle`; nothing else but `vitmoe: warning:` lines
+    (a deprecated spelling may warn), so no traceback."""
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("vitmoe: error: ") and needle in err[0], err
-    return err[0]
+    errors = [line for line in err if line.startswith("vitmoe: error: ")]
+    assert len(errors) == 1 and needle in errors[0], err
+    assert all(line.startswith(("vitmoe: error: ", "vitmoe: warning: ")) for line in err), err
+    return errors[0]
 
 
 @pytest.fixture
@@ -87,3 +91,40 @@ def test_merge_writes_a_file_that_loads(model_file, tmp_path, capsys):
     assert main(["merge", str(model_file), str(out)]) == 0
     dense = load_model(out)
     assert not dense.config.is_moe and torch.isfinite(dense(torch.randn(1, 3, 32, 32))).all()
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Validation must fail before any data is touched: loading it is a test failure."""
+    def boom(*a, **k):
+        raise AssertionError("data was loaded before the bad value was reported")
+
+    monkeypatch.setattr("vitmoe.data.load_dataset", boom)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--set", "warmup_epochs=.inf"], "warmup_epochs=inf is not allowed: a finite number"),
+    (["--seed", "99999999999999999999999"], "seed=99999999999999999999999 is not allowed"),
+    (["--set", "model.moe.top_k=true"], "model field moe.top_k=True is not allowed: an integer"),
+    (["--set", "model.top_k=true"], "model field moe.top_k=True is not allowed: an integer"),
+    (["--dist-timeout", "1e300"], "dist_timeout_s=1e+300 is not allowed: a finite number in [1.0, 604800.0]"),
+    (["--lr", "inf"], "lr=inf is not allowed: a finite number > 0.0"),
+    (["--set", "weight_decay=.inf"], "weight_decay=inf is not allowed"),
+    (["--set", "model.moe.capacity_factor_train=.nan"], "model field moe.capacity_factor_train=nan"),
+    (["--set", "betas=[0.9,.nan]"], "betas="),
+])
+def test_bad_values_are_one_line_before_any_work(argv, needle, tmp_path, capsys, nothing_loads):
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "digits", "--out", str(out), *argv]) == 2
+    _one_error_line(capsys, needle)
+    assert not out.exists()
+
+
+def test_config_that_is_a_directory_or_binary_is_one_line(tmp_path, capsys, nothing_loads):
+    assert main(["train", "--config", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    _one_error_line(capsys, "is a directory")
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    assert main(["train", "--config", str(binary), "--out", str(tmp_path / "r")]) == 2
+    _one_error_line(capsys, "is not text (not UTF-8)")
+    assert not (tmp_path / "r").exists()

@@ -46,6 +46,8 @@ RESUMABLE_FIELDS = frozenset({
     "data_dir", "eval_mode", "threshold", "out", "progress", "ep_size", "dist_timeout_s", "time_budget_s",
     "resume_schedule",
 })
+# A collective that waits longer than a week is a hang; torch's timedelta overflows far above it.
+MAX_DIST_TIMEOUT_S = 7 * 24 * 3600.0
 # Keys config.yaml holds besides the fields (written by save_yaml, ignored when loading).
 _DERIVED_KEYS = ("resolved_model_config", "name")
 
@@ -169,10 +171,16 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, base: "TrainConfig | None" = None) -> "TrainConfig":
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory: give a YAML file (e.g. configs/switch_vit_cifar10.yaml)")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not text (not UTF-8): give a YAML file") from None
+        except OSError as e:
+            raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
@@ -272,7 +280,7 @@ class TrainConfig:
         f.choice("device", DEVICES)
         f.integer("nproc", 1)
         f.integer("ep_size", 1)
-        f.number("dist_timeout_s", 1.0)
+        f.number("dist_timeout_s", 1.0, MAX_DIST_TIMEOUT_S)
         f.integer("seed", 0, 2**63 - 1)
         f.boolean("deterministic")
         if self.eval_mode is not None:
