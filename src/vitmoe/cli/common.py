@@ -12,13 +12,14 @@ class CLIError(Exception):
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that are the user's to fix (bad value, missing file or data): no traceback."""
     from ..data import DatasetError
+    from ..fileio import DiskFullError
     from ..models import ConfigError, ModelFileError
     from ..training.checkpoint import CheckpointError
     from ..training.launch import WorkerUserError
     from ..training.trainer import RunDirError
 
     return (CLIError, ConfigError, DatasetError, RunDirError, CheckpointError, FileNotFoundError, WorkerUserError,
-            ModelFileError)
+            ModelFileError, DiskFullError)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import CLIError, HelpFormatter, echo
+from .common import CLIError, HelpFormatter, echo, warn
 
 
 def add_parser(sub) -> None:
@@ -63,7 +63,7 @@ def evaluate_checkpoint(checkpoint, mode=None, dataset=None, data_dir=None, batc
 
     if batch < 1:
         raise CLIError(f"--batch {batch}: must be a positive integer")
-    path = resolve_model_file(checkpoint)
+    path = resolve_model_file(checkpoint, log=warn)
     try:
         meta = read_metadata(path)
     except ValueError as e:

@@ -25,11 +25,13 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import torch
+
     from ..models import load_model, merge_experts, read_metadata, save_model
     from ..training import resolve_model_file
-    from ..training.checkpoint import STATE_FILE, load_state
+    from ..training.checkpoint import STATE_FILE, load_state, verify_checkpoint
 
-    path = resolve_model_file(args.checkpoint)
+    path = resolve_model_file(args.checkpoint, log=warn)
     check_output(Path(args.out), path)
     try:
         meta = read_metadata(path)
@@ -41,10 +43,17 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"{path} is a dense model (no MoE layers): nothing to merge")
     if args.weighting == "usage":
         state_path = path.parent / STATE_FILE
+        if state_path.is_file():  # verified against the checkpoint's manifest, loaded as plain data
+            verify_checkpoint(path.parent, files=(STATE_FILE,), load_legacy_state=False)
         usage = load_state(path.parent).get("usage", {}) if state_path.is_file() else {}
-        if not usage:
+        if not usage or not isinstance(usage, dict):
             raise CLIError(f"--weighting usage needs the expert usage saved with a training checkpoint "
                            f"({state_path} not found); use --weighting uniform")
+        wrong = [name for name, m in moe.items()
+                 if not isinstance(usage.get(name), torch.Tensor) or usage[name].shape != m.usage.shape]
+        if wrong:
+            raise CLIError(f"{state_path} holds no expert usage of the shape {path.name} needs for "
+                           f"{', '.join(wrong[:3])}; use --weighting uniform")
         for name, m in moe.items():
             m.usage.copy_(usage[name])
     with warnings.catch_warnings(record=True) as caught:

@@ -1,41 +1,50 @@
-"""Crash-safe training checkpoints.
+"""Crash-safe, verifiable training checkpoints that load without running code.
 
 Layout of `RUN/checkpoints/`:
 
     epoch-0005/model.safetensors   weights + model config (vitmoe.save_model; loadable by vitmoe.load_model)
     epoch-0005/state.pt            optimizer, scheduler, RNG states, epoch, step, best accuracy, history
+    epoch-0005/manifest.json       size and sha256 of both files (written last)
     latest                         text file naming the newest complete checkpoint directory
     best                           text file naming the checkpoint with the best test accuracy
 
-A checkpoint is written into a hidden temporary directory (`.tmp-*`), fsynced, renamed into
-place, and only then is `latest` atomically replaced (temp file + os.replace). Killing the
-process at any moment leaves `latest` naming a complete checkpoint; leftover `.tmp-*`
+A checkpoint is written into a hidden temporary directory (`.tmp-*`): the weights, the state, then
+the manifest, each fsynced; the files are read back and checked against the manifest, the directory
+is renamed into place, and only then is `latest` atomically replaced (temp file + os.replace).
+Killing the process at any moment leaves `latest` naming a complete checkpoint; leftover `.tmp-*`
 directories are ignored and removed by the next save.
+
+Reading never executes code: `state.pt` holds only tensors, numbers, strings, lists, tuples and
+dicts (the RNG states of numpy and Python are stored as tensors and ints) and is loaded with
+`torch.load(weights_only=True)` (`safe_state`). A checkpoint is used only when it verifies (`verify`:
+its manifest's sizes and hashes; one written before manifests existed: both files present and
+loadable); readers take the newest one that does and say which ones they skipped. A full disk is
+one CheckpointError naming the directory, the free space and the size needed; the previous
+checkpoint stays `latest`.
 """
 from __future__ import annotations
 
+import json
 import os
-import random
 import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
-import numpy as np
 import torch
 
-from ..fileio import atomic_write_text, dir_mode
+from ..fileio import atomic_write_text, dir_mode, disk_full_message, is_disk_full
 from ..models import save_model
+from .safe_state import (STATE_FILE, CheckpointError, first_line, load_state, plain_state, rng_state,  # noqa: F401
+                         set_rng_state)
+from .verify import (CHECKPOINT_FILES, MANIFEST_FILE, MANIFEST_FORMAT, MODEL_FILE, HashingFile,  # noqa: F401
+                     check_entry, check_safetensors, checkpoint_problem, file_digest, read_manifest, verify_checkpoint)
 
 CHECKPOINT_DIR = "checkpoints"
-MODEL_FILE = "model.safetensors"
-STATE_FILE = "state.pt"
 _EPOCH_RE = re.compile(r"^epoch-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint where one was expected."""
+# Entries a training state must have for `vitmoe train --resume`.
+RESUME_KEYS = ("epoch", "step", "best_acc", "best_epoch", "optimizer", "scheduler", "rng")
 
 
 def _fsync_path(path: Path) -> None:
@@ -62,21 +71,7 @@ def _make_temp_dir(parent: Path, prefix: str) -> Path:
             continue
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
+# -- finding checkpoints -----------------------------------------------------------------------------
 def _write_pointer(ckdir: Path, name: str, target: str) -> None:
     atomic_write_text(ckdir / name, target + "\n")
 
@@ -84,7 +79,7 @@ def _write_pointer(ckdir: Path, name: str, target: str) -> None:
 def _read_pointer(ckdir: Path, name: str) -> str | None:
     try:
         return (ckdir / name).read_text().strip() or None
-    except FileNotFoundError:
+    except (OSError, ValueError):
         return None
 
 
@@ -92,23 +87,79 @@ def _complete(d: Path) -> bool:
     return (d / MODEL_FILE).is_file() and (d / STATE_FILE).is_file()
 
 
-def epoch_dirs(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint directories, oldest first."""
-    ckdir = Path(run_dir) / CHECKPOINT_DIR
+def _all_epoch_dirs(ckdir: Path) -> list[Path]:
     if not ckdir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in ckdir.iterdir() if (m := _EPOCH_RE.match(p.name)) and p.is_dir() and _complete(p)]
+    found = [(int(m.group(1)), p) for p in ckdir.iterdir() if (m := _EPOCH_RE.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(run_dir: str | os.PathLike, which: str = "latest") -> Path | None:
-    """The checkpoint directory `latest` (or `best`) names; falls back to the newest complete one."""
+def epoch_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint directories (both files present, not verified), oldest first."""
+    return [p for p in _all_epoch_dirs(Path(run_dir) / CHECKPOINT_DIR) if _complete(p)]
+
+
+def has_checkpoint(run_dir: str | os.PathLike) -> bool:
+    """The run directory holds a checkpoint directory, usable or not (a run lives there)."""
+    return bool(_all_epoch_dirs(Path(run_dir) / CHECKPOINT_DIR))
+
+
+def candidates(run_dir: str | os.PathLike, which: str = "latest") -> list[Path]:
+    """Checkpoint directories in the order readers try them: the one `latest` (or `best`) names,
+    then every other from the newest."""
     ckdir = Path(run_dir) / CHECKPOINT_DIR
+    dirs = _all_epoch_dirs(ckdir)
     target = _read_pointer(ckdir, which)
-    if target and _complete(ckdir / target):
-        return ckdir / target
-    dirs = epoch_dirs(run_dir)
-    return dirs[-1] if dirs else None
+    first = [ckdir / target] if target and _EPOCH_RE.match(target) and (ckdir / target).is_dir() else []
+    return first + [p for p in reversed(dirs) if p not in first]
+
+
+def _no_usable(run_dir, problems: list[str]) -> CheckpointError:
+    more = f" ({len(problems) - 1} older checkpoint(s) fail too)" if len(problems) > 1 else ""
+    return CheckpointError(f"no usable checkpoint in {Path(run_dir) / CHECKPOINT_DIR}: {problems[0]}{more}")
+
+
+def find_checkpoint(run_dir: str | os.PathLike, which: str = "latest", files: Iterable[str] = CHECKPOINT_FILES,
+                    log: Callable[[str], None] | None = None) -> Path | None:
+    """The newest checkpoint whose `files` verify (trying `latest`/`best` first); each one skipped
+    is reported through `log`. None when the run has no checkpoint; CheckpointError, naming the
+    newest one's problem, when it has some and none verifies."""
+    files, problems = tuple(files), []
+    for d in candidates(run_dir, which):
+        problem = checkpoint_problem(d, files)
+        if problem is None:
+            if log is not None:
+                for p in problems:
+                    log(f"skipped a checkpoint that does not verify: {p}; using {d.name}")
+            return d
+        problems.append(problem)
+    if problems:
+        raise _no_usable(run_dir, problems)
+    return None
+
+
+def latest_checkpoint(run_dir: str | os.PathLike, which: str = "latest", verify: bool = True,
+                      files: Iterable[str] = CHECKPOINT_FILES) -> Path | None:
+    """The checkpoint directory `latest` (or `best`) names, or else the newest one, that verifies
+    (`verify=False`: that has both files); None when there is none."""
+    if not verify:
+        found = [d for d in candidates(run_dir, which) if _complete(d)]
+        return found[0] if found else None
+    try:
+        return find_checkpoint(run_dir, which, files)
+    except CheckpointError:
+        return None
+
+
+# -- writing -----------------------------------------------------------------------------------------
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def save_checkpoint(
@@ -121,19 +172,56 @@ def save_checkpoint(
     is_best: bool = False,
     model_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write checkpoint `epoch-NNNN` atomically, point `latest` (and `best`) at it, prune old ones.
+    """Write checkpoint `epoch-NNNN` atomically and verified, point `latest` (and `best`) at it,
+    prune old ones.
 
-    `model_state` replaces `model.state_dict()` (expert-parallel runs pass the gathered state)."""
+    `model_state` replaces `model.state_dict()` (expert-parallel runs pass the gathered state).
+    A full disk is a CheckpointError naming the directory, the free space and the size needed;
+    the temporary files are removed and `latest` still names the previous checkpoint."""
     ckdir = Path(run_dir) / CHECKPOINT_DIR
-    ckdir.mkdir(parents=True, exist_ok=True)
     name = f"epoch-{epoch:04d}"
+    previous = _read_pointer(ckdir, "latest")
+    try:
+        ckdir.mkdir(parents=True, exist_ok=True)
+        final = _write_checkpoint(ckdir, name, model, plain_state(state), metadata, model_state)
+        _write_pointer(ckdir, "latest", name)
+        if is_best:
+            _write_pointer(ckdir, "best", name)
+    except BaseException as e:
+        if not is_disk_full(e):
+            raise
+        needed = _tensor_bytes(model_state if model_state is not None else model.state_dict()) + _tensor_bytes(state)
+        kept = (f"the previous checkpoint {previous} is still the latest" if previous
+                else "no earlier checkpoint exists")
+        raise CheckpointError(f"{disk_full_message(f'checkpoint {name}', ckdir, needed)} (model and training "
+                              f"state); {kept}. Free space, then resume with --resume {run_dir}") from e
+    prune(run_dir, keep)
+    return final
+
+
+def _write_checkpoint(ckdir: Path, name: str, model: torch.nn.Module, state: dict[str, Any],
+                      metadata: dict[str, Any] | None, model_state: dict[str, torch.Tensor] | None) -> Path:
     tmp = _make_temp_dir(ckdir, f".tmp-{name}-")
     try:
         save_model(model, tmp / MODEL_FILE, metadata=metadata, state_dict=model_state)
-        with open(tmp / STATE_FILE, "wb") as f:
+        check_safetensors(tmp / MODEL_FILE)  # the file on disk is whole
+        model_size, model_sha = file_digest(tmp / MODEL_FILE)
+        with open(tmp / STATE_FILE, "wb") as raw:
+            f = HashingFile(raw)
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+            raw.flush()
+            os.fsync(raw.fileno())
+        manifest = {"format": MANIFEST_FORMAT, "files": {
+            MODEL_FILE: {"size": model_size, "sha256": model_sha},
+            STATE_FILE: {"size": f.size, "sha256": f.sha256.hexdigest()}}}
+        with open(tmp / MANIFEST_FILE, "w") as m:  # last: a manifest means both files were written
+            m.write(json.dumps(manifest, indent=1) + "\n")
+            m.flush()
+            os.fsync(m.fileno())
+        # Read back what reached the disk: the state's bytes are what torch.save produced.
+        recorded = read_manifest(tmp)
+        check_entry(tmp / MODEL_FILE, recorded.get(MODEL_FILE), hash_it=False)
+        check_entry(tmp / STATE_FILE, recorded.get(STATE_FILE))
         _fsync_path(tmp)
         final = ckdir / name
         if final.exists():  # re-saving an epoch (e.g. after a resume): move the old one aside first
@@ -144,10 +232,6 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_pointer(ckdir, "latest", name)
-    if is_best:
-        _write_pointer(ckdir, "best", name)
-    prune(run_dir, keep)
     return final
 
 
@@ -164,31 +248,59 @@ def prune(run_dir: str | os.PathLike, keep: int = 1) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load_state(ckpt_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    path = Path(ckpt_dir) / STATE_FILE
-    try:
-        # Our own file (RNG states include numpy/python objects, so not weights_only).
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except FileNotFoundError:
-        raise CheckpointError(f"no training state at {path}") from None
-
-
+# -- reading -----------------------------------------------------------------------------------------
 def read_weights(ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The checkpoint's whole-model state (every expert, whatever world size wrote it)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return load_file(str(Path(ckpt_dir) / MODEL_FILE), device=str(device))
+    path = Path(ckpt_dir) / MODEL_FILE
+    try:
+        return load_file(str(path), device=str(device))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is truncated or damaged: {first_line(e)}") from None
 
 
-def resolve_model_file(path: str | os.PathLike) -> Path:
-    """A model .safetensors file itself, or a run directory / checkpoint directory -> its latest model file."""
+def load_for_resume(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
+                    log: Callable[[str], None] | None = None
+                    ) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
+    """(checkpoint dir, weights, training state) of the newest checkpoint that verifies and loads,
+    trying `latest` first; one `log` line per checkpoint skipped, saying why. None when the run has
+    no checkpoint; CheckpointError naming the file and its problem when none is usable."""
+    problems: list[tuple[str, str]] = []
+    for d in candidates(run_dir):
+        try:
+            verify_checkpoint(d, load_legacy_state=False)  # a state without manifest is checked by loading it
+            weights = read_weights(d, device)
+            state = load_state(d, device)
+            missing = [k for k in RESUME_KEYS if k not in state]
+            if missing:
+                raise CheckpointError(f"{d / STATE_FILE} is not a training state (no {', '.join(missing)})")
+        except CheckpointError as e:
+            problems.append((d.name, str(e)))
+            continue
+        if log is not None:
+            for name, problem in problems:
+                log(f"resume: skipped checkpoint {name}: {problem}; resuming from {d.name}")
+        return d, weights, state
+    if problems:
+        raise _no_usable(run_dir, [p for _, p in problems])
+    return None
+
+
+def resolve_model_file(path: str | os.PathLike, log: Callable[[str], None] | None = None) -> Path:
+    """A model .safetensors file itself, or a run directory / checkpoint directory -> its model
+    file (a run's newest checkpoint whose model file verifies; skipped ones go to `log`)."""
     p = Path(path)
     if p.is_file():
         return p
     if p.is_dir():
         if (p / MODEL_FILE).is_file():
+            verify_checkpoint(p, files=(MODEL_FILE,))
             return p / MODEL_FILE
-        ck = latest_checkpoint(p)
+        ck = find_checkpoint(p, files=(MODEL_FILE,), log=log)
         if ck is not None:
             return ck / MODEL_FILE
         raise CheckpointError(f"{p} holds no checkpoint (looked for {MODEL_FILE} and {CHECKPOINT_DIR}/latest)")

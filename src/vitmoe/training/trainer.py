@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .. import rundir
+from ..fileio import reporting_disk_full
 from ..models import VisionTransformer, model_info
 from ..moe import seed_random_routers
 from ..moe.parallel import init_expert_parallel
@@ -34,6 +35,7 @@ from .meters import EpochMeters
 from .model_spec import check_ep_size, experts_of
 from .optim import LRSchedule, build_optimizer, build_scheduler, param_groups
 from .progress import Progress, open_tensorboard
+from .restore import restore_checkpoint
 from .step import TrainStep
 
 __all__ = ["Trainer", "TrainResult", "train", "evaluate", "NonFiniteLossError", "RunDirError",
@@ -279,7 +281,8 @@ class Trainer:
                 model_state=model_state,
                 metadata={"dataset": cfg.dataset, "epoch": epoch, "test_acc": row["test_acc"],
                           "name": cfg.run_label(), **self._norm_metadata()})
-            rundir.append_metrics(self.run_dir, row)
+            with reporting_disk_full(self.run_dir / rundir.METRICS_FILE):  # one message, not a traceback
+                rundir.append_metrics(self.run_dir, row)
             rundir.write_summary(self.run_dir, self.summary())
             if self.tb is not None:
                 for k in ("train_loss", "train_acc", "test_loss", "test_acc", "images_per_s", "aux_loss",
@@ -324,28 +327,11 @@ class Trainer:
         }
 
     def _restore(self) -> None:
-        ck = ckpt.latest_checkpoint(self.run_dir)
-        if ck is None:
+        found = restore_checkpoint(self)  # the newest usable checkpoint, checked against this run's model
+        if found is None:
             self.log(f"resume: {self.run_dir} has no checkpoint yet; starting from epoch 1")
             return
-        # Checkpoints hold every expert: slice this rank's share, whatever world size wrote them.
-        weights = ckpt.read_weights(ck, self.device)
-        self.model.load_state_dict(expert_parallel.local_state_dict(self.model, weights), strict=True)
-        state = ckpt.load_state(ck, self.device)
-        self.optimizer.load_state_dict(expert_parallel.local_optimizer_state(state["optimizer"], self.optimizer,
-                                                                             self.model))
-        for name, g in self.route_generators.items():
-            if name in state.get("route_rng", {}):
-                g.set_state(state["route_rng"][name].cpu())
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.train_step.load_state_dict(state)
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
-        self.best_acc, self.best_epoch = float(state["best_acc"]), state["best_epoch"]
-        self.history = list(state.get("history", []))
-        for name, m in self.model.moe_modules():
-            if name in state.get("usage", {}):
-                m.usage.copy_(state["usage"][name].to(self.device))
-        ckpt.set_rng_state(state["rng"])
+        ck, state = found
         self.last_good = ck
         self._restore_schedule(state)
         self.log(f"resumed {self.run_dir} from {ck.name} (epoch {self.epoch}, step {self.step})")
