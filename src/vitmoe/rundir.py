@@ -7,6 +7,8 @@ reads it), so both use the same names, the same threshold rule and the same 60,0
     RUN/metrics.jsonl    one JSON object per epoch (`epoch` and `test_acc` required)
     RUN/summary.json     the run's final numbers (`summarize` + what the trainer knows)
     RUN/checkpoints/     see vitmoe.training.checkpoint
+    RUN/.vitmoe.lock     held (flock) by the process writing the run; see vitmoe.runlock
+    RUN/launcher.log     launcher and worker tracebacks of a failed multi-process run
 
 Importing this module does not import torch (the report reads runs without it).
 """
@@ -22,6 +24,12 @@ from typing import Any, Callable, Iterable
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+CHECKPOINT_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
+LOCK_FILE = ".vitmoe.lock"
+LAUNCHER_LOG = "launcher.log"
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CHECKPOINT_DIR, TENSORBOARD_DIR, LOCK_FILE, LAUNCHER_LOG)
+"""Every name vitmoe writes in a run directory."""
 
 IMAGES_60K = 60_000
 """The source project's tables report seconds per 60,000 images (its training-set size)."""
@@ -93,6 +101,21 @@ def summarize(metrics: list[dict[str, Any]], threshold: float = DEFAULT_THRESHOL
         "epochs": len(rows),
         "wall_time_s": sum(times) + sum(evals),
     }
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a vitmoe run: a config.yaml with a `model:` key (small enough to be
+    ours) beside a checkpoints/ folder or a metrics.jsonl."""
+    path = Path(path)
+    config = path / CONFIG_FILE
+    try:
+        if not config.is_file() or config.stat().st_size > 1_000_000:
+            return False
+    except OSError:
+        return False
+    if not ((path / CHECKPOINT_DIR).is_dir() or (path / METRICS_FILE).is_file()):
+        return False
+    return "model" in read_config(config)
 
 
 # -- writers ---------------------------------------------------------------------------------
@@ -194,7 +217,8 @@ def read_config(path: str | os.PathLike, warn: Callable[[str], None] = lambda ms
 
 
 __all__ = [
-    "CONFIG_FILE", "METRICS_FILE", "SUMMARY_FILE", "IMAGES_60K", "DEFAULT_THRESHOLD", "THRESHOLD_EPS",
+    "CONFIG_FILE", "METRICS_FILE", "SUMMARY_FILE", "CHECKPOINT_DIR", "TENSORBOARD_DIR", "LOCK_FILE", "LAUNCHER_LOG",
+    "RUN_FILES", "is_run_dir", "IMAGES_60K", "DEFAULT_THRESHOLD", "THRESHOLD_EPS",
     "RunFormatError", "finite", "finite_int", "reached", "epochs_to_threshold", "time_for_60k", "summarize",
     "write_json", "write_summary", "write_metrics", "append_metrics", "read_metrics", "read_summary",
     "read_config",

@@ -33,7 +33,10 @@ the image size (else the largest divisor below it).
 Run directory (--out, default runs/MODEL-DATASET-TIME): config.yaml (resolved settings),
 metrics.jsonl (one line per epoch), summary.json (updated every epoch), checkpoints/ (latest
 and best, crash-safe). Continue a killed run with --resume RUN (only --epochs and execution
-flags may change). Extending a finished run (--resume RUN --epochs N): by default the cosine is
+flags may change). One process writes a run: it holds RUN/.vitmoe.lock while it trains, and a
+second `vitmoe train` on the same directory (--out or --resume) fails at once naming its pid
+(`vitmoe eval` and `vitmoe report` may read a running run). --out must be new, empty or a
+vitmoe run; another folder is refused unless --force. Extending a finished run (--resume RUN --epochs N): by default the cosine is
 recomputed over the new total, so the lr rises again; --set resume_schedule=restart instead gives
 the added epochs a fresh warm-up and cosine.
 """
@@ -103,7 +106,16 @@ def add_parser(sub) -> None:
                    help="expert parallelism: split each MoE layer's experts over K ranks (K divides the "
                         "number of processes and every expert count; default 1: every rank holds all experts)")
     g.add_argument("--dist-timeout", type=float, default=None, metavar="S", dest="dist_timeout",
-                   help="seconds a rank waits for its peers before the job fails with an error (default 300)")
+                   help="seconds a rank waits for its peers before the job fails with an error, naming the "
+                        "rank that stalled (default 300)")
+    g.add_argument("--force", action="store_true",
+                   help="train in an --out folder that is not empty and not a vitmoe run, adding the run's files "
+                        "beside what is there; even then vitmoe never replaces a file it did not write (a "
+                        "config.yaml, metrics.jsonl, summary.json, checkpoints/ or tensorboard/ already there is "
+                        "refused). Without it such a folder is refused; the filesystem root always is")
+    g.add_argument("--verbose", action="store_true",
+                   help="multi-process runs: show the launcher's logging and the failed workers' tracebacks on "
+                        "screen (a failure always writes them to RUN/launcher.log, named in the error line)")
     p.set_defaults(func=run)
 
 
@@ -226,17 +238,17 @@ def run(args: argparse.Namespace) -> int:
     from ..training.launch import launch, run_worker, under_torchrun
 
     if under_torchrun():  # torchrun started this process as one worker
-        s = run_worker(cfg, resume=bool(args.resume), log=echo)
+        s = run_worker(cfg, resume=bool(args.resume), log=echo, force=args.force)
         if int(os.environ.get("RANK", 0)) == 0:
             echo(f"summary: {Path(cfg.out) / 'summary.json'} (best {s['best_acc']:.2f}% at epoch {s['best_epoch']})")
         return 0
     if cfg.nproc > 1:
-        s = launch(cfg, resume=bool(args.resume))
+        s = launch(cfg, resume=bool(args.resume), force=args.force, verbose=args.verbose)
         echo(f"summary: {Path(cfg.out) / 'summary.json'} (best {s['best_acc']:.2f}% at epoch {s['best_epoch']})")
         return 0
     from ..training import train
 
-    result = train(cfg, resume=bool(args.resume), log=echo)
+    result = train(cfg, resume=bool(args.resume), log=echo, force=args.force)
     s = result.summary
     echo(f"summary: {result.run_dir / 'summary.json'} (best {s['best_acc']:.2f}% at epoch {s['best_epoch']})")
     return 0

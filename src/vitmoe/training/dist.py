@@ -35,6 +35,15 @@ class DistContext:
         t = torch.tensor([value], device=self.device, dtype=torch.float64)
         return float(self.all_reduce_sum(t)) / self.world_size
 
+    def first_over_ranks(self, step: int) -> int:
+        """The smallest non-negative `step` over ranks, -1 when no rank has one (a collective)."""
+        if not self.distributed:
+            return step
+        none = 2**62
+        t = torch.tensor([step if step >= 0 else none], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return int(t) if int(t) < none else -1
+
     def barrier(self) -> None:
         if self.distributed:
             torch.distributed.barrier()

@@ -6,18 +6,28 @@
   each one sees RANK/WORLD_SIZE/LOCAL_RANK in its environment and trains directly.
 
 Every worker builds a DistContext and runs the same Trainer; only rank 0 writes the run
-directory and prints. A worker that dies makes the launcher stop the others and report which
-rank failed; a worker stuck in a collective fails after `dist_timeout_s` instead of hanging.
+directory (holding its lock, vitmoe.runlock) and prints. A worker that dies makes the launcher
+stop the others; a worker stuck in a collective fails after `dist_timeout_s` instead of hanging.
 
 `launch` first checks in this process what can fail early (the dataset's files, the run
-directory), so such errors are one line before any worker starts. A worker that fails anyway
-leaves a one-line record of its error; the parent re-raises the root cause (the first failure
-that is not a rank losing its peers) as that line, keeps the launcher's own logging and
-tracebacks off the screen, and suggests `--resume` only when a checkpoint exists.
+directory: in use, an existing run, a folder that is not vitmoe's), so such errors are one line
+before any worker starts. A worker that fails anyway leaves a record of its error (one line, its
+traceback, where it was). The parent turns them into one line for the user:
+
+* a rank's own error: bad input (exit status 2), a non-finite loss (3; every rank stops at the
+  same step, rank 0's line names the last checkpoint), a crash (4);
+* no rank failed on its own: the rank that died without a word (its peers lost the connection,
+  or the launcher saw its exit), or the rank that stalled (its peers timed out waiting for it,
+  while it neither failed nor exited) is named, not the healthy rank that gave up waiting (4).
+
+The launcher's logging and the workers' tracebacks go to RUN/launcher.log (a temporary file when
+the run directory is not there or not ours), named in the error line; `verbose` shows them on
+screen as well. `--resume` is suggested only when a checkpoint exists.
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -34,12 +44,16 @@ from pathlib import Path
 import torch
 
 from ..models import ConfigError
+from ..rundir import LAUNCHER_LOG
+from ..runlock import RunDirError, RunLock, check_run_dir
 from .config import TrainConfig, check_ep_size
 
 
 # Messages of collectives whose peer is gone (gloo, NCCL, the c10d store).
 _PEER_FAILURE_HINTS = ("Connection closed", "Connection reset", "timed out", "Timed out", "Broken pipe",
                        "NCCL", "gloo")
+# Loggers of the elastic launcher and of torch.multiprocessing (its 'Terminating process' notes).
+_LAUNCHER_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing")
 
 
 class WorkerFailedError(RuntimeError):
@@ -74,12 +88,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_worker(cfg: TrainConfig, resume: bool, log=None) -> dict:
+def _position(trainer) -> str:
+    """Where a worker was when it failed: 'in epoch 2 after step 14'."""
+    step = getattr(trainer, "step", 0)
+    if not step:
+        return "before its first training step"
+    return f"in epoch {min(trainer.epoch + 1, trainer.cfg.epochs)} after step {step}"
+
+
+def _lost_peers(e: BaseException) -> bool:
+    """A collective failed because a peer is gone or silent (not an error of this rank's own)."""
+    import torch.distributed as dist
+
+    from .trainer import NonFiniteLossError
+
+    if isinstance(e, (NonFiniteLossError, WorkerFailedError, *_user_error_types())):
+        return False
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError)
+                                             and any(k in str(e) for k in _PEER_FAILURE_HINTS))
+
+
+def _timed_out(message: str) -> bool:
+    return "timed out" in message.lower() or "timeout" in message.lower()
+
+
+def run_worker(cfg: TrainConfig, resume: bool, log=None, force: bool = False) -> dict:
     """Join the process group described by the environment and train (this process is one rank)."""
     import torch.distributed as dist
 
     from .dist import DistContext
-    from .trainer import train
+    from .trainer import Trainer
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -98,26 +136,29 @@ def run_worker(cfg: TrainConfig, resume: bool, log=None) -> dict:
         # One run directory for all ranks: rank 0's choice (a default name holds a timestamp).
         cfg.out = ctx.broadcast_object(cfg.out or cfg.default_out())
         cfg.nproc = world
+        trainer = None
         try:
-            result = train(cfg, ctx, resume=resume, log=log or (lambda m: print(m, flush=True)))
-        except (dist.DistError, RuntimeError) as e:
-            if not isinstance(e, dist.DistError) and not any(k in str(e) for k in _PEER_FAILURE_HINTS):
+            trainer = Trainer(cfg, ctx, resume=resume, log=log or (lambda m: print(m, flush=True)), force=force)
+            return trainer.fit().summary
+        except Exception as e:
+            if not _lost_peers(e):
                 raise
             hint = _resume_hint(cfg.out)
-            raise WorkerFailedError(
-                f"rank {rank} lost its peers (a worker died or stalled past dist_timeout_s="
-                f"{cfg.dist_timeout_s:g}s): {str(e).strip().splitlines()[0]}." + (f" {hint}" if hint else "")) from e
-        return result.summary
+            err = WorkerFailedError(
+                f"rank {rank} lost its peers {_position(trainer)} (a worker died or stalled past dist_timeout_s="
+                f"{cfg.dist_timeout_s:g}s): {str(e).strip().splitlines()[0]}." + (f" {hint}" if hint else ""))
+            err.where, err.timed_out = _position(trainer), _timed_out(str(e))
+            raise err from e
     finally:
         dist.destroy_process_group()
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from ..data import DatasetError
+    from ..models import ModelFileError
     from .checkpoint import CheckpointError
-    from .trainer import RunDirError
 
-    return (ConfigError, DatasetError, RunDirError, CheckpointError, FileNotFoundError)
+    return (ConfigError, DatasetError, RunDirError, CheckpointError, FileNotFoundError, ModelFileError)
 
 
 def _record_failure(error_dir: str, e: BaseException) -> None:
@@ -141,65 +182,72 @@ def _record_failure(error_dir: str, e: BaseException) -> None:
         kind = "crash"
         message = f"{type(e).__name__}: {message}"
     rank = int(os.environ.get("RANK", 0))
-    record = {"rank": rank, "kind": kind, "message": message, "time": time.time()}
-    if kind == "crash":
-        record["traceback"] = "".join(traceback.format_exception(e))
+    record = {"rank": rank, "kind": kind, "message": message, "time": time.time(),
+              "where": getattr(e, "where", None), "timed_out": getattr(e, "timed_out", False),
+              "traceback": "".join(traceback.format_exception(e))}
     with contextlib.suppress(OSError):
         atomic_write_text(Path(error_dir) / f"rank-{rank}.json", json.dumps(record))
 
 
-def _elastic_entry(cfg_dict: dict, resume: bool, error_dir: str | None = None) -> dict:
+def _elastic_entry(cfg_dict: dict, resume: bool, error_dir: str | None = None, force: bool = False) -> dict:
     try:
-        return run_worker(TrainConfig.from_dict(cfg_dict).validate(), resume)
+        return run_worker(TrainConfig.from_dict(cfg_dict).validate(), resume, force=force)
     except BaseException as e:
         if error_dir:
             _record_failure(error_dir, e)
         raise
 
 
-def _root_cause(error_dir: str) -> dict | None:
-    """The failure that started it: the earliest record that is not a rank losing its peers (those
-    follow from another rank's failure), else the earliest record."""
-    records = []
+def _records(error_dir: str) -> dict[int, dict]:
+    """The workers' failure records by rank (see `_record_failure`)."""
+    records = {}
     for f in Path(error_dir).glob("rank-*.json"):
-        with contextlib.suppress(OSError, ValueError):
-            records.append(json.loads(f.read_text()))
-    if not records:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            record = json.loads(f.read_text())
+            records[int(record["rank"])] = record
+    return records
+
+
+def _root_cause(records: dict[int, dict]) -> dict | None:
+    """The failure that started it: the earliest record of a rank's own error (a rank losing its
+    peers follows from another's failure); None when no rank failed on its own. A non-finite loss
+    stops every rank at the same step: rank 0's line (the lowest rank's) names the checkpoint."""
+    primary = [r for r in records.values() if r.get("kind") not in ("peer", "interrupted")]
+    if not primary:
         return None
-    primary = [r for r in records if r.get("kind") not in ("peer", "interrupted")]
-    return min(primary or records, key=lambda r: r.get("time", 0.0))
+    root = min(primary, key=lambda r: r.get("time", 0.0))
+    if root["kind"] == "nonfinite":
+        root = min((r for r in primary if r["kind"] == "nonfinite"), key=lambda r: r["rank"])
+    return root
 
 
 @contextlib.contextmanager
-def _quiet_launcher():
-    """Keep the elastic launcher's logging (its copies of worker tracebacks, 'closing signal' notes)
-    off the screen: the failure is reported once, by `launch`."""
-    names = [n for n in logging.root.manager.loggerDict
-             if n.startswith(("torch.distributed.elastic", "torch.distributed.launcher"))]
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
+def _launcher_logging(buffer: io.StringIO, verbose: bool):
+    """Send the elastic launcher's logging (its copies of worker tracebacks, 'Terminating process'
+    notes) to `buffer`, for the launcher log; on screen too only when `verbose`."""
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(n) for n in _LAUNCHER_LOGGERS]
+    saved = [lg.propagate for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.CRITICAL + 1)
+        lg.addHandler(handler)
+        lg.propagate = verbose
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+        for lg, propagate in zip(loggers, saved):
+            lg.removeHandler(handler)
+            lg.propagate = propagate
 
 
-def preflight(cfg: TrainConfig, resume: bool = False) -> None:
-    """Check in this process what would otherwise fail in every worker: the run directory and the
-    dataset's files (found, or downloaded once here; presence, headers and sizes verified)."""
+def preflight(cfg: TrainConfig, resume: bool = False, force: bool = False) -> None:
+    """Check in this process what would otherwise fail in every worker: the run directory (in use
+    by another process, a run not resumed, a folder vitmoe did not make: `runlock.check_run_dir`)
+    and the dataset's files (found, or downloaded once here; presence, headers and sizes verified)."""
     from ..data import check_dataset
-    from .checkpoint import latest_checkpoint
-    from .trainer import RunDirError
 
     out = Path(cfg.out or cfg.default_out())
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"run directory {out} is a file, not a directory; choose another --out")
-    if not resume and latest_checkpoint(out) is not None:
-        raise RunDirError(f"run directory {out} already holds a run; resume it with "
-                          f"--resume {out} or choose another --out")
+    check_run_dir(out, resume, force)
     parent = out
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -208,36 +256,81 @@ def preflight(cfg: TrainConfig, resume: bool = False) -> None:
     check_dataset(cfg.dataset, cfg.data_dir)
 
 
-def _raise_worker_failure(cfg: TrainConfig, error_dir: str, rank: int, failure) -> None:
-    """Turn a failed launch into one exception: the root-cause worker's own error when it left one."""
+def _write_launcher_log(out: str, text: str) -> Path:
+    """Append `text` to RUN/launcher.log when the run directory is there and no other process holds
+    it (our workers have stopped), else to a new temporary file; returns the file's path."""
+    run = Path(out)
+    if run.is_dir():
+        with contextlib.suppress(RunDirError, OSError), RunLock(run):
+            fd = os.open(run / LAUNCHER_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+            with os.fdopen(fd, "a", encoding="utf-8") as f:
+                f.write(text)
+            return run / LAUNCHER_LOG
+    fd, name = tempfile.mkstemp(prefix="vitmoe-launcher-", suffix=".log")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    return Path(name)
+
+
+def _failure_report(cfg: TrainConfig, records: dict[int, dict], launcher_text: str) -> str:
+    lines = [f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} vitmoe train --gpu {cfg.nproc}: the workers failed "
+             f"(run directory {cfg.out}) ==="]
+    for rank in sorted(records):
+        r = records[rank]
+        lines.append(f"--- rank {rank} ({r.get('kind')}, {r.get('where') or 'position unknown'}): {r.get('message')}")
+        lines.append(r.get("traceback", "").rstrip())
+    missing = sorted(set(range(cfg.nproc)) - set(records))
+    if missing:
+        lines.append(f"--- no record from rank(s) {', '.join(map(str, missing))} (stalled, killed or stopped)")
+    lines += ["--- launcher", launcher_text.rstrip(), ""]
+    return "\n".join(lines)
+
+
+def _raise_worker_failure(cfg: TrainConfig, records: dict[int, dict], failures: dict, log_path) -> None:
+    """Turn a failed launch into one exception: the root-cause worker's own error when it left one,
+    else the rank that died or stalled (not the healthy ranks that lost it)."""
     from .trainer import NonFiniteLossError
 
-    root = _root_cause(error_dir)
+    root = _root_cause(records)
     hint = _resume_hint(cfg.out)
+    tail = (f" {hint}" if hint else "") + (f" Details: {log_path}" if log_path else "")
     if root is not None and root["kind"] == "user":
         raise WorkerUserError(root["message"])
     if root is not None and root["kind"] == "nonfinite":
         raise NonFiniteLossError(root["message"])
-    if root is not None and root["kind"] == "crash":
-        # An unexpected error (a bug): the worker's own traceback, not the launcher's copies of it.
-        sys.stderr.write(root.get("traceback", ""))
-        sys.stderr.flush()
+    if root is not None:  # an unexpected error (a bug); its traceback is in the launcher log
         raise WorkerFailedError(f"worker rank {root['rank']} failed: {root['message']}; the other workers were "
-                                f"stopped." + (f" {hint}" if hint else ""))
-    if root is not None and root["rank"] == rank:  # it only lost its peers; whoever died left no record
-        message = root["message"]
-        raise WorkerFailedError(f"worker {message}" if message.startswith("rank ") else
-                                f"worker rank {rank} failed: {message}")
-    # The worker died without a word (killed, out of memory, os._exit).
-    cause = f"exit code {failure.exitcode}"
-    if failure.exitcode is not None and failure.exitcode < 0:
-        cause = f"killed by signal {-failure.exitcode}"
-    raise WorkerFailedError(f"worker rank {rank} failed ({cause}); the other workers were stopped."
-                            + (f" {hint}" if hint else ""))
+                                f"stopped." + tail)
+    # No rank failed on its own. A rank that exited without a record died (killed, out of memory, os._exit).
+    dead = sorted((r for r in failures if r not in records), key=lambda r: failures[r].timestamp)
+    if dead:
+        code = failures[dead[0]].exitcode
+        cause = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        raise WorkerFailedError(f"worker rank {dead[0]} failed ({cause}); the other workers were stopped." + tail)
+    peers = sorted((r for r in records.values() if r["kind"] == "peer"), key=lambda r: r.get("time", 0.0))
+    silent = sorted(set(range(cfg.nproc)) - set(records) - set(failures))
+    if peers and silent:
+        who = f"rank {silent[0]}" if len(silent) == 1 else f"ranks {', '.join(map(str, silent))}"
+        first, where = peers[0], peers[0].get("where") or "at some point"
+        if first.get("timed_out"):  # the silent ranks were alive but did not answer: they stalled
+            raise WorkerFailedError(
+                f"worker {who} stalled: rank {first['rank']} waited dist_timeout_s={cfg.dist_timeout_s:g}s for it "
+                f"{where} and gave up; the workers were stopped." + tail)
+        raise WorkerFailedError(f"worker {who} stopped without an error: rank {first['rank']} lost the connection "
+                                f"to it {where}; the other workers were stopped." + tail)
+    if peers:
+        message = peers[0]["message"]
+        raise WorkerFailedError(f"worker {message}" + (f" Details: {log_path}" if log_path else ""))
+    rank = min(failures, key=lambda r: failures[r].timestamp) if failures else 0
+    code = failures[rank].exitcode if failures else None
+    cause = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+    raise WorkerFailedError(f"worker rank {rank} failed ({cause}); the other workers were stopped." + tail)
 
 
-def launch(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Start `cfg.nproc` workers on this machine and wait for them; returns rank 0's summary."""
+def launch(cfg: TrainConfig, resume: bool = False, force: bool = False, verbose: bool = False) -> dict:
+    """Start `cfg.nproc` workers on this machine and wait for them; returns rank 0's summary.
+    `force`: see `runlock.check_run_dir`; `verbose`: the launcher's logging and the workers'
+    tracebacks on screen too (they always go to the launcher log when a worker fails)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -249,22 +342,29 @@ def launch(cfg: TrainConfig, resume: bool = False) -> dict:
         raise ConfigError(f"batch_size={cfg.batch_size} is not allowed: the global batch must be >= nproc={n}")
     check_ep_size(cfg.ep_size, n)
     cfg.out = cfg.out or cfg.default_out()  # one run directory for every worker
-    preflight(cfg, resume)
+    preflight(cfg, resume, force)
     lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()),
                       rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
                       monitor_interval=0.5, start_method="spawn")
     print(f"launching {n} worker processes ({'nccl' if gpu else 'gloo'}"
           f"{f', expert parallel groups of {cfg.ep_size}' if cfg.ep_size > 1 else ''})", flush=True)
     error_dir = tempfile.mkdtemp(prefix="vitmoe-workers-")
+    launcher_text = io.StringIO()
     try:
-        failed = None
         try:
-            with _quiet_launcher():
-                results = elastic_launch(lc, _elastic_entry)(cfg.to_dict(), resume, error_dir)
+            with _launcher_logging(launcher_text, verbose):
+                results = elastic_launch(lc, _elastic_entry)(cfg.to_dict(), resume, error_dir, force)
         except ChildFailedError as e:
-            failed = e.get_first_failure()
-        if failed is not None:
-            _raise_worker_failure(cfg, error_dir, *failed)
+            records = _records(error_dir)
+            if verbose:
+                for r in sorted(records):
+                    sys.stderr.write(f"rank {r}: {records[r].get('traceback', '')}")
+                sys.stderr.flush()
+            root = _root_cause(records)
+            log_path = None
+            if root is None or root["kind"] not in ("user", "nonfinite"):  # the one line is not the whole story
+                log_path = _write_launcher_log(cfg.out, _failure_report(cfg, records, launcher_text.getvalue()))
+            _raise_worker_failure(cfg, records, e.failures, log_path)
     finally:
         shutil.rmtree(error_dir, ignore_errors=True)
     return results[0]

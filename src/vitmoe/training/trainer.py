@@ -24,6 +24,7 @@ from ..fileio import reporting_disk_full
 from ..models import VisionTransformer, model_info
 from ..moe import seed_random_routers
 from ..moe.parallel import init_expert_parallel
+from ..runlock import RunDirError, RunLock, check_run_dir, lock_run_dir
 from ..validation import ConfigError
 from . import checkpoint as ckpt
 from . import expert_parallel
@@ -44,10 +45,6 @@ __all__ = ["Trainer", "TrainResult", "train", "evaluate", "NonFiniteLossError", 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN/inf; the run stopped without saving the bad state."""
-
-
-class RunDirError(ValueError):
-    """The run directory cannot be used (e.g. it already holds a run and --resume was not given)."""
 
 
 @dataclass
@@ -73,7 +70,7 @@ class Trainer:
     `cfg` is validated here unless it is already a validated copy (`TrainConfig.validate()`)."""
 
     def __init__(self, cfg: TrainConfig, dist: DistContext | None = None, resume: bool = False,
-                 log: Callable[[str], None] | None = None, train_data=None, test_data=None):
+                 log: Callable[[str], None] | None = None, train_data=None, test_data=None, force: bool = False):
         cfg = cfg if cfg.validated else cfg.validate()
         self.dist = dist or DistContext(device=resolve_device(cfg.device))
         self.device = self.dist.device
@@ -86,9 +83,9 @@ class Trainer:
         self.model_cfg = cfg.resolved_model_config()
         self.resume = resume
         self._log = log or print
-        if not resume and ckpt.latest_checkpoint(self.run_dir) is not None:
-            raise RunDirError(f"run directory {self.run_dir} already holds a run; resume it with "
-                              f"--resume {self.run_dir} or choose another --out")
+        self.force, self._lock, self.tb = force, RunLock(self.run_dir), None
+        if self.dist.is_main:  # in use by another process, a run not resumed, a folder vitmoe did not make
+            check_run_dir(self.run_dir, resume, force)
         self._train_data, self._test_data = train_data, test_data
 
     def log(self, msg: str) -> None:
@@ -131,6 +128,8 @@ class Trainer:
         self.best_acc, self.best_epoch = -1.0, None
         self.history: list[dict[str, Any]] = []
         self.last_good: Path | None = None
+        if dist.is_main:  # one writer per run directory, from before its first write until fit() ends
+            self._lock = lock_run_dir(self.run_dir, self.resume, self.force)
         if self.resume:
             self._restore()
         if dist.is_main:
@@ -173,9 +172,9 @@ class Trainer:
 
     # -----------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        self.setup()
-        cfg = self.cfg
         try:
+            self.setup()
+            cfg = self.cfg
             if self.epoch >= cfg.epochs:
                 self.log(f"run already has {self.epoch} of {cfg.epochs} epochs; nothing to do")
             while self.epoch < cfg.epochs:
@@ -185,14 +184,15 @@ class Trainer:
                              f"stopping after epoch {self.epoch}")
                     break
                 self.train_epoch(self.epoch + 1)
+            summary = self.summary()
+            if self.dist.is_main:
+                rundir.write_summary(self.run_dir, summary)
+                self.log(f"done: best test accuracy {summary['best_acc']:.2f}% at epoch {summary['best_epoch']}; "
+                         f"run dir {self.run_dir}")
         finally:
             if self.tb is not None:
                 self.tb.close()
-        summary = self.summary()
-        if self.dist.is_main:
-            rundir.write_summary(self.run_dir, summary)
-            self.log(f"done: best test accuracy {summary['best_acc']:.2f}% at epoch {summary['best_epoch']}; "
-                     f"run dir {self.run_dir}")
+            self._lock.release()
         return TrainResult(self.run_dir, summary, self.history)
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
@@ -299,7 +299,8 @@ class Trainer:
         return {"normalization": {"mean": list(mean), "std": list(std)}}
 
     def _check_finite(self, meters: EpochMeters, epoch: int, checked: str) -> None:
-        bad_step = meters.first_bad_step()  # host sync: only at log points and epoch end
+        # Host sync, only at log points and epoch end; the first bad step of any rank, so all stop here together.
+        bad_step = self.dist.first_over_ranks(meters.first_bad_step())
         if bad_step < 0:
             return
         where = (f"the last good checkpoint is {self.last_good} (loadable; resume with --resume {self.run_dir})"
@@ -381,6 +382,7 @@ def _with_out(cfg: TrainConfig, out: str) -> TrainConfig:
 
 
 def train(cfg: TrainConfig, dist: DistContext | None = None, resume: bool = False,
-          log: Callable[[str], None] | None = None, train_data=None, test_data=None) -> TrainResult:
-    """Train one run described by `cfg` (its `out` is the run directory)."""
-    return Trainer(cfg, dist, resume=resume, log=log, train_data=train_data, test_data=test_data).fit()
+          log: Callable[[str], None] | None = None, train_data=None, test_data=None,
+          force: bool = False) -> TrainResult:
+    """Train one run described by `cfg` (its `out` is the run directory; `force`: see runlock.check_run_dir)."""
+    return Trainer(cfg, dist, resume, log, train_data, test_data, force).fit()
