@@ -155,10 +155,11 @@ def run_worker(cfg: TrainConfig, resume: bool, log=None, force: bool = False) ->
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from ..data import DatasetError
+    from ..fileio import DiskFullError
     from ..models import ModelFileError
     from .checkpoint import CheckpointError
 
-    return (ConfigError, DatasetError, RunDirError, CheckpointError, FileNotFoundError, ModelFileError)
+    return (ConfigError, DatasetError, RunDirError, CheckpointError, FileNotFoundError, ModelFileError, DiskFullError)
 
 
 def _record_failure(error_dir: str, e: BaseException) -> None:
