@@ -82,10 +82,7 @@ def make_report(run_dirs: Iterable[Union[str, os.PathLike, RunResult]],
             heatmaps[stem] = png
 
     lines = [
-        results_table(runs, threshold=threshold).rstrip("\n"),
-        "",
-        f"t_epoch: first epoch at which test accuracy reached {threshold:g} % "
-        f"(`-`: never reached). Times in seconds for 60,000 images; `n/a`: not available.",
+        results_table(runs, threshold=threshold).rstrip("\n"),  # its notes explain every column
         "",
         f"![test accuracy per epoch]({ACCURACY_PNG})",
     ]
