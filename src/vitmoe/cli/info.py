@@ -1,8 +1,9 @@
-"""`vitmoe info PRESET`: parameter and FLOP accounting of a model."""
+"""`vitmoe info PRESET|HF_DIR`: parameter and FLOP accounting of a model."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from .common import CLIError, HelpFormatter, echo, warn
 
@@ -15,7 +16,8 @@ def add_parser(sub) -> None:
         "info", help="parameters and FLOPs of a model preset", formatter_class=HelpFormatter,
         description="Print total parameters, active parameters per token, parameters after merging the experts, "
                     "and forward FLOPs per image (2 x multiply-adds of matmuls and convolutions).")
-    p.add_argument("preset", metavar="PRESET", help=f"model preset: {', '.join(list_models())}")
+    p.add_argument("preset", metavar="PRESET", help=f"model preset ({', '.join(list_models())}) or a transformers "
+                                                    "ViT directory (config.json), as vitmoe.load_pretrained imports it")
     p.add_argument("--set", action="append", default=[], metavar="model.FIELD=VALUE",
                    help="model field override (repeatable), spelled as in vitmoe train, e.g. "
                         "--set model.num_experts=64 --set model.embed_dim=256 --set model.moe.top_k=2")
@@ -44,23 +46,32 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from ..models import list_models, model_config, model_info
+    from ..models.hf import config_from_hf, is_hf_dir, read_hf_config
     from ..training.config import TrainConfig
 
-    if args.preset not in list_models():
+    name = args.preset
+    if is_hf_dir(args.preset):
+        if args.set or args.dataset:
+            raise CLIError(f"--set and --dataset apply to presets, not to the transformers directory {args.preset}")
+        cfg = config_from_hf(read_hf_config(args.preset), f"{args.preset}/config.json")
+    elif os.path.isdir(args.preset):
+        raise CLIError(f"{args.preset} is a directory without a transformers config.json; give a preset "
+                       f"({', '.join(list_models())}) or a transformers ViT directory")
+    elif args.preset not in list_models():
         raise CLIError(f"unknown model preset {args.preset!r}; choose one of: {', '.join(list_models())}")
-    overrides = model_overrides(args.set, args.preset)
-    if args.dataset:
+    elif args.dataset:
+        overrides = model_overrides(args.set, args.preset)
         cfg = TrainConfig(model=args.preset, dataset=args.dataset, model_config=overrides).validate().resolved_model_config()
     else:
-        cfg = model_config(args.preset, **overrides)
+        cfg = model_config(args.preset, **model_overrides(args.set, args.preset))
     info = model_info(cfg)
     if args.json:
-        echo(json.dumps({"model": args.preset, **asdict(info)}))
+        echo(json.dumps({"model": name, **asdict(info)}))
         return 0
     experts = cfg.experts_per_moe_block()
     desc = (f"{len(experts)} MoE layers, {experts[0] if len(set(experts)) == 1 else experts} experts, router {getattr(cfg, 'moe', cfg).router}"
             if experts else "dense")
-    echo(f"model {args.preset}: d {cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}, MLP {cfg.mlp_hidden}, "
+    echo(f"model {name}: d {cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}, MLP {cfg.mlp_hidden}, "
          f"patch {cfg.patch_size}, {cfg.img_size}x{cfg.img_size}x{cfg.in_chans}, {cfg.num_classes} classes; {desc}")
     rows = [("total parameters", info.total_params), ("active parameters per token", info.active_params_per_token),
             ("parameters after merging", info.merged_params), ("forward FLOPs per image", info.forward_flops_per_image)]
