@@ -148,7 +148,8 @@ def test_export_refuses_what_the_layout_cannot_hold(tmp_path, capsys, field, ove
 
 
 @pytest.mark.parametrize("field, value", [
-    ("hidden_act", "gelu_new"), ("model_type", "deit"), ("image_size", [32, 16]), ("num_attention_heads", 3),
+    ("hidden_act", "gelu_new"), ("model_type", "deit"), ("image_size", [32, 16]), ("image_size", 30),
+    ("num_attention_heads", 3),
 ])
 def test_import_refuses_what_vitmoe_cannot_compute(tmp_path, capsys, field, value):
     path = save_hf(hf_model(), tmp_path / "vit")
@@ -201,3 +202,21 @@ def test_load_pretrained_of_a_vitmoe_file(tmp_path):
         same = load_pretrained(tmp_path / "m.safetensors")
     x = torch.randn(1, 3, 16, 16)
     assert torch.equal(same.eval()(x), model.eval()(x))
+
+
+def test_import_of_a_sharded_directory(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = hf_model()
+    path = save_hf(hf, tmp_path / "vit")
+    tensors = load_file(str(path / SAFETENSORS_FILE))
+    (path / SAFETENSORS_FILE).unlink()
+    keys = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, part in shards.items():
+        save_file({k: tensors[k] for k in part}, str(path / name), metadata={"format": "pt"})
+    weight_map = {k: name for name, part in shards.items() for k in part}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(path).eval()(x), hf_logits(hf, x), atol=1e-5, rtol=0)

@@ -114,8 +114,11 @@ def config_from_hf(hf: Mapping[str, Any], source: str = CONFIG_FILE) -> ViTConfi
         return ViTConfig(**fields).validate()
     except ValueError as e:  # ConfigError: e.g. a head count that does not divide the width
         msg = str(e)
-        for ours, (theirs, _) in _CONFIG_FIELDS.items():
-            msg = msg.replace(f"model field {ours}=", f"field {theirs}=")
+        renames = {**{ours: theirs for ours, (theirs, _) in _CONFIG_FIELDS.items()}, "img_size": "image_size",
+                   "patch_size": "patch_size", "num_classes": "num_labels"}
+        for ours, theirs in renames.items():
+            msg = msg.replace(f"model field {ours}=", f"field {theirs}=").replace(f"{ours}=", f"{theirs}=")
+        msg = re.sub(r" \(flag [^)]*\)", "", msg)  # vitmoe train's flags do not apply here
         raise ModelFileError(f"{source}: cannot be expressed as a vitmoe model: {msg}") from None
 
 
