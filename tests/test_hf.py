@@ -94,8 +94,11 @@ def test_import_at_another_image_size_matches_interpolate_pos_encoding(tmp_path)
     assert ours.config.num_classes == 3 and not ours.head[0].weight.any()
 
 
-def test_export_round_trip_through_transformers(tmp_path):
-    model = vitmoe.create_model("vit", img_size=16, patch_size=4, head="linear", num_classes=5, **TINY).eval()
+@pytest.mark.parametrize("extra", [{}, dict(qkv_bias=False, norm_eps=1e-6), dict(in_chans=1, patch_size=8),
+                                   dict(share_blocks=True, pos_embed_rows=17)])
+def test_export_round_trip_through_transformers(tmp_path, extra):
+    kw = {**dict(img_size=16, patch_size=4, head="linear", num_classes=5), **TINY, **extra}
+    model = vitmoe.create_model("vit", **kw).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -103,7 +106,7 @@ def test_export_round_trip_through_transformers(tmp_path):
     hf, info = transformers.ViTForImageClassification.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info.get("mismatched_keys")
     assert hf.config.id2label[2] == "c" and hf.config.label2id["e"] == 4
-    x = torch.randn(2, 3, 16, 16)
+    x = torch.randn(2, model.config.in_chans, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(hf_logits(hf.eval(), x), model(x), atol=1e-5, rtol=0)
     # and back into vitmoe

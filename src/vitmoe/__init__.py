@@ -1,7 +1,7 @@
 """vitmoe: Vision Transformers with Mixture-of-Experts MLPs."""
 from .models import (
     ConfigError, ModelOutput, ViTConfig, VisionTransformer, create_model, list_models, load_model, merge_experts,
-    model_info, save_model,
+    model_info, save_model, upcycle,
 )
 from .models import load_pretrained
 from .moe import MoEConfig, MoEMlp, SoftMoE, collect_moe_outputs
@@ -11,5 +11,5 @@ __all__ = [
     "MoEConfig", "MoEMlp", "SoftMoE", "collect_moe_outputs", "VisionTransformer", "ViTConfig", "ModelOutput",
     "ConfigError", "create_model", "list_models", "merge_experts", "model_info", "load_model", "save_model",
     "load_pretrained",
-    "__version__",
+    "upcycle", "__version__",
 ]

@@ -94,6 +94,12 @@ def add_parser(sub) -> None:
                         "and is evaluated; the cosine decay ends with the budget (field time_budget_s)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue a run from its latest checkpoint with its saved config")
+    g.add_argument("--init", default=None, metavar="SRC",
+                   help="start a new run from SRC's weights (field init): a vitmoe model file, run or checkpoint "
+                        "directory, or a transformers ViT directory. A dense SRC is upcycled when the run's model is "
+                        "MoE (experts copied from its MLPs, routers at zero); another image size or class count "
+                        "is adapted (positional table interpolated, new zero head); optimizer and schedule start "
+                        "fresh. Width, depth, heads, MLP width, patch and head type must match")
 
     g = p.add_argument_group("execution")
     g.add_argument("--amp", choices=list(AMP_MODES), default=None,
@@ -139,7 +145,7 @@ def flag_overrides(args: argparse.Namespace) -> dict:
                       ("eval_mode", "eval_mode"), ("data_dir", "data_dir"), ("device", "device"),
                       ("ep_size", "ep_size"), ("dist_timeout", "dist_timeout_s"),
                       ("augment_policy", "augment_policy"), ("consistency_weight", "consistency_weight"),
-                      ("time_budget", "time_budget_s")):
+                      ("time_budget", "time_budget_s"), ("init", "init")):
         value = getattr(args, flag)
         if value is not None:
             o[key] = value
@@ -196,6 +202,9 @@ def build_config(args: argparse.Namespace):
     flags = flag_overrides(args)
     sets = parse_set(args.set)
     if args.resume:
+        if args.init is not None:
+            raise CLIError(f"--init cannot be combined with --resume: a resumed run continues from its own checkpoint "
+                           f"(start a new run with --init {args.init} instead)")
         run_dir = Path(args.resume)
         saved_path = run_dir / "config.yaml"
         if not saved_path.is_file():
@@ -224,6 +233,10 @@ def build_config(args: argparse.Namespace):
         if given:
             raise CLIError(f"{', '.join(given)} apply to MoE models, but model {cfg.model!r} is dense "
                            f"(use --model switch_vit or random_vit)")
+    if cfg.init is not None:  # SRC exists and fits the run's model, before any data is loaded
+        from ..training.init import check_init
+
+        check_init(cfg.init, model_cfg)
     return cfg
 
 

@@ -65,6 +65,8 @@ class TrainConfig:
     """ViTConfig overrides on top of the preset, e.g. {embed_dim: 300, num_experts: 64, moe: {top_k: 2}}.
     Each auxiliary loss has one weight, set here: moe.balance_loss_weight, moe.z_loss_weight (an
     old config's `aux_loss_weight` is read with a FutureWarning and multiplied into both)."""
+    init: str | None = None
+    """Start from these weights (--init: model file, run, or transformers ViT dir; see training/init.py)."""
     dataset: str = "cifar10"
     data_dir: str | None = None
     augment: bool = True
@@ -242,6 +244,8 @@ class TrainConfig:
             f.fail("dataset", f"one of {', '.join(DATASET_NAMES)}")
         if self.data_dir is not None:
             self.data_dir = str(self.data_dir)
+        f.need(self.init is None or (isinstance(self.init, (str, os.PathLike)) and str(self.init)), "init", "null or a path")
+        self.init = None if self.init is None else str(self.init)
         f.boolean("augment")
         f.choice("augment_policy", AUGMENT_POLICIES)
         f.need(self.augment_policy == "none" or self.augment, "augment_policy",

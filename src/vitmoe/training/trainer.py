@@ -32,6 +32,7 @@ from .budget import TimeBudget
 from .config import TrainConfig
 from .dist import DistContext, resolve_device, synchronize, wrap_ddp
 from .evaluate import autocast_context, evaluate
+from .init import apply_init, check_init
 from .meters import EpochMeters
 from .model_spec import check_ep_size, experts_of
 from .optim import LRSchedule, build_optimizer, build_scheduler, param_groups
@@ -81,6 +82,8 @@ class Trainer:
             cfg = _with_out(cfg, str(self.run_dir))
         self.cfg = cfg
         self.model_cfg = cfg.resolved_model_config()
+        if cfg.init and not resume:  # before any data is loaded: SRC exists and fits this model
+            check_init(cfg.init, self.model_cfg)
         self.resume = resume
         self._log = log or print
         self.force, self._lock, self.tb = force, RunLock(self.run_dir), None
@@ -105,6 +108,7 @@ class Trainer:
         # Built whole and alike on every rank (same seed); expert parallelism then keeps this
         # rank's slice, so shared-init experts stay identical copies and independent ones distinct.
         self.model = VisionTransformer(self.model_cfg).to(device)
+        apply_init(self)  # --init SRC: its weights (upcycled / adapted), before experts are split over ranks
         self.ep = None
         check_ep_size(cfg.ep_size, dist.world_size)
         if cfg.ep_size > 1:
@@ -370,6 +374,7 @@ class Trainer:
             "time_budget_s": cfg.time_budget_s,
             "stopped_by_budget": self.budget.stopped,
             "resume_schedule": cfg.resume_schedule,
+            "init": cfg.init,
             "steps": self.step,
         }
 
