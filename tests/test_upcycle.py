@@ -298,3 +298,22 @@ def test_train_init_of_an_moe_source_with_another_layout(dense_run, tmp_path, ca
     assert main(["train", "--dataset", "digits", "--model", "switch_vit", "--experts", "4", "--epochs", "1",
                  "--out", str(tmp_path / "r"), *TINY_SETS, "--init", str(up)]) == 2
     _one_error_line(capsys, "--init", "MoE blocks [1] with experts [2] (SRC)")
+
+
+def test_transformers_directory_as_source(dense_run, tmp_path, capsys):
+    """A transformers ViT directory (vitmoe export --format hf) works as SRC of upcycle and train --init."""
+    from vitmoe.models.upcycle import upcycled_config
+    from vitmoe.training.init import init_from
+
+    hf = tmp_path / "hf"
+    assert main(["export", str(dense_run), str(hf), "--format", "hf"]) == 0
+    out = tmp_path / "up.safetensors"
+    assert main(["upcycle", str(hf), str(out), "--experts", "4", "--layers", "all"]) == 0
+    capsys.readouterr()
+    dense = vitmoe.load_model(next(dense_run.glob("checkpoints/epoch-*/model.safetensors")))
+    expected = vitmoe.upcycle(dense, moe_layers="all", num_experts=4)
+    got = vitmoe.load_model(out)
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), expected.state_dict().values()))
+    model = VisionTransformer(upcycled_config(dense.config, moe_layers="all", num_experts=4))
+    init_from(model, str(hf), log=lambda m: None)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
