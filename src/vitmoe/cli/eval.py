@@ -9,6 +9,7 @@ from .common import CLIError, HelpFormatter, echo, warn
 
 def add_parser(sub) -> None:
     from ..training.config import DATASET_NAMES, EVAL_MODES
+    from .train import dataset_arg, dataset_metavar
 
     p = sub.add_parser(
         "eval", help="evaluate a checkpoint on a test set", formatter_class=HelpFormatter,
@@ -17,8 +18,9 @@ def add_parser(sub) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="model .safetensors file or run directory")
     p.add_argument("--mode", choices=list(EVAL_MODES), default=None,
                    help="eval mode of randomly routed layers (default: the checkpoint's, normally merged)")
-    p.add_argument("--dataset", choices=list(DATASET_NAMES), default=None,
-                   help="test set (default: the checkpoint's training dataset)")
+    p.add_argument("--dataset", type=dataset_arg, default=None, metavar=dataset_metavar(DATASET_NAMES),
+                   help="test set (default: the checkpoint's training dataset; a folder:PATH run's folder is read "
+                        "with the run's img_size / folder_test_fraction / skip_bad_images from its config.yaml)")
     p.add_argument("--data-dir", default=None,
                    help="dataset directory (default: the run's own data_dir from its config.yaml, then $DATA, "
                         "then ./data)")
@@ -32,6 +34,12 @@ def add_parser(sub) -> None:
 def saved_data_dir(checkpoint, model_file) -> str | None:
     """The `data_dir` in the config.yaml of the run that `checkpoint` (a run directory, a checkpoint
     directory or a model file inside one) belongs to; None when there is none."""
+    value = saved_config(checkpoint, model_file).get("data_dir")
+    return str(value) if value else None
+
+
+def saved_config(checkpoint, model_file) -> dict:
+    """The config.yaml of the run that `checkpoint` belongs to ({} when there is none or it is unreadable)."""
     from pathlib import Path
 
     import yaml
@@ -48,16 +56,15 @@ def saved_data_dir(checkpoint, model_file) -> str | None:
             try:
                 saved = yaml.safe_load(cfg_file.read_text()) or {}
             except (OSError, yaml.YAMLError):
-                return None
-            value = saved.get("data_dir") if isinstance(saved, dict) else None
-            return str(value) if value else None
-    return None
+                return {}
+            return saved if isinstance(saved, dict) else {}
+    return {}
 
 
 def evaluate_checkpoint(checkpoint, mode=None, dataset=None, data_dir=None, batch=500, device="auto", seed=0) -> dict:
     import torch
 
-    from ..data import DeviceLoader, load_dataset
+    from ..data import DeviceLoader, is_folder, load_dataset
     from ..models import load_model, read_metadata
     from ..training import evaluate, resolve_device, resolve_model_file
 
@@ -71,25 +78,37 @@ def evaluate_checkpoint(checkpoint, mode=None, dataset=None, data_dir=None, batc
     dataset = dataset or meta.get("dataset")
     if not dataset:
         raise CLIError(f"{path} does not record its dataset; pass --dataset")
+    saved = saved_config(checkpoint, path)
     if data_dir is None:  # where the run found its data (an explicit --data-dir wins)
         data_dir = saved_data_dir(checkpoint, path)
     dev = resolve_device(device)
     overrides = {"eval_mode": mode} if mode else {}
     model = load_model(path, map_location=dev, **overrides)
-    data = load_dataset(dataset, "test", data_dir)
     cfg = model.config
-    if (data.info.in_chans, data.info.img_size, data.info.num_classes) != (cfg.in_chans, cfg.img_size, cfg.num_classes):
-        raise CLIError(f"{path} was built for {cfg.in_chans}x{cfg.img_size}x{cfg.img_size} images and "
-                       f"{cfg.num_classes} classes; dataset {dataset} does not fit")
+    options = {}
+    if is_folder(dataset):  # read as in training: the run's settings, else the model's image size
+        options = {"img_size": saved.get("img_size") or cfg.img_size,
+                   "test_fraction": saved.get("folder_test_fraction"),
+                   "skip_bad_images": bool(saved.get("skip_bad_images", False))}
+    data = load_dataset(dataset, "test", data_dir, **options)
+    if (data.info.in_chans, data.info.num_classes) != (cfg.in_chans, cfg.num_classes):
+        raise CLIError(f"{path} was built for {cfg.in_chans}-channel images and {cfg.num_classes} classes; "
+                       f"dataset {dataset} ({data.info.in_chans} channels, {data.info.num_classes} classes) "
+                       f"does not fit")
+    classes = list(data.info.classes)
+    if meta.get("classes") is not None and list(meta["classes"]) != classes:
+        raise CLIError(f"{path} was trained on classes {', '.join(map(str, meta['classes']))}, but {dataset} now "
+                       f"holds {', '.join(classes)}: labels would not match")
     norm = meta.get("normalization")
     mean = std = None
     if norm and dataset == meta.get("dataset"):  # trained with a normalisation other than the dataset's
         mean, std = norm["mean"], norm["std"]
     torch.manual_seed(seed)
-    loader = DeviceLoader(data, batch, dev, train=False, mean=mean, std=std)
+    loader = DeviceLoader(data, batch, dev, train=False, mean=mean, std=std, resize_to=cfg.img_size)
     res = evaluate(model, loader, dev)
     moe = bool(cfg.moe_block_indices())
-    return {"checkpoint": str(path), "dataset": dataset, "images": res["n"], "test_acc": res["acc"],
+    return {"checkpoint": str(path), "dataset": dataset, "classes": classes, "images": res["n"],
+            "test_acc": res["acc"],
             "test_loss": res["loss"], "mode": cfg.moe.eval_mode if moe else None, "params": sum(p.numel() for p in model.parameters()),
             "images_per_s": res["images_per_s"]}
 
@@ -102,4 +121,6 @@ def run(args: argparse.Namespace) -> int:
         mode = f", eval mode {r['mode']}" if r["mode"] else ""
         echo(f"{r['checkpoint']}: test accuracy {r['test_acc']:.2f}%  test loss {r['test_loss']:.4f}  "
              f"({r['images']:,} {r['dataset']} test images{mode}, {r['params']:,} parameters)")
+        if r["dataset"].startswith("folder:"):
+            echo(f"classes ({len(r['classes'])}): {', '.join(r['classes'])}")
     return 0

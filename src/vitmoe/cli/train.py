@@ -27,7 +27,8 @@ consistency_stopgrad, time_budget_s, log_every, tensorboard, keep_checkpoints, .
 fields as model.FIELD and MoE fields as model.moe.FIELD (e.g. --set model.depth=6
 --set model.moe.capacity_factor_train=1.25); values are YAML. Recipes: configs/*.yaml (e.g. configs/pr_moe_lite6_cifar10.yaml, the ColossalAI ViT-MoE
 Lite6 PR-MoE recipe).
-The dataset sets img_size/in_chans/num_classes; patch_size stays the preset's (4) when it divides
+The dataset sets img_size/in_chans/num_classes (--img-size N: the model sees NxN, batches resized on
+the device); patch_size stays the preset's (4) when it divides
 the image size (else the largest divisor below it).
 
 Run directory (--out, default runs/MODEL-DATASET-TIME): config.yaml (resolved settings),
@@ -72,8 +73,18 @@ def add_parser(sub) -> None:
                    help="router of the MoE layers (model field moe.router)")
     g.add_argument("--top-k", type=int, default=None,
                    help="experts per token for --router topk (model field moe.top_k)")
-    g.add_argument("--dataset", choices=list(DATASET_NAMES), default=None,
-                   help="dataset (default cifar10 as in the source; digits works offline)")
+    g.add_argument("--dataset", type=dataset_arg, default=None, metavar=dataset_metavar(DATASET_NAMES),
+                   help="dataset (default cifar10 as in the source; digits works offline); folder:PATH (alias "
+                        "imagefolder:PATH) trains on your own images, PATH/train/CLASS/*.png|jpg|jpeg|bmp|webp "
+                        "and PATH/test/CLASS/... (or val/; without it a seeded split per class, "
+                        "--folder-test-fraction), decoded once into PATH/.vitmoe-cache/")
+    g.add_argument("--img-size", type=int, default=None, metavar="N",
+                   help="image side the model sees (field img_size): folder datasets are decoded at N (default 32); "
+                        "for a built-in dataset the batches are resized on the device (e.g. 224 on CIFAR's 32x32)")
+    g.add_argument("--folder-test-fraction", type=float, default=None, metavar="F",
+                   help="folder:PATH without test/ or val/: fraction of each class held out as test (default 0.2)")
+    g.add_argument("--skip-bad-images", action="store_true", default=None,
+                   help="folder:PATH: skip unreadable images (their count is reported) instead of stopping at the first")
     g.add_argument("--data-dir", default=None, help="where datasets are found/downloaded (default $DATA, then ./data)")
     g.add_argument("--augment-policy", choices=list(AUGMENT_POLICIES), default=None,
                    help="augmentation after the random crop: AutoAugment (CIFAR-10 policy) or RandAugment "
@@ -145,7 +156,8 @@ def flag_overrides(args: argparse.Namespace) -> dict:
                       ("eval_mode", "eval_mode"), ("data_dir", "data_dir"), ("device", "device"),
                       ("ep_size", "ep_size"), ("dist_timeout", "dist_timeout_s"),
                       ("augment_policy", "augment_policy"), ("consistency_weight", "consistency_weight"),
-                      ("time_budget", "time_budget_s"), ("init", "init")):
+                      ("time_budget", "time_budget_s"), ("init", "init"), ("img_size", "img_size"),
+                      ("folder_test_fraction", "folder_test_fraction"), ("skip_bad_images", "skip_bad_images")):
         value = getattr(args, flag)
         if value is not None:
             o[key] = value
@@ -160,6 +172,20 @@ def flag_overrides(args: argparse.Namespace) -> dict:
     if args.top_k is not None:
         o[moe_key("top_k")] = args.top_k
     return o
+
+
+def dataset_metavar(names) -> str:
+    return "{" + ",".join(names) + ",folder:PATH}"
+
+
+def dataset_arg(value: str) -> str:
+    """--dataset: a built-in name or folder:PATH (argparse shows the message on a bad one)."""
+    from ..data import DatasetError, canonical_name
+
+    try:
+        return canonical_name(value)
+    except DatasetError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def moe_key(name: str) -> str:

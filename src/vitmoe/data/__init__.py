@@ -1,8 +1,8 @@
-"""Datasets (cifar10, cifar100, fashion-mnist, digits), on-device augmentation (crop/flip, AutoAugment,
+"""Datasets (cifar10, cifar100, fashion-mnist, digits, your own images as folder:PATH), on-device augmentation (crop/flip, AutoAugment,
 RandAugment) and the device-resident loader.
 
 Data is looked for in: the explicit `data_dir`, then `$DATA`, then `./data` (and, for Fashion-MNIST, also
-`/usr/share/datasets/fashion-mnist`). Downloads (CIFAR, Fashion-MNIST) go to the first of
+`/usr/share/datasets/fashion-mnist`); `folder:PATH` is read from PATH (see `vitmoe.data.folder`). Downloads (CIFAR, Fashion-MNIST) go to the first of
 explicit / `$DATA` / `./data`.
 """
 
@@ -13,8 +13,9 @@ import os
 from .augment import normalize, random_crop, random_hflip
 # The `autoaugment` function stays in its module: re-exporting it here would hide the submodule of that name.
 from .autoaugment import CIFAR10_POLICY, OpPlan, apply_plan, autoaugment_plan, randaugment, randaugment_plan
-from .info import DATASETS, DatasetError, DatasetInfo, ImageData, canonical_name, check_split, get_info
-from .loader import DeviceLoader
+from .info import DATASETS, DatasetError, DatasetInfo, ImageData, canonical_name, check_split, is_folder
+from .info import get_info as _builtin_info
+from .loader import DeviceLoader, StreamingLoader, make_loader
 from .sources import resolve_data_dir, search_roots
 
 __all__ = [
@@ -24,11 +25,14 @@ __all__ = [
     "DatasetInfo",
     "DeviceLoader",
     "ImageData",
+    "StreamingLoader",
     "OpPlan",
     "apply_plan",
     "autoaugment_plan",
     "check_dataset",
     "get_info",
+    "is_folder",
+    "make_loader",
     "load_dataset",
     "normalize",
     "random_crop",
@@ -40,16 +44,33 @@ __all__ = [
 ]
 
 
+def get_info(name: str, **folder_options) -> DatasetInfo:
+    """A dataset's `DatasetInfo` by name. For `folder:PATH` the folder is scanned and its cache loaded
+    (or built) with `folder_options` (img_size, test_fraction, skip_bad_images; see `vitmoe.data.folder`)."""
+    key = canonical_name(name)
+    if is_folder(key):
+        from .folder import prepare_folder
+
+        return prepare_folder(key, rescan=False, **folder_options).info
+    return _builtin_info(key)
+
+
 def load_dataset(
-    name: str, split: str, data_dir: str | os.PathLike[str] | None = None, download: bool = True
+    name: str, split: str, data_dir: str | os.PathLike[str] | None = None, download: bool = True, **folder_options
 ) -> ImageData:
     """Load one split ("train" or "test") of a dataset into memory as uint8 [N, C, H, W] + int64 labels.
 
     Raises `DatasetError` (a ValueError) for unknown names, missing data (naming the directories searched)
     and truncated/corrupt files (naming the file). `download` only applies to cifar10/100 and fashion-mnist.
+    `folder:PATH` datasets take `folder_options` (img_size, test_fraction, skip_bad_images) and come
+    memory-mapped from their cache (`vitmoe.data.folder`).
     """
     key = canonical_name(name)
     check_split(split)
+    if is_folder(key):
+        from .folder import prepare_folder
+
+        return prepare_folder(key, **folder_options).split(split)
     if key in ("cifar10", "cifar100"):
         from .cifar import load_cifar
 
@@ -63,7 +84,8 @@ def load_dataset(
     return load_digits(split)
 
 
-def check_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, download: bool = True) -> None:
+def check_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, download: bool = True,
+                  **folder_options) -> None:
     """Make sure a dataset can be loaded, cheaply: its files are found (or downloaded / extracted, as
     `load_dataset` would) and their presence, headers and sizes are checked without decoding the data.
 
@@ -71,7 +93,11 @@ def check_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, dow
     is one `DatasetError` there instead of the same failure in every worker.
     """
     key = canonical_name(name)
-    if key in ("cifar10", "cifar100"):
+    if is_folder(key):  # scanned and decoded once here, so workers only read the cache
+        from .folder import prepare_folder
+
+        prepare_folder(key, **folder_options)
+    elif key in ("cifar10", "cifar100"):
         from .cifar import check_cifar
 
         check_cifar(key, data_dir, download)

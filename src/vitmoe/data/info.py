@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -102,19 +104,48 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
+def is_folder(name: str) -> bool:
+    """Whether `name` is a `folder:PATH` dataset (your own images)."""
+    return folder_path(name) is not None
+
+
 def get_info(name: str) -> DatasetInfo:
-    """Look up a dataset by name (case-insensitive, '_' accepted for '-'); unknown names list the allowed ones."""
+    """Look up a built-in dataset by name (case-insensitive, '_' accepted for '-'); unknown names list the
+    allowed ones. `vitmoe.data.get_info` also takes `folder:PATH`."""
     key = canonical_name(name)
+    if key not in DATASETS:
+        raise DatasetError(f"{name}: a folder dataset has no fixed info; use vitmoe.data.get_info")
     return DATASETS[key]
 
 
+FOLDER_PREFIXES = ("folder:", "imagefolder:")
+
+
+def folder_path(name: str) -> Path | None:
+    """The folder of a `folder:PATH` / `imagefolder:PATH` dataset name (None for other names)."""
+    text = str(name).strip()
+    for prefix in FOLDER_PREFIXES:
+        if text.lower().startswith(prefix):
+            rest = text[len(prefix):].strip()
+            if not rest:
+                raise DatasetError(f"dataset {name!r}: give the folder, e.g. folder:/data/my-images")
+            return Path(rest).expanduser()
+    return None
+
+
 def canonical_name(name: str) -> str:
-    """Normalise a user-supplied dataset name to a `DATASETS` key or raise `DatasetError` listing the choices."""
+    """Normalise a user-supplied dataset name to a `DATASETS` key or raise `DatasetError` listing the choices.
+    `folder:PATH` / `imagefolder:PATH` become `folder:ABSOLUTE_PATH` (the spelling a run's config saves,
+    so `vitmoe eval` finds the folder from anywhere)."""
+    path = folder_path(name)
+    if path is not None:
+        return f"folder:{os.path.abspath(path)}"
     key = str(name).strip().lower().replace("_", "-")
     aliases = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100"}
     key = aliases.get(key, key)
     if key not in DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+        raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}, or folder:PATH "
+                           f"(your own images in PATH/train/CLASS/*.png|jpg)")
     return key
 
 

@@ -1,4 +1,6 @@
-"""`DeviceLoader`: a whole split resident on the training device, batched, sharded across ranks, augmented."""
+"""`DeviceLoader`: a whole split resident on the training device, batched, sharded across ranks, augmented.
+`StreamingLoader`: the same batches from a split kept in host memory (e.g. a memory-mapped folder cache),
+each batch gathered into pinned memory and copied to the device. `make_loader` picks one by size."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import math
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from . import augment as aug
 from .autoaugment import POLICIES, apply_plan, policy_plan
@@ -38,6 +41,9 @@ class DeviceLoader:
       way. Its draws come after the crop and flip draws, so crops and flips do not depend on the policy.
     * Eval (`train=False`): identity order, no augmentation; over all ranks each sample appears exactly once.
     * `mean` / `std` (per channel, 0..1 scale) normalise the batches; None: the dataset's (`data.info`).
+    * `resize_to` (an int side): each batch is resized on the device to resize_to x resize_to
+      (`F.interpolate`, bilinear, antialias=True) after augmentation and before normalisation, e.g.
+      CIFAR's 32x32 for a model of 224x224 images. None (or the data's own size): no resize.
     """
 
     def __init__(
@@ -53,6 +59,7 @@ class DeviceLoader:
         augment_policy: str = "none",
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        resize_to: int | None = None,
     ) -> None:
         if augment_policy not in POLICIES:
             raise ValueError(f"unknown augment_policy {augment_policy!r}; expected one of {POLICIES}")
@@ -71,11 +78,11 @@ class DeviceLoader:
         self.augment = bool(augment) and self.train
         self.augment_policy = augment_policy
         self.epoch = 0
-
-        # One host->device copy for the whole run; uint8 keeps it 4x smaller than float.
-        self.images = data.images.to(device, non_blocking=False).contiguous()
-        self.labels = data.labels.to(self.images.device)
-        self.device = self.images.device  # normalised (e.g. "cuda" -> cuda:0) for generator placement
+        side = tuple(data.images.shape[2:])
+        self.resize_to = None if resize_to is None or (int(resize_to),) * 2 == side else int(resize_to)
+        if self.resize_to is not None and self.resize_to < 1:
+            raise ValueError(f"resize_to must be a positive image side, got {resize_to}")
+        self._place(data, device)
         # Normalisation: the dataset's statistics unless the run overrides them (TrainConfig.norm_mean/std).
         self.mean = tuple(float(m) for m in (self.info.mean if mean is None else mean))
         self.std = tuple(float(s) for s in (self.info.std if std is None else std))
@@ -84,6 +91,23 @@ class DeviceLoader:
                              f"got {self.mean} / {self.std}")
         self._mean = torch.tensor(self.mean, dtype=torch.float32, device=self.device)
         self._std = torch.tensor(self.std, dtype=torch.float32, device=self.device)
+
+    def _place(self, data: ImageData, device: torch.device | str) -> None:
+        # One host->device copy for the whole run; uint8 keeps it 4x smaller than float.
+        self.images = data.images.to(device, non_blocking=False).contiguous()
+        self.labels = data.labels.to(self.images.device)
+        self.device = self.images.device  # normalised (e.g. "cuda" -> cuda:0) for generator placement
+        self._index_device = self.device
+
+    def _fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows `idx` (on `_index_device`) as (uint8 images, labels) on the device."""
+        return self.images[idx], self.labels[idx]
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resize_to is not None:
+            x = F.interpolate(x.float(), size=(self.resize_to, self.resize_to), mode="bilinear",
+                              align_corners=False, antialias=True)
+        return aug.normalize(x, self._mean, self._std)
 
     @property
     def num_samples(self) -> int:
@@ -126,15 +150,14 @@ class DeviceLoader:
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield this rank's (x float32 [b, C, H, W], y int64 [b]) for global batches start_batch.. of `epoch`."""
-        order = self.epoch_order(epoch).to(self.device)
+        order = self.epoch_order(epoch).to(self._index_device)
         for i in range(start_batch, len(self)):
             start, end = self.batch_bounds(i)
             global_idx = order[start:end]
-            idx = self._shard(global_idx)
-            x = self.images[idx]
+            x, y = self._fetch(self._shard(global_idx))
             if self.augment:
                 x = self._augment(x, global_idx.numel(), epoch, i)
-            yield aug.normalize(x, self._mean, self._std), self.labels[idx]
+            yield self._finish(x), y
 
     def _shard(self, t: torch.Tensor) -> torch.Tensor:
         """This rank's contiguous share of a global-batch tensor (sizes differ by at most 1 across ranks)."""
@@ -155,3 +178,36 @@ class DeviceLoader:
         if flips is not None:
             x = aug.hflip_where(x, self._shard(flips))
         return x
+
+
+class StreamingLoader(DeviceLoader):
+    """A `DeviceLoader` whose split stays in host memory (a memory-mapped cache is read on demand): each
+    batch's rows are gathered on the host (in sorted order, for sequential reads), into pinned memory
+    when the device is CUDA, and copied asynchronously. Order, augmentation and resizing are the
+    DeviceLoader's, so both yield the same batches."""
+
+    def _place(self, data: ImageData, device: torch.device | str) -> None:
+        self.images = data.images  # host (CPU) tensor, possibly memory-mapped
+        self.labels = data.labels.cpu()
+        self.device = torch.empty(0, device=device).device
+        self._index_device = torch.device("cpu")
+        self._pin = self.device.type == "cuda"
+
+    def _fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sorted_idx, perm = torch.sort(idx)
+        rows = self.images[sorted_idx]
+        x = torch.empty_like(rows)
+        x[perm] = rows
+        y = self.labels[idx]
+        if self._pin:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def make_loader(data: ImageData, batch_size: int, device: torch.device | str, train: bool,
+                stream_above_bytes: float | None = None, **kwargs) -> DeviceLoader:
+    """A `DeviceLoader` when the split's uint8 images fit under `stream_above_bytes` (None: always),
+    else a `StreamingLoader` over host memory."""
+    size = data.images.numel() * data.images.element_size()
+    cls = StreamingLoader if stream_above_bytes is not None and size > stream_above_bytes else DeviceLoader
+    return cls(data, batch_size, device, train, **kwargs)

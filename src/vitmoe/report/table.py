@@ -50,8 +50,23 @@ def _dataset(run: RunResult) -> str | None:
     """The run's dataset in its canonical spelling (fashion_mnist -> fashion-mnist), or None."""
     if not run.dataset:
         return None
+    if str(run.dataset).startswith("folder:"):  # your own images: the path is case-sensitive
+        return str(run.dataset)
     key = str(run.dataset).strip().lower()
     return _DATASET_ALIASES.get(key, key)
+
+
+def _dataset_label(run: RunResult) -> str | None:
+    """The dataset column: a folder dataset as folder:NAME (K classes: a, b, ...), from the run's summary."""
+    d = _dataset(run)
+    if d is None or not d.startswith("folder:"):
+        return d
+    classes = (run.summary or {}).get("classes")
+    label = f"folder:{os.path.basename(d[len('folder:'):].rstrip('/')) or d}"
+    if isinstance(classes, list) and classes:
+        names = ", ".join(map(str, classes[:5])) + (", ..." if len(classes) > 5 else "")
+        label += f" ({len(classes)} classes: {names})"
+    return label
 
 
 def _test_images(run: RunResult) -> int | None:
@@ -107,7 +122,7 @@ def format_row(run: RunResult, threshold: float = DEFAULT_THRESHOLD) -> list[str
     else:
         e = run.epochs_to(threshold)
         t_epoch = "-" if e is None else str(e)
-    return [name, _dataset(run) or NA, _experts(run.experts), _count(run.params), _count(run.active_params), best,
+    return [name, _dataset_label(run) or NA, _experts(run.experts), _count(run.params), _count(run.active_params), best,
             _count(_test_images(run)), t_epoch, _seconds(run.train_time_60k_s), _seconds(run.inference_time_60k_s)]
 
 

@@ -7,14 +7,14 @@ Precedence (lowest first): TrainConfig defaults (the source project's recipe, sw
 
 Model fields live in `model_config` (ViTConfig overrides on top of the `model` preset, MoE
 settings nested under `moe`); `model_spec.resolve_model_config` turns them into the model's
-ViTConfig. The dataset fixes `img_size`, `in_chans` and `num_classes`; when `patch_size` is not
+ViTConfig. The dataset fixes `in_chans` and `num_classes`, and `img_size` unless the field is set (see
+`data_spec`: folder datasets, on-device resize); when `patch_size` is not
 given and the preset's patch does not divide the image size, the largest divisor below it is used.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 import time
 from dataclasses import dataclass, field, fields
@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from ..data import DATASETS, DatasetError, canonical_name
+from ..data import DATASETS
 from ..models import ViTConfig
 from ..models.registry import list_models
 from ..moe import EVAL_MODES
@@ -31,6 +31,7 @@ from ..rundir import DEFAULT_THRESHOLD
 from ..validation import ConfigError, Fields
 from .model_spec import (check_ep_size, experts_of, fold_aux_loss_weight, model_label, resolve_model_config,
                          set_model_field)
+from .data_spec import check_data_fields, dataset_info
 from .schedule import RESUME_SCHEDULES
 
 OPTIMIZERS = ("adam", "adamw")
@@ -44,7 +45,7 @@ AUGMENT_POLICIES = ("none", "autoaugment", "randaugment")
 RESUMABLE_FIELDS = frozenset({
     "epochs", "log_every", "tensorboard", "compile", "amp", "device", "nproc", "keep_checkpoints",
     "data_dir", "eval_mode", "threshold", "out", "progress", "ep_size", "dist_timeout_s", "time_budget_s",
-    "resume_schedule",
+    "resume_schedule", "stream_above_mb",
 })
 # A collective that waits longer than a week is a hang; torch's timedelta overflows far above it.
 MAX_DIST_TIMEOUT_S = 7 * 24 * 3600.0
@@ -74,6 +75,17 @@ class TrainConfig:
     augment_policy: str = "none"
     """"none", "autoaugment" (the CIFAR-10 AutoAugment policy, as in the ColossalAI recipe) or
     "randaugment" (2 ops, magnitude 9), applied between the crop and the flip; needs augment=true."""
+    img_size: int | None = None
+    """Side of the images the model sees. folder:PATH datasets are decoded at this size (default 32);
+    for a built-in dataset None keeps its size and another value resizes each batch on the device
+    (bilinear, antialiased), e.g. 224 for a pretrained ViT on CIFAR (see training.data_spec)."""
+    folder_test_fraction: float = 0.2
+    """folder:PATH without a test/ (or val/) folder: the fraction of each class split off (seeded) as test."""
+    skip_bad_images: bool = False
+    """folder:PATH: skip unreadable images (counted in a warning) instead of failing on the first."""
+    stream_above_mb: float = 4096.0
+    """A split larger than this (MB of uint8 pixels) stays in host memory (a folder's memory-mapped
+    cache) and is streamed to the device batch by batch instead of being copied there whole."""
     norm_mean: list[float] | None = None
     """Per-channel normalisation mean on the 0..1 scale; None: the dataset's statistics."""
     norm_std: list[float] | None = None
@@ -238,12 +250,6 @@ class TrainConfig:
 
     def _check(self, f: Fields) -> None:
         f.need(isinstance(self.model, str) and self.model in list_models(), "model", f"one of {', '.join(list_models())}")
-        try:
-            self.dataset = canonical_name(self.dataset)
-        except DatasetError:
-            f.fail("dataset", f"one of {', '.join(DATASET_NAMES)}")
-        if self.data_dir is not None:
-            self.data_dir = str(self.data_dir)
         f.need(self.init is None or (isinstance(self.init, (str, os.PathLike)) and str(self.init)), "init", "null or a path")
         self.init = None if self.init is None else str(self.init)
         f.boolean("augment")
@@ -251,8 +257,7 @@ class TrainConfig:
         f.need(self.augment_policy == "none" or self.augment, "augment_policy",
                f"'none' when augment=false (augment=false turns all training augmentation off; "
                f"set augment=true to use {self.augment_policy!r})")
-        for name, positive in (("norm_mean", False), ("norm_std", True)):
-            self._check_channels(f, name, positive)
+        check_data_fields(self, f)
         f.integer("epochs", 1)
         f.choice("resume_schedule", RESUME_SCHEDULES)
         f.integer("batch_size", 1)
@@ -315,28 +320,6 @@ class TrainConfig:
                                          f"routed MoE layers (router 'random', e.g. model random_vit or "
                                          f"model.moe.router=random)")
 
-    def _check_channels(self, f: Fields, name: str, positive: bool) -> None:
-        """norm_mean / norm_std: None, or one finite number per channel (one number for all)."""
-        v, in_chans = getattr(self, name), self.dataset_info().in_chans
-        if v is None:
-            return
-        if isinstance(v, str):
-            try:
-                v = yaml.safe_load(v)
-            except yaml.YAMLError:
-                pass
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            v = [v]
-        ok = isinstance(v, (list, tuple)) and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in v)
-        if ok:
-            v = [float(c) for c in v]
-            if len(v) == 1 and in_chans > 1:
-                v = v * in_chans
-            ok = len(v) == in_chans and all(math.isfinite(c) and (c > 0 or not positive) for c in v)
-        f.need(ok, name, f"null (the dataset's) or {in_chans} {'positive ' if positive else ''}number(s), one "
-                         f"per channel of {self.dataset} (or one for all channels)")
-        setattr(self, name, v)
-
     # ------------------------------------------------------------------------------------
     @property
     def forwards_per_step(self) -> int:
@@ -350,7 +333,8 @@ class TrainConfig:
                 tuple(self.norm_std) if self.norm_std is not None else tuple(info.std))
 
     def dataset_info(self):
-        return DATASETS[canonical_name(self.dataset)]
+        """The dataset's DatasetInfo (a folder dataset's: scanned and read from its cache)."""
+        return dataset_info(self)
 
     def resolved_model_config(self) -> ViTConfig:
         """The model's validated ViTConfig (see `model_spec.resolve_model_config`)."""

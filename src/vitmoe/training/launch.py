@@ -246,6 +246,7 @@ def preflight(cfg: TrainConfig, resume: bool = False, force: bool = False) -> No
     by another process, a run not resumed, a folder vitmoe did not make: `runlock.check_run_dir`)
     and the dataset's files (found, or downloaded once here; presence, headers and sizes verified)."""
     from ..data import check_dataset
+    from .data_spec import folder_options
 
     out = Path(cfg.out or cfg.default_out())
     check_run_dir(out, resume, force)
@@ -254,7 +255,7 @@ def preflight(cfg: TrainConfig, resume: bool = False, force: bool = False) -> No
         parent = parent.parent
     if parent.exists() and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
         raise RunDirError(f"cannot create the run directory {out}: {parent} is not a writable directory")
-    check_dataset(cfg.dataset, cfg.data_dir)
+    check_dataset(cfg.dataset, cfg.data_dir, **folder_options(cfg))
 
 
 def _write_launcher_log(out: str, text: str) -> Path:

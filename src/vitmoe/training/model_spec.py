@@ -17,21 +17,25 @@ if TYPE_CHECKING:
 
 def resolve_model_config(cfg: "TrainConfig") -> ViTConfig:
     """The model's validated ViTConfig: the `cfg.model` preset < the dataset's image shape and
-    classes < `cfg.model_config` overrides (< `cfg.eval_mode`). Without a `patch_size` override the
-    preset's patch is used, or the largest size below it that divides the image side."""
+    classes (the side: `cfg.img_size` when set, see `data_spec`) < `cfg.model_config` overrides
+    (< `cfg.eval_mode`). Without a `patch_size` override the preset's patch is used, or the largest
+    size below it that divides the image side."""
     info = cfg.dataset_info()
+    side = int(cfg.img_size) if cfg.img_size is not None else info.img_size
     overrides: dict[str, Any] = {k: (dict(v) if k == "moe" else v) for k, v in cfg.model_config.items()}
-    for key, value in (("img_size", info.img_size), ("in_chans", info.in_chans), ("num_classes", info.num_classes)):
+    for key, value in (("img_size", side), ("in_chans", info.in_chans), ("num_classes", info.num_classes)):
         if key in overrides and _as_int(overrides[key]) != value:
+            fix = (f"set the training field img_size={overrides[key]} instead (the loader resizes the images)"
+                   if key == "img_size" else "leave it out, the dataset sets it")
             raise ConfigError(f"model field {key}={overrides[key]!r} conflicts with dataset {cfg.dataset} "
-                              f"({key} {value}); leave it out, the dataset sets it")
+                              f"({key} {value}); {fix}")
         overrides[key] = value
     if "patch_size" not in overrides:
         try:
             patch = model_config(cfg.model).patch_size
         except ConfigError as e:
             raise ConfigError(f"model={cfg.model!r}: {e}") from None
-        while info.img_size % patch:
+        while side % patch:
             patch -= 1
         overrides["patch_size"] = patch
     if cfg.eval_mode is not None:

@@ -30,6 +30,7 @@ from . import checkpoint as ckpt
 from . import expert_parallel
 from .budget import TimeBudget
 from .config import TrainConfig
+from .data_spec import build_loaders, class_metadata
 from .dist import DistContext, resolve_device, synchronize, wrap_ddp
 from .evaluate import autocast_context, evaluate
 from .init import apply_init, check_init
@@ -145,17 +146,9 @@ class Trainer:
         self.log(self._describe())
 
     def _build_loaders(self) -> None:
-        from ..data import DeviceLoader, load_dataset
-
-        cfg, dist = self.cfg, self.dist
-        train = self._train_data if self._train_data is not None else load_dataset(cfg.dataset, "train", cfg.data_dir)
-        test = self._test_data if self._test_data is not None else load_dataset(cfg.dataset, "test", cfg.data_dir)
-        mean, std = cfg.normalization()
-        common = dict(seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, mean=mean, std=std)
-        self.train_loader = DeviceLoader(train, cfg.batch_size, self.device, train=True, augment=cfg.augment,
-                                         augment_policy=cfg.augment_policy if cfg.augment else "none", **common)
-        self.test_loader = DeviceLoader(test, cfg.eval_batch_size or cfg.batch_size, self.device, train=False,
-                                        augment=False, **common)
+        # on the device, or streamed from host memory above stream_above_mb; resized to the model's side
+        self.train_loader, self.test_loader = build_loaders(self.cfg, self.dist, self.device, self._train_data,
+                                                            self._test_data)
 
     def _describe(self) -> str:
         cfg = self.cfg
@@ -284,7 +277,7 @@ class Trainer:
                 self.run_dir, epoch, self.model, state, keep=cfg.keep_checkpoints, is_best=is_best,
                 model_state=model_state,
                 metadata={"dataset": cfg.dataset, "epoch": epoch, "test_acc": row["test_acc"],
-                          "name": cfg.run_label(), **self._norm_metadata()})
+                          "name": cfg.run_label(), **self._norm_metadata(), **class_metadata(cfg)})
             with reporting_disk_full(self.run_dir / rundir.METRICS_FILE):  # one message, not a traceback
                 rundir.append_metrics(self.run_dir, row)
             rundir.write_summary(self.run_dir, self.summary())
@@ -363,6 +356,7 @@ class Trainer:
             **rundir.summarize(self.history, cfg.threshold),
             "epochs_planned": cfg.epochs,
             "dataset": cfg.dataset,
+            **class_metadata(cfg),
             "test_images": self.test_loader.num_samples,
             "batch_size": cfg.batch_size,
             "eval_mode": self.model_cfg.moe.eval_mode if self.model_cfg.moe_block_indices() else None,
