@@ -317,3 +317,20 @@ def test_transformers_directory_as_source(dense_run, tmp_path, capsys):
     model = VisionTransformer(upcycled_config(dense.config, moe_layers="all", num_experts=4))
     init_from(model, str(hf), log=lambda m: None)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
+
+
+def test_init_of_a_dense_run_from_an_moe_file_merges_it(dense_run, tmp_path, capsys):
+    """An MoE SRC for a dense run is merged: an untrained upcycled file gives back the dense weights;
+    building models inside init does not move the global RNG."""
+    from vitmoe.training.init import init_from
+
+    up = tmp_path / "up.safetensors"
+    assert main(["upcycle", str(dense_run), str(up), "--experts", "4", "--router", "random"]) == 0
+    capsys.readouterr()
+    dense = vitmoe.load_model(next(dense_run.glob("checkpoints/epoch-*/model.safetensors")))
+    model = VisionTransformer(dense.config)
+    rng = torch.get_rng_state()
+    notes = init_from(model, str(up), log=lambda m: None)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert any("merged" in n for n in notes)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), dense.state_dict().values()))

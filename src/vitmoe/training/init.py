@@ -108,6 +108,11 @@ def load_source(src: str, log: Callable[[str], None] | None = None) -> VisionTra
 def init_from(model: VisionTransformer, src: str, log: Callable[[str], None] = print) -> list[str]:
     """Load SRC's weights into `model` (the run's freshly built model, any device), upcycling,
     merging and adapting as the module docstring says; one line per step taken."""
+    with torch.random.fork_rng(devices=[]):  # building models draws: the run's RNG stream stays as without --init
+        return _init_from(model, src, log)
+
+
+def _init_from(model: VisionTransformer, src: str, log: Callable[[str], None]) -> list[str]:
     target = model.config
     source = check_init(src, target)
     src_model = load_source(src, log)
@@ -122,15 +127,14 @@ def init_from(model: VisionTransformer, src: str, log: Callable[[str], None] = p
         notes.append("merged SRC's experts (uniform average)" + "".join(f" ({w.message})" for w in caught))
     state = src_model.state_dict()
     try:
-        with torch.random.fork_rng(devices=[]):  # the run's RNG stream stays what it is without --init
-            if target.is_moe and not src_model.config.is_moe:
-                twin = VisionTransformer(target.replace(moe_layers="none", num_experts=1, moe={"residual": False}))
-                notes += load_adapted(twin, state, source=str(src))
-                load_upcycled(model, {k: v.to(next(model.parameters()).device) for k, v in twin.state_dict().items()})
-                notes.append(f"upcycled: MoE blocks {target.moe_block_indices()}, experts "
-                             f"{target.experts_per_moe_block()} copied from the dense MLPs, routers at zero")
-            else:
-                notes += load_adapted(model, state, source=str(src))
+        if target.is_moe and not src_model.config.is_moe:
+            twin = VisionTransformer(target.replace(moe_layers="none", num_experts=1, moe={"residual": False}))
+            notes += load_adapted(twin, state, source=str(src))
+            load_upcycled(model, {k: v.to(next(model.parameters()).device) for k, v in twin.state_dict().items()})
+            notes.append(f"upcycled: MoE blocks {target.moe_block_indices()}, experts "
+                         f"{target.experts_per_moe_block()} copied from the dense MLPs, routers at zero")
+        else:
+            notes += load_adapted(model, state, source=str(src))
     except (ModelFileError, ValueError) as e:
         raise _error(src, str(e)) from None
     return notes
