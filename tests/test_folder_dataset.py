@@ -271,3 +271,11 @@ def test_get_info_of_a_folder(tmp_path):
     root = make_tree(tmp_path / "imgs")
     info = get_info(f"folder:{root}", img_size=16)
     assert info.classes == ["ant", "bee", "cat"] and info.img_size == 16
+
+
+def test_read_only_folder_caches_under_the_data_dir(tmp_path, monkeypatch):
+    root = make_tree(tmp_path / "imgs")
+    monkeypatch.setattr(fd, "_writable", lambda folder: False)
+    data = fd.prepare_folder(f"folder:{root}", 16, data_dir=tmp_path / "d")
+    assert data.cache_dir.parent.parent == tmp_path / "d" / "folder-cache"
+    assert not (root / fd.CACHE_DIR / "s16").exists() and len(data.train) == 12

@@ -46,7 +46,8 @@ __all__ = [
 
 def get_info(name: str, **folder_options) -> DatasetInfo:
     """A dataset's `DatasetInfo` by name. For `folder:PATH` the folder is scanned and its cache loaded
-    (or built) with `folder_options` (img_size, test_fraction, skip_bad_images; see `vitmoe.data.folder`)."""
+    (or built) with `folder_options` (img_size, test_fraction, skip_bad_images, data_dir: see
+    `vitmoe.data.folder`)."""
     key = canonical_name(name)
     if is_folder(key):
         from .folder import prepare_folder
@@ -70,7 +71,7 @@ def load_dataset(
     if is_folder(key):
         from .folder import prepare_folder
 
-        return prepare_folder(key, **folder_options).split(split)
+        return prepare_folder(key, data_dir=data_dir, **folder_options).split(split)
     if key in ("cifar10", "cifar100"):
         from .cifar import load_cifar
 
@@ -96,7 +97,7 @@ def check_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, dow
     if is_folder(key):  # scanned and decoded once here, so workers only read the cache
         from .folder import prepare_folder
 
-        prepare_folder(key, **folder_options)
+        prepare_folder(key, data_dir=data_dir, **folder_options)
     elif key in ("cifar10", "cifar100"):
         from .cifar import check_cifar
 

@@ -8,8 +8,8 @@ stays in train). Class names are the train folder names, sorted; label = index.
 Images are decoded once with Pillow (all-grayscale folders give 1 channel, any colour image makes the
 whole dataset RGB; alpha is dropped), resized to `img_size` x `img_size` (Pillow bilinear, antialiased
 when shrinking; the aspect ratio is not kept) into a uint8 cache `PATH/.vitmoe-cache/s{img_size}/`
-(train.npy, test.npy written atomically, then manifest.json). The manifest holds a key of every file's
-name, class, size and mtime plus the image size, split settings and `skip_bad_images`: an unchanged folder
+(for a read-only PATH: under the data directory, see `cache_dir_of`): train.npy, test.npy and their
+labels written atomically, then manifest.json. The manifest holds a key of every file's name, class, size and mtime plus the image size, split settings and `skip_bad_images`: an unchanged folder
 loads the arrays memory-mapped in well under a second, a changed one is decoded again. Normalisation
 statistics come from the training split.
 """
@@ -251,15 +251,32 @@ def _read_manifest(cache: Path, key: str) -> dict | None:
     return manifest if ok else None
 
 
-def cache_dir_of(root: Path, img_size: int) -> Path:
-    return root / CACHE_DIR / f"s{img_size}"
+def _writable(folder: Path) -> bool:
+    """Whether the cache can live in `folder` (an existing cache there, or a folder we may write to)."""
+    try:
+        (folder / CACHE_DIR).mkdir(exist_ok=True)
+    except OSError:  # read-only folder or filesystem
+        return False
+    return os.access(folder / CACHE_DIR, os.W_OK)
+
+
+def cache_dir_of(root: Path, img_size: int, data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """`PATH/.vitmoe-cache/s{img_size}`, or, when PATH cannot be written, a folder of its own under the
+    data directory (`--data-dir`, `$DATA`, `./data`): `folder-cache/NAME-HASH/s{img_size}`."""
+    if _writable(root):
+        return root / CACHE_DIR / f"s{img_size}"
+    from .sources import resolve_data_dir
+
+    tag = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    return resolve_data_dir(data_dir) / "folder-cache" / f"{root.name or 'root'}-{tag}" / f"s{img_size}"
 
 
 _MEMO: dict[tuple, tuple[str, FolderData]] = {}
 
 
 def prepare_folder(name: str, img_size: int | None = None, test_fraction: float | None = None,
-                   skip_bad_images: bool = False, rescan: bool = True) -> FolderData:
+                   skip_bad_images: bool = False, rescan: bool = True,
+                   data_dir: str | os.PathLike[str] | None = None) -> FolderData:
     """Scan the folder, load its cache (or decode and write it) and return both splits and the info.
 
     `rescan=False` returns this process's last result for the same options without listing the folder
@@ -274,13 +291,14 @@ def prepare_folder(name: str, img_size: int | None = None, test_fraction: float 
     key = _key(scan, img_size, test_fraction, skip_bad_images)
     if opts in _MEMO and _MEMO[opts][0] == key:
         return _MEMO[opts][1]
-    cache = cache_dir_of(root, img_size)
+    cache = cache_dir_of(root, img_size, data_dir)
     manifest = _read_manifest(cache, key)
     if manifest is None:
         try:
             manifest = _build(scan, img_size, test_fraction, skip_bad_images, cache, key)
         except PermissionError as e:
-            raise DatasetError(f"folder dataset {root}: cannot write the image cache {cache}: {e.strerror}") from None
+            raise DatasetError(f"folder dataset {root}: cannot write the image cache {cache}: {e.strerror} "
+                               f"(choose another place with --data-dir)") from None
     if manifest["skipped"]:
         warnings.warn(f"folder dataset {root}: skipped {len(manifest['skipped'])} unreadable image(s) "
                       f"(--skip-bad-images), e.g. {manifest['skipped'][0]}", stacklevel=2)

@@ -34,7 +34,8 @@ def folder_options(cfg: "TrainConfig") -> dict[str, Any]:
 
 def dataset_info(cfg: "TrainConfig") -> DatasetInfo:
     """The dataset's info (a folder is scanned, and decoded into its cache the first time)."""
-    return get_info(cfg.dataset, **folder_options(cfg))
+    options = folder_options(cfg)
+    return get_info(cfg.dataset, **(dict(options, data_dir=cfg.data_dir) if options else {}))
 
 
 def input_size(cfg: "TrainConfig") -> int:
