@@ -91,9 +91,8 @@ def model_overrides(args: argparse.Namespace) -> dict:
     return o
 
 
-def load_dense(src: str):
-    """SRC's model (a vitmoe file / run, or a transformers directory) and its file's metadata."""
-    from ..models import load_model, read_metadata
+def source_file(src: str) -> tuple[Path, bool]:
+    """SRC's model file (a run's newest verified checkpoint) or transformers directory; whether it is the latter."""
     from ..training import resolve_model_file
 
     try:
@@ -101,10 +100,20 @@ def load_dense(src: str):
     except ImportError:  # the transformers layout is not there: vitmoe sources only
         hf = None
     if hf is not None and hf.is_hf_dir(src):
-        return hf.load_pretrained(src), {}, Path(src)
-    path = resolve_model_file(src, log=lambda m: echo(f"note: {m}"))
+        return Path(src), True
+    return resolve_model_file(src, log=lambda m: echo(f"note: {m}")), False
+
+
+def load_dense(path: Path, is_hf: bool):
+    """SRC's model and its file's metadata (dataset, normalisation, ...: kept in OUT)."""
+    from ..models import load_model, read_metadata
+
+    if is_hf:
+        from ..models import hf
+
+        return hf.load_pretrained(path), {}
     meta = read_metadata(path)
-    return load_model(path), {k: v for k, v in meta.items() if k not in ("format", "config")}, path
+    return load_model(path), {k: v for k, v in meta.items() if k not in ("format", "config")}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,8 +127,13 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.src).exists():
         raise CLIError(f"SRC {args.src} does not exist")
     overrides = model_overrides(args)
-    dense, meta, path = load_dense(args.src)
-    check_output(Path(args.out), path)
+    path, is_hf = source_file(args.src)
+    try:
+        check_output(Path(args.out), path)
+    except CLIError as e:  # merge's checks, in this command's words
+        raise CLIError(str(e).replace("merged model", "upcycled model").replace("being merged", "being upcycled")
+                       .replace("merged models", "new models")) from None
+    dense, meta = load_dense(path, is_hf)
     if dense.config.is_moe:
         raise CLIError(f"SRC {args.src} is already an MoE model (MoE blocks {dense.config.moe_block_indices()}); "
                        "upcycle a dense model (vitmoe merge gives one)")
