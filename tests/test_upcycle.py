@@ -334,3 +334,17 @@ def test_init_of_a_dense_run_from_an_moe_file_merges_it(dense_run, tmp_path, cap
     assert torch.equal(torch.get_rng_state(), rng)
     assert any("merged" in n for n in notes)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), dense.state_dict().values()))
+
+
+@pytest.mark.parametrize("shape", [dict(share_blocks=True, moe_layers="all", num_experts=4),
+                                   dict(depth=4, moe_layers=[1, 3], num_experts=[2, 4])])
+def test_widenet_and_pyramid_upcycles_are_the_dense_model(shape):
+    """A dense WideNet (blocks sharing one MLP) upcycles into one shared expert set; a pyramid gets
+    its own expert count per block; both start as the dense model with top-2 routing."""
+    torch.manual_seed(0)
+    dense_fields = {k: v for k, v in shape.items() if k not in ("moe_layers", "num_experts")}
+    dense = VisionTransformer(ViTConfig(**{**TINY, **dense_fields})).double()
+    moe = vitmoe.upcycle(dense, moe_layers=shape["moe_layers"], num_experts=shape["num_experts"])
+    if shape.get("share_blocks"):
+        assert moe.blocks[0].mlp is moe.blocks[1].mlp
+    _same_output(dense, moe)
