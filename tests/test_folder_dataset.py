@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -279,3 +280,16 @@ def test_read_only_folder_caches_under_the_data_dir(tmp_path, monkeypatch):
     data = fd.prepare_folder(f"folder:{root}", 16, data_dir=tmp_path / "d")
     assert data.cache_dir.parent.parent == tmp_path / "d" / "folder-cache"
     assert not (root / fd.CACHE_DIR / "s16").exists() and len(data.train) == 12
+
+
+def test_builtin_dataset_trained_and_evaluated_at_another_size(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--dataset", "digits", "--img-size", "12", "--model", "vit", "--epochs", "1", "--batch", "256",
+               "--device", "cpu", "--out", str(out), *TINY])
+    assert rc == 0, capsys.readouterr().err
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["img_size"] == 12 and cfg["resolved_model_config"]["img_size"] == 12
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json", "--device", "cpu"]) == 0  # the 8x8 test images resized to 12x12
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["images"] == 359 and r["classes"] == [str(i) for i in range(10)]
