@@ -259,6 +259,9 @@ def test_train_and_eval_a_folder_run(tmp_path, capsys, monkeypatch):
     assert main(["eval", str(out), "--json", "--device", "cpu"]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["classes"] == ["ant", "bee", "cat"] and r["images"] == 6
+    per_class = r["per_class"]  # {name: [accuracy %, images]}, consistent with the total
+    assert list(per_class) == ["ant", "bee", "cat"] and [n for _, n in per_class.values()] == [2, 2, 2]
+    assert sum(a * n for a, n in per_class.values()) / 6 == pytest.approx(r["test_acc"])
     assert main(["report", str(out)]) == 0
     assert "ant, bee, cat" in capsys.readouterr().out
     # the classes changed since training: eval refuses to mislabel
@@ -292,4 +295,6 @@ def test_builtin_dataset_trained_and_evaluated_at_another_size(tmp_path, capsys)
     capsys.readouterr()
     assert main(["eval", str(out), "--json", "--device", "cpu"]) == 0  # the 8x8 test images resized to 12x12
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert r["images"] == 359 and r["classes"] == [str(i) for i in range(10)]
+    assert r["images"] == 359 and r["classes"] == [str(i) for i in range(10)] and "per_class" not in r
+    assert main(["eval", str(out), "--per-class", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.count("% of ") == 10

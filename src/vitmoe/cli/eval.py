@@ -27,6 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", type=int, default=500, help="evaluation batch size")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draws in --mode random")
+    p.add_argument("--per-class", action="store_true",
+                   help="also the accuracy of each class, by name (always shown for folder:PATH datasets)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=run)
 
@@ -61,7 +63,8 @@ def saved_config(checkpoint, model_file) -> dict:
     return {}
 
 
-def evaluate_checkpoint(checkpoint, mode=None, dataset=None, data_dir=None, batch=500, device="auto", seed=0) -> dict:
+def evaluate_checkpoint(checkpoint, mode=None, dataset=None, data_dir=None, batch=500, device="auto", seed=0,
+                        per_class=False) -> dict:
     import torch
 
     from ..data import DeviceLoader, is_folder, load_dataset
@@ -105,22 +108,45 @@ def evaluate_checkpoint(checkpoint, mode=None, dataset=None, data_dir=None, batc
         mean, std = norm["mean"], norm["std"]
     torch.manual_seed(seed)
     loader = DeviceLoader(data, batch, dev, train=False, mean=mean, std=std, resize_to=cfg.img_size)
-    res = evaluate(model, loader, dev)
+    per_class = per_class or is_folder(dataset)
+    preds, labels = [], []
+    hook = model.register_forward_hook(lambda m, i, out: preds.append(out.argmax(-1))) if per_class else None
+    res = evaluate(model, _Recording(loader, labels) if per_class else loader, dev)
+    if hook is not None:
+        hook.remove()
     moe = bool(cfg.moe_block_indices())
-    return {"checkpoint": str(path), "dataset": dataset, "classes": classes, "images": res["n"],
-            "test_acc": res["acc"],
-            "test_loss": res["loss"], "mode": cfg.moe.eval_mode if moe else None, "params": sum(p.numel() for p in model.parameters()),
-            "images_per_s": res["images_per_s"]}
+    r = {"checkpoint": str(path), "dataset": dataset, "classes": classes, "images": res["n"], "test_acc": res["acc"],
+         "test_loss": res["loss"], "mode": cfg.moe.eval_mode if moe else None,
+         "params": sum(p.numel() for p in model.parameters()), "images_per_s": res["images_per_s"]}
+    if per_class:  # {class name: [accuracy %, test images]}, from the same pass (same random routes)
+        p, y = torch.cat(preds).cpu(), torch.cat(labels).cpu()
+        n = torch.bincount(y, minlength=len(classes))
+        hit = torch.bincount(y[p == y], minlength=len(classes))
+        r["per_class"] = {c: [100.0 * hit[i].item() / max(n[i].item(), 1), n[i].item()] for i, c in enumerate(classes)}
+    return r
+
+
+class _Recording:
+    """A loader that keeps the labels it yields (for per-class accuracy)."""
+
+    def __init__(self, loader, labels: list):
+        self.loader, self.labels = loader, labels
+
+    def __iter__(self):
+        for x, y in self.loader:
+            self.labels.append(y)
+            yield x, y
 
 
 def run(args: argparse.Namespace) -> int:
-    r = evaluate_checkpoint(args.checkpoint, args.mode, args.dataset, args.data_dir, args.batch, args.device, args.seed)
+    r = evaluate_checkpoint(args.checkpoint, args.mode, args.dataset, args.data_dir, args.batch, args.device, args.seed,
+                            args.per_class)
     if args.json:
         echo(json.dumps(r))
     else:
         mode = f", eval mode {r['mode']}" if r["mode"] else ""
         echo(f"{r['checkpoint']}: test accuracy {r['test_acc']:.2f}%  test loss {r['test_loss']:.4f}  "
              f"({r['images']:,} {r['dataset']} test images{mode}, {r['params']:,} parameters)")
-        if r["dataset"].startswith("folder:"):
-            echo(f"classes ({len(r['classes'])}): {', '.join(r['classes'])}")
+        for name, (acc, n) in r.get("per_class", {}).items():
+            echo(f"  {name}: {acc:.2f}% of {n:,}")
     return 0
