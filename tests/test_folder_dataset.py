@@ -298,3 +298,21 @@ def test_builtin_dataset_trained_and_evaluated_at_another_size(tmp_path, capsys)
     assert r["images"] == 359 and r["classes"] == [str(i) for i in range(10)] and "per_class" not in r
     assert main(["eval", str(out), "--per-class", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.count("% of ") == 10
+
+
+@pytest.mark.parametrize("field,value", [("img_size", 0), ("img_size", 100000), ("folder_test_fraction", 0),
+                                         ("folder_test_fraction", 1), ("stream_above_mb", -1),
+                                         ("skip_bad_images", "maybe")])
+def test_data_fields_are_checked(field, value):
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig(dataset="digits", **{field: value}).validate()
+
+
+def test_folder_name_spellings(tmp_path):
+    root = make_tree(tmp_path / "imgs")
+    for spelling in (f"folder:{root}", f"imagefolder:{root}", f"ImageFolder:{root}/"):
+        cfg = TrainConfig(model="vit", dataset=spelling, model_config={"embed_dim": 16, "depth": 1, "num_heads": 2,
+                                                                      "mlp_hidden": 32}).validate()
+        assert cfg.dataset == f"folder:{root}" and cfg.resolved_model_config().num_classes == 3
+    with pytest.raises(ConfigError, match="folder:PATH"):
+        TrainConfig(dataset="nosuchset").validate()
