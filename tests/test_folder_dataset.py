@@ -316,3 +316,18 @@ def test_folder_name_spellings(tmp_path):
         assert cfg.dataset == f"folder:{root}" and cfg.resolved_model_config().num_classes == 3
     with pytest.raises(ConfigError, match="folder:PATH"):
         TrainConfig(dataset="nosuchset").validate()
+
+
+def test_a_failed_rebuild_leaves_no_valid_cache(tmp_path):
+    root = make_tree(tmp_path / "imgs")
+    name = f"folder:{root}"
+    before = load_dataset(name, "train", img_size=8).images.clone()
+    manifest = root / fd.CACHE_DIR / "s8" / "manifest.json"
+    assert manifest.is_file()
+    bad = root / "train" / "ant" / "zzz.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(fd.DatasetError, match="zzz.png"):
+        load_dataset(name, "train", img_size=8)
+    assert not manifest.exists()
+    bad.unlink()
+    assert torch.equal(load_dataset(name, "train", img_size=8).images, before)

@@ -165,7 +165,8 @@ def _stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 
 
 def _bad(where: str, path: Path, exc: BaseException) -> DatasetError:
-    return DatasetError(f"{where}: cannot read image {path}: {type(exc).__name__}: {exc} "
+    text = " ".join(str(exc).split())  # one line, whatever the decoder wrote
+    return DatasetError(f"{where}: cannot read image {path}: {type(exc).__name__}: {text} "
                         f"(fix or remove it, or pass --skip-bad-images)")
 
 
@@ -185,6 +186,8 @@ def _build(scan: FolderScan, img_size: int, test_fraction: float, skip_bad: bool
             bad.add(i)
     chans = 1 if gray else 3
     cache.mkdir(parents=True, exist_ok=True)
+    # no manifest while the arrays are rewritten: an interrupted build is never taken for an older valid one
+    (cache / "manifest.json").unlink(missing_ok=True)
     all_path = cache / f".all.{os.getpid()}.npy"
     arr = np.lib.format.open_memmap(all_path, mode="w+", dtype=np.uint8, shape=(len(paths), chans, img_size, img_size))
     try:
