@@ -198,11 +198,14 @@ def test_streaming_loader_gives_the_device_loaders_batches(tmp_path):
             assert len(pairs) == len(device) == 5
             for (xs, ys), (xd, yd) in pairs:
                 assert torch.equal(ys, yd) and torch.equal(xs, xd)
-    # sharded over two ranks as well
-    a = StreamingLoader(data, 6, "cpu", train=True, rank=1, world_size=2, seed=1)
-    b = DeviceLoader(data, 6, "cpu", train=True, rank=1, world_size=2, seed=1)
-    for (xs, ys), (xd, yd) in zip(a.iter_epoch(1), b.iter_epoch(1), strict=True):
-        assert torch.equal(xs, xd) and torch.equal(ys, yd)
+    # sharded over two ranks, in chunks of one batch, of two, or all at once; resumed mid-epoch
+    for chunk_bytes in (1, 2 * 6 * 3 * 16 * 16, 2**30):
+        a = StreamingLoader(data, 6, "cpu", train=True, rank=1, world_size=2, seed=1)
+        a.chunk_bytes = chunk_bytes
+        b = DeviceLoader(data, 6, "cpu", train=True, rank=1, world_size=2, seed=1)
+        for start in (0, 1):
+            for (xs, ys), (xd, yd) in zip(a.iter_epoch(1, start), b.iter_epoch(1, start), strict=True):
+                assert torch.equal(xs, xd) and torch.equal(ys, yd)
 
 
 def test_stream_threshold_field_picks_the_streaming_loader(tmp_path):

@@ -181,10 +181,14 @@ class DeviceLoader:
 
 
 class StreamingLoader(DeviceLoader):
-    """A `DeviceLoader` whose split stays in host memory (a memory-mapped cache is read on demand): each
-    batch's rows are gathered on the host (in sorted order, for sequential reads), into pinned memory
-    when the device is CUDA, and copied asynchronously. Order, augmentation and resizing are the
-    DeviceLoader's, so both yield the same batches."""
+    """A `DeviceLoader` whose split stays in host memory (a memory-mapped cache is read on demand).
+    Rows are fetched in chunks of consecutive batches (about `chunk_bytes` of uint8 pixels): this
+    rank's rows of the whole chunk are gathered on the host in sorted order (sequential reads), into
+    pinned memory when the device is CUDA, copied asynchronously in one transfer, and the batches are
+    sliced from it on the device. Order, augmentation and resizing are the DeviceLoader's, so both
+    yield the same batches."""
+
+    chunk_bytes = 64 * 2**20
 
     def _place(self, data: ImageData, device: torch.device | str) -> None:
         self.images = data.images  # host (CPU) tensor, possibly memory-mapped
@@ -202,6 +206,22 @@ class StreamingLoader(DeviceLoader):
         if self._pin:
             x, y = x.pin_memory(), y.pin_memory()
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.epoch_order(epoch)
+        row_bytes = max(1, self.images[:1].numel() * self.images.element_size())
+        per_chunk = max(1, int(self.chunk_bytes // (row_bytes * self.batch_size)))
+        for first in range(start_batch, len(self), per_chunk):
+            ids = range(first, min(first + per_chunk, len(self)))
+            shards = [self._shard(order[slice(*self.batch_bounds(i))]) for i in ids]
+            xs, ys = self._fetch(torch.cat(shards))
+            offset = 0
+            for i, shard in zip(ids, shards):
+                x, y = xs[offset:offset + shard.numel()], ys[offset:offset + shard.numel()]
+                offset += shard.numel()
+                if self.augment:
+                    x = self._augment(x, self.global_batch_size(i), epoch, i)
+                yield self._finish(x), y
 
 
 def make_loader(data: ImageData, batch_size: int, device: torch.device | str, train: bool,
