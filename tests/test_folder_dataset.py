@@ -295,7 +295,7 @@ def test_builtin_dataset_trained_and_evaluated_at_another_size(tmp_path, capsys)
     assert rc == 0, capsys.readouterr().err
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["img_size"] == 12 and cfg["resolved_model_config"]["img_size"] == 12
-    capsys.readouterr()
+    assert "images resized 8x8 -> 12x12 on the device" in capsys.readouterr().out
     assert main(["eval", str(out), "--json", "--device", "cpu"]) == 0  # the 8x8 test images resized to 12x12
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["images"] == 359 and r["classes"] == [str(i) for i in range(10)] and "per_class" not in r

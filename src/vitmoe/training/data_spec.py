@@ -113,3 +113,16 @@ def class_metadata(cfg: "TrainConfig") -> dict[str, Any]:
     """A folder dataset's class names (label order), saved in checkpoints and the summary for
     `vitmoe eval` and `vitmoe report`; {} for a built-in dataset (its names are in `DATASETS`)."""
     return {"classes": list(dataset_info(cfg).classes)} if is_folder(cfg.dataset) else {}
+
+
+def data_notes(loader) -> list[str]:
+    """What the run log says about how the training images reach the model (empty when nothing unusual)."""
+    from ..data import StreamingLoader
+
+    notes = []
+    if loader.resize_to is not None:
+        side = loader.info.img_size
+        notes.append(f"images resized {side}x{side} -> {loader.resize_to}x{loader.resize_to} on the device")
+    if isinstance(loader, StreamingLoader):
+        notes.append("training images streamed from host memory (above stream_above_mb)")
+    return notes

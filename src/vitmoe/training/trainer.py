@@ -30,7 +30,7 @@ from . import checkpoint as ckpt
 from . import expert_parallel
 from .budget import TimeBudget
 from .config import TrainConfig
-from .data_spec import build_loaders, class_metadata
+from .data_spec import build_loaders, class_metadata, data_notes
 from .dist import DistContext, resolve_device, synchronize, wrap_ddp
 from .evaluate import autocast_context, evaluate
 from .init import apply_init, check_init
@@ -152,7 +152,7 @@ class Trainer:
 
     def _describe(self) -> str:
         cfg = self.cfg
-        extras = []
+        extras = data_notes(self.train_loader)  # resized, streamed from host memory
         if cfg.consistency_weight > 0:
             extras.append(f"consistency weight {cfg.consistency_weight:g} (2 forwards/step"
                           f"{', stop-gradient' if cfg.consistency_stopgrad else ''})")
