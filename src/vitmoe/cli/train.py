@@ -17,7 +17,8 @@ Like the source, the model is switch_vit (switch-routed MoE in every block) unle
 (dense vit; --experts is then ignored), and the dataset is CIFAR-10 unless --cifar100 or
 --dataset is given. CIFAR is downloaded to --data-dir ($DATA, then ./data) when a network is
 available; offline, use --dataset digits (bundled with scikit-learn) or fashion-mnist, or try
-`vitmoe demo`.
+`vitmoe demo`. Your own images: --dataset folder:PATH (PATH/train/CLASS/*.jpg, optional test/ or
+val/; decoded once at --img-size, default 32, into PATH/.vitmoe-cache/).
 
 Settings are resolved as: TrainConfig defaults (the source recipe: Adam, lr 2.5e-4, weight decay
 1e-4, cosine per step, batch 256, 350 epochs) < --config FILE < explicit flags < --set key=value.
