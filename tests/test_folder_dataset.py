@@ -334,3 +334,14 @@ def test_a_failed_rebuild_leaves_no_valid_cache(tmp_path):
     assert not manifest.exists()
     bad.unlink()
     assert torch.equal(load_dataset(name, "train", img_size=8).images, before)
+
+
+def test_skip_bad_images_flag_trains_and_reports_the_count(tmp_path, capsys):
+    root = make_tree(tmp_path / "imgs")
+    (root / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    rc, out = _train_cli(root, tmp_path, "--skip-bad-images", "--model", "vit")
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "skipped 1 unreadable image(s)" in captured.err and "broken.jpg" in captured.err
+    assert json.loads((out / "summary.json").read_text())["test_images"] == 6
+    assert yaml.safe_load((out / "config.yaml").read_text())["skip_bad_images"] is True
