@@ -348,3 +348,19 @@ def test_widenet_and_pyramid_upcycles_are_the_dense_model(shape):
     if shape.get("share_blocks"):
         assert moe.blocks[0].mlp is moe.blocks[1].mlp
     _same_output(dense, moe)
+
+
+def test_init_takes_the_sources_shape_unless_set(tmp_path, capsys):
+    from vitmoe.cli.main import build_parser, main
+    from vitmoe.cli.train import build_config
+
+    src = tmp_path / "dense.safetensors"
+    shape = dict(embed_dim=20, depth=3, num_heads=5, mlp_hidden=24, head="linear", pool="mean", norm_eps=1e-6)
+    vitmoe.save_model(vitmoe.create_model("vit", img_size=8, in_chans=1, **shape), src)
+    argv = ["train", "--dataset", "digits", "--model", "switch_vit", "--init", str(src), "--out", str(tmp_path / "r")]
+    m = build_config(build_parser().parse_args(argv)).resolved_model_config()
+    assert {k: getattr(m, k) for k in shape} == shape  # not the switch_vit preset's d 300, 12 layers
+    assert m.is_moe and m.num_experts == 32
+    assert main([*argv, "--set", "model.depth=2"]) == 2  # an explicit field wins, and must fit SRC
+    err = capsys.readouterr().err
+    assert "--init" in err and "depth 3 (SRC) vs 2 (run)" in err

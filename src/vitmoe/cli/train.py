@@ -252,7 +252,12 @@ def build_config(args: argparse.Namespace):
     cfg = TrainConfig()
     if args.config:
         cfg = TrainConfig.from_yaml(args.config, cfg)
-    cfg = cfg.updated(flags).updated(sets).validate()
+    cfg = cfg.updated(flags).updated(sets)
+    if cfg.init is not None:  # SRC's shape, where the command line and config file leave it open
+        from ..training.init import adopt_architecture
+
+        cfg = cfg.updated({"model_config": adopt_architecture(cfg.model_config, cfg.init)})
+    cfg = cfg.validate()
     model_cfg = cfg.resolved_model_config()
     if not model_cfg.moe_block_indices():
         given = [f for f, v in (("--experts", args.experts if not args.noswitch else None), ("--router", args.router),

@@ -59,6 +59,19 @@ def source_config(src: str) -> ViTConfig:
         raise _error(src, str(e)) from None
 
 
+ADOPTED_FIELDS = tuple(f for f in ARCH_FIELDS if f != "in_chans") + ("norm_eps",)
+"""What a run started with --init takes from SRC unless set: the dataset decides the channels."""
+
+
+def adopt_architecture(model_config: dict, src: str) -> dict:
+    """`model_config` with SRC's value for every architecture field it does not set, so that
+    `vitmoe train --init vit-b16-dir --model switch_vit` builds a ViT-B/16-shaped MoE without
+    repeating the shape; fields set on the command line or in the config file win (and are then
+    checked against SRC by `check_init`)."""
+    source = source_config(src)
+    return {**{name: getattr(source, name) for name in ADOPTED_FIELDS}, **model_config}
+
+
 def init_problems(source: ViTConfig, target: ViTConfig) -> list[str]:
     """What keeps SRC's weights (config `source`) from starting a run of model `target`."""
     problems = architecture_diff(source, target, ARCH_FIELDS, names=("SRC", "run"))
