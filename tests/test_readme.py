@@ -56,9 +56,34 @@ def test_readme_has_commands():
     assert any(c.startswith("vitmoe train") for c in COMMANDS) and "make demo" in [c.split("#")[0].strip() for c in COMMANDS]
 
 
+# What the fine-tuning walkthrough starts from, made small: a transformers ViT directory and a folder of images.
+WALKTHROUGH = ("vit-b16", "folder:my_images")
+
+
+@pytest.fixture(scope="module")
+def walkthrough_dir(tmp_path_factory):
+    from PIL import Image
+
+    import vitmoe
+    from vitmoe.models.hf import export_hf
+
+    root = tmp_path_factory.mktemp("walkthrough")
+    dense = vitmoe.create_model("vit", img_size=224, patch_size=16, embed_dim=16, depth=2, num_heads=2,
+                                mlp_hidden=32, head="linear", num_classes=3)
+    export_hf(dense, root / "vit-b16", class_names=["a", "b", "c"])
+    for split in ("train", "test"):
+        for c, colour in (("cat", (200, 40, 40)), ("dog", (40, 40, 200))):
+            (root / "my_images" / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (20 + i, 24), colour).save(root / "my_images" / split / c / f"{i}.png")
+    return root
+
+
 @pytest.mark.parametrize("command", COMMANDS, ids=[c.split(" #")[0][:70] for c in COMMANDS])
-def test_readme_command(command, monkeypatch, capsys):
+def test_readme_command(command, monkeypatch, capsys, request):
     monkeypatch.chdir(ROOT)  # configs/... paths are relative to the repository
+    if any(name in command for name in WALKTHROUGH):
+        monkeypatch.chdir(request.getfixturevalue("walkthrough_dir"))
     tokens = _tokens(command)
     if not tokens:  # a comment line (e.g. #SBATCH)
         return
