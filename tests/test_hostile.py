@@ -128,3 +128,44 @@ def test_config_that_is_a_directory_or_binary_is_one_line(tmp_path, capsys, noth
     assert main(["train", "--config", str(binary), "--out", str(tmp_path / "r")]) == 2
     _one_error_line(capsys, "is not text (not UTF-8)")
     assert not (tmp_path / "r").exists()
+
+
+def test_review_findings_stay_fixed(tmp_path):
+    """16-bit images scale to 8 bits; upcycle defaults apply field by field; a manifest that is JSON but
+    not an object is a CheckpointError; a hard-linked lock file is refused and its target kept."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from vitmoe.data.folder import decode_image
+    from vitmoe.models.upcycle import upcycled_config
+    from vitmoe.runlock import RunDirError, RunLock
+    from vitmoe.training.checkpoint import CheckpointError
+    from vitmoe.training.verify import read_manifest
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    img = decode_image(tmp_path / "g16.png", 8, True)
+    assert 110 < float(img.mean()) < 145 and int(img.min()) < 40  # was ~255 everywhere (clipped)
+
+    dense = vitmoe.create_model("vit", **TINY).config
+    cfg = upcycled_config(dense, moe={"capacity_factor_train": 2.0})
+    assert (cfg.moe.router, cfg.moe.top_k, cfg.moe.capacity_factor_train) == ("topk", 2, 2.0)
+    assert upcycled_config(dense, moe={"top_k": 3}, num_experts=4).moe.top_k == 3
+    assert upcycled_config(dense, moe={"router": "switch"}).moe.top_k == 1
+
+    ck = tmp_path / "epoch-0001"
+    ck.mkdir()
+    (ck / "manifest.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="not a vitmoe checkpoint manifest"):
+        read_manifest(ck)
+
+    run = tmp_path / "run"
+    run.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    os.link(victim, run / ".vitmoe.lock")
+    with pytest.raises(RunDirError, match="hard-linked"):
+        RunLock(run).acquire()
+    assert victim.read_text() == "keep me"

@@ -50,9 +50,11 @@ def _open(path: Path, flags: int) -> int | None:
     except OSError as e:
         raise RunDirError(f"cannot use the run lock {path}: {e.strerror} (a vitmoe run directory has "
                           f"{LOCK_FILE} as a plain file)") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:  # a hard link would let us overwrite another file
         os.close(fd)
-        raise RunDirError(f"cannot use the run lock {path}: not a regular file")
+        raise RunDirError(f"cannot use the run lock {path}: not a regular file of its own "
+                          f"({'hard-linked' if stat.S_ISREG(st.st_mode) else 'not a regular file'})")
     return fd
 
 
@@ -156,7 +158,9 @@ class RunLock:
         if fd is None:
             return
         with contextlib.suppress(OSError):
-            os.unlink(self.path)  # still held: whoever opened this file finds it taken, then retries by name
+            # Only the file we hold: another run may have replaced a lock file someone deleted.
+            if os.path.samestat(os.fstat(fd), os.stat(self.path, follow_symlinks=False)):
+                os.unlink(self.path)  # still held: whoever opened this file finds it taken, then retries by name
         with contextlib.suppress(OSError):
             os.close(fd)  # closing the last descriptor drops the lock
 

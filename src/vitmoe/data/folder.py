@@ -120,9 +120,25 @@ def decode_image(path: Path, img_size: int, gray: bool) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
+        if im.mode.startswith("I") or im.mode == "F":
+            # 16/32-bit and float images: Pillow's convert to 8 bits clips at 255 instead of scaling.
+            im = _to_8bit(im)
         im = im.convert("L" if gray else "RGB").resize((img_size, img_size), Image.Resampling.BILINEAR)
     a = np.asarray(im, dtype=np.uint8)
     return a[None] if gray else a.transpose(2, 0, 1)
+
+
+def _to_8bit(im):
+    """An "I;16*", "I" or "F" image as 8-bit "L": 16-bit ranges scaled by 255/65535, floats in [0, 1]
+    by 255 (other float ranges clipped to [0, 255])."""
+    from PIL import Image
+
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode == "F":
+        a = a * 255.0 if a.size and a.min() >= 0 and a.max() <= 1 else a
+    else:
+        a = a / 257.0  # 65535 -> 255
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
 
 
 def _image_mode(path: Path) -> str:
@@ -251,6 +267,12 @@ def _read_manifest(cache: Path, key: str) -> dict | None:
         return None
     ok = isinstance(manifest, dict) and manifest.get("key") == key and all(
         (cache / f).is_file() for f in ("train.npy", "test.npy", "train-labels.npy", "test-labels.npy"))
+    if ok:  # another build with other options may have rewritten the arrays since: counts must agree
+        try:
+            ok = all(len(np.load(cache / f"{split}{part}.npy", mmap_mode="r")) == manifest.get(split)
+                     for split in ("train", "test") for part in ("", "-labels"))
+        except (OSError, ValueError):
+            ok = False
     return manifest if ok else None
 
 

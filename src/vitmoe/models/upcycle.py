@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from ..moe import find_moe_layers
+from ..moe import MoEConfig, find_moe_layers
 from ..validation import ConfigError
 from .config import ViTConfig, normalize_keys
 from .vit import VisionTransformer
@@ -42,7 +42,10 @@ from .vit import VisionTransformer
 DEFAULTS: dict[str, Any] = {"moe_layers": "every_other", "num_experts": 8, "moe": {"router": "topk", "top_k": 2}}
 """What `upcycle` applies unless told otherwise: every other block (Komatsuzaki et al. upcycle
 every other MLP), 8 experts, top-2 routing with renormalised gates (dropless: the upcycled model
-computes exactly the dense model at initialisation). `moe` applies only when no MoE field is given."""
+computes exactly the dense model at initialisation). The `moe` defaults apply field by field: a
+given MoE field replaces only itself, except that choosing a router other than "topk" drops the
+default top_k=2 (switch, expert choice and soft routing are top-1; random routing defaults to 1).
+A whole `moe=MoEConfig(...)` replaces them all."""
 
 ARCH_FIELDS = ("embed_dim", "depth", "num_heads", "mlp_hidden", "patch_size", "in_chans", "qkv_bias", "pool",
                "head", "head_hidden", "share_blocks", "pos_embed_rows")
@@ -73,9 +76,21 @@ def upcycled_config(dense: ViTConfig, **overrides: Any) -> ViTConfig:
         raise ConfigError(f"upcycle: the source model is already MoE (MoE blocks {dense.moe_block_indices()}); "
                           "upcycle a dense model (vitmoe.merge_experts gives one)")
     overrides = normalize_keys(overrides)
-    given_moe = any(k == "moe" or k.startswith("moe.") for k in overrides)
-    full = {k: v for k, v in DEFAULTS.items() if k not in overrides and (k != "moe" or not given_moe)}
-    full.update(overrides)
+    given: dict[str, Any] = {}  # the MoE fields given, flat
+    for k, v in overrides.items():
+        if k == "moe" and isinstance(v, Mapping):
+            given.update(v)
+        elif k.startswith("moe."):
+            given[k[4:]] = v
+    moe_defaults = dict(DEFAULTS["moe"])
+    if given.get("router", "topk") != "topk":
+        moe_defaults.pop("top_k")
+    full = {k: v for k, v in DEFAULTS.items() if k != "moe" and k not in overrides}
+    if isinstance(overrides.get("moe"), MoEConfig):  # a whole config: dotted fields still apply on top
+        full.update(overrides)
+    else:
+        full["moe"] = {**moe_defaults, **given}
+        full.update({k: v for k, v in overrides.items() if k != "moe" and not k.startswith("moe.")})
     cfg = dense.replace(**full).validate()
     if not cfg.is_moe:
         raise ConfigError(f"upcycle: moe_layers={cfg.moe_layers!r} makes no block of depth {cfg.depth} MoE; "

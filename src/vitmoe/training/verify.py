@@ -77,7 +77,7 @@ def read_manifest(d: Path) -> dict[str, Any] | None:
     except ValueError:
         raise CheckpointError(f"{path} is damaged (not JSON)") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
         raise CheckpointError(f"{path} is not a vitmoe checkpoint manifest (format {MANIFEST_FORMAT!r})")
     return files
 
