@@ -85,12 +85,15 @@ def read_manifest(d: Path) -> dict[str, Any] | None:
 def check_entry(path: Path, entry: Any, hash_it: bool = True) -> None:
     if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)):
         raise CheckpointError(f"{path.parent / MANIFEST_FILE} does not record {path.name}")
-    size = path.stat().st_size
-    if size != entry["size"]:
-        raise CheckpointError(f"{path} is {size:,} bytes where {MANIFEST_FILE} records {entry['size']:,} "
-                              "(truncated or overwritten)")
-    if hash_it and file_digest(path)[1] != entry["sha256"]:
-        raise CheckpointError(f"{path} does not match the sha256 {MANIFEST_FILE} records (damaged or replaced)")
+    try:
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise CheckpointError(f"{path} is {size:,} bytes where {MANIFEST_FILE} records {entry['size']:,} "
+                                  "(truncated or overwritten)")
+        if hash_it and file_digest(path)[1] != entry["sha256"]:
+            raise CheckpointError(f"{path} does not match the sha256 {MANIFEST_FILE} records (damaged or replaced)")
+    except OSError as e:  # unreadable: skip to an older checkpoint like any other damage
+        raise CheckpointError(f"{path} cannot be read: {e.strerror or e}") from None
 
 
 def verify_checkpoint(ckpt_dir: str | os.PathLike, files: Iterable[str] = CHECKPOINT_FILES,
