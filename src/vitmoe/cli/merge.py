@@ -71,19 +71,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_output(out, source) -> None:
-    """Refuse, before any work, an OUT that would clobber a folder, the input, or a run's checkpoints."""
+def check_output(out, source, made: str = "merged") -> None:
+    """Refuse, before any work, an OUT that would clobber a folder, the input, or a run's checkpoints.
+    `made`: what the command makes of its input ("merged", "upcycled"), for the messages."""
     from pathlib import Path
 
     from ..training.checkpoint import CHECKPOINT_DIR
 
     out = Path(out)
     if out.is_dir():
-        raise CLIError(f"OUT {out} is a directory: give the merged model a file name, e.g. {out / 'merged.safetensors'}")
+        raise CLIError(f"OUT {out} is a directory: give the {made} model a file name, e.g. {out / f'{made}.safetensors'}")
     resolved = out.resolve()
     if resolved == Path(source).resolve():
-        raise CLIError(f"OUT {out} is the checkpoint being merged: choose another file")
+        raise CLIError(f"OUT {out} is the checkpoint being {made}: choose another file")
     for parent in resolved.parents:
         if parent.name == CHECKPOINT_DIR and (parent.parent / "config.yaml").is_file():
-            raise CLIError(f"OUT {out} is inside the checkpoints of run {parent.parent}: merged models are written "
+            raise CLIError(f"OUT {out} is inside the checkpoints of run {parent.parent}: {made} models are written "
                            "outside a run's checkpoints, which hold its training state")

@@ -128,11 +128,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"SRC {args.src} does not exist")
     overrides = model_overrides(args)
     path, is_hf = source_file(args.src)
-    try:
-        check_output(Path(args.out), path)
-    except CLIError as e:  # merge's checks, in this command's words
-        raise CLIError(str(e).replace("merged model", "upcycled model").replace("being merged", "being upcycled")
-                       .replace("merged models", "new models").replace("merged.safetensors", "upcycled.safetensors")) from None
+    check_output(Path(args.out), path, made="upcycled")
     dense, meta = load_dense(path, is_hf)
     if dense.config.is_moe:
         raise CLIError(f"SRC {args.src} is already an MoE model (MoE blocks {dense.config.moe_block_indices()}); "

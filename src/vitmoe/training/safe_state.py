@@ -1,6 +1,6 @@
 """The training state as plain data: what `state.pt` may hold, and the loader that never runs code.
 
-`torch.save` pickles; `torch.load(weights_only=False)` would run whatever a planted file asks for.
+`torch.save` pickles, and an unrestricted unpickler runs whatever a planted file asks for.
 A training state therefore holds only tensors, numbers, strings and lists/tuples/dicts of them
 (numpy's and Python's RNG states are stored as int64 tensors and numbers), and it is loaded with
 `weights_only=True`. States written before this (numpy's RNG key as an ndarray) still load: exactly
@@ -114,7 +114,10 @@ def first_line(e: BaseException) -> str:
 def _legacy_numpy_globals() -> list:
     """What numpy arrays in checkpoints written before the plain-data state need (numpy's RNG key):
     array and dtype reconstruction only, nothing that runs other code."""
-    from numpy._core import multiarray
+    try:
+        from numpy._core import multiarray  # numpy >= 2
+    except ImportError:
+        from numpy.core import multiarray  # numpy 1.x
 
     return [multiarray._reconstruct, (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
             np.ndarray, np.dtype, type(np.dtype(np.uint32))]
