@@ -8,7 +8,10 @@ d 300 / MLP 1024 / depth 12 on 50,000 images; on a small CPU pick a subset, e.g.
     python benchmarks/bench_epoch.py --images 1024 --dmodel 192 --depth 6 --experts 4 16 64
 
 Prints a markdown table: seconds per epoch (train) and per pass over the images (inference,
-eval mode: random_vit merged), and both as ratios to vit. `--consistency` adds random_vit with
+eval mode: random_vit merged), and both as ratios to vit in fp32 (`--amp off bf16`, the
+default on CPU, times every model in both; bf16 is autocast over fp32 weights, as `--amp bf16`
+trains). Nothing process-wide is changed: the library's own allocator choice (vitmoe.runtime)
+is part of what is measured. `--consistency` adds random_vit with
 AdaMix consistency regularisation (two forward passes per step + symmetric KL, as the trainer's
 `consistency_weight`); `--augment-policy` times the loader's AutoAugment / RandAugment too.
 """
@@ -22,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from vitmoe import create_model, model_info
-from vitmoe.runtime import keep_freed_memory
 from vitmoe.data import DATASETS, DeviceLoader, ImageData
 from vitmoe.training.losses import symmetric_kl
 from vitmoe.training.trainer import autocast_context, param_groups
@@ -81,11 +83,10 @@ def main() -> None:
                    help="training loader augmentation policy (after crop and flip)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
+    p.add_argument("--amp", nargs="+", choices=["off", "bf16", "fp16"], default=["off", "bf16"])
     p.add_argument("--compile", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = p.parse_args()
-    keep_freed_memory()  # as the vitmoe command does (vitmoe.runtime); VITMOE_MALLOC=default to compare
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -107,36 +108,36 @@ def main() -> None:
                    {"num_experts": args.random_experts}, args.consistency)]
 
     runs = []
-    for label, preset, extra, cw in specs:
+    for (label, preset, extra, cw), amp in ((spec, amp) for spec in specs for amp in args.amp):
         model = create_model(preset, **width, **extra).to(device)
         opt = torch.optim.AdamW(param_groups(model, 0.05, True), lr=1e-4)
         fwd = torch.compile(model) if args.compile else model
         # Warm-up: one batch of training and inference (allocations, compilation).
         x, y = next(iter(train_loader))
-        with autocast_context(args.amp, device):
+        with autocast_context(amp, device):
             out = fwd(x, return_aux=True)
             (F.cross_entropy(out.logits.float(), y) + out.aux_loss).backward()
         opt.zero_grad(set_to_none=True)
-        runs.append(dict(label=label, model=fwd, opt=opt, params=model_info(model.config).total_params,
+        runs.append(dict(label=label, amp=amp, model=fwd, opt=opt, params=model_info(model.config).total_params,
                          consistency=cw, train=[], infer=[]))
 
     for r in range(args.repeats):
         train_loader.set_epoch(r)
         for run in runs:  # interleaved: every round times every model once
-            run["train"].append(train_epoch(run["model"], run["opt"], train_loader, device, args.amp,
+            run["train"].append(train_epoch(run["model"], run["opt"], train_loader, device, run["amp"],
                                             run["consistency"]))
-            run["infer"].append(infer(run["model"], test_loader, device, args.amp))
+            run["infer"].append(infer(run["model"], test_loader, device, run["amp"]))
 
-    base_t = statistics.median(runs[0]["train"])
+    base_t = statistics.median(runs[0]["train"])  # vit in the first --amp mode
     base_i = statistics.median(runs[0]["infer"])
     print(f"\n{args.images} images/epoch, batch {args.batch}, d {args.dmodel}, depth {args.depth}, MLP {args.mlp}, "
-          f"augment policy {args.augment_policy}, device {device}, amp {args.amp}, compile {args.compile}, median of {args.repeats} interleaved rounds, "
+          f"augment policy {args.augment_policy}, device {device}, compile {args.compile}, median of {args.repeats} interleaved rounds, "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads\n")
-    print("| model | params | train s/epoch | train vs vit | inference s | inference vs vit | train img/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| model | amp | params | train s/epoch | train vs vit | inference s | inference vs vit | train img/s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for run in runs:
         t, i = statistics.median(run["train"]), statistics.median(run["infer"])
-        print(f"| {run['label']} | {run['params']:,} | {t:.3f} | {t / base_t:.2f}x | {i:.3f} | {i / base_i:.2f}x | "
+        print(f"| {run['label']} | {run['amp']} | {run['params']:,} | {t:.3f} | {t / base_t:.2f}x | {i:.3f} | {i / base_i:.2f}x | "
               f"{args.images / t:,.0f} |")
 
 

@@ -1,61 +1,127 @@
-"""MoE MLP forward+backward cost against the dense MLP with the same active FLOPs.
+"""MoE MLP forward+backward cost against the dense MLP with the same active FLOPs, in a plain loop.
 
-    python benchmarks/bench_layer.py                      # CPU, float32, the issue's sizes
-    python benchmarks/bench_layer.py --device cuda --dtype bfloat16
+    python benchmarks/bench_layer.py                                  # CPU, fp32 and bf16, d 300
+    python benchmarks/bench_layer.py --dim 768 --hidden 3072 --experts 4 8 --batch 16 --tokens 197
+    python benchmarks/bench_layer.py --device cuda --amp bf16
 
-Variants, timed interleaved in one process (so machine noise hits all of them alike), the
-median of `--repeats` rounds each:
-  dense    Mlp(D, H): the FLOP-matched baseline (top-1 MoE does the same matmuls per token)
-  moe      vitmoe MoEMlp, switch router, dropless, default dispatch path
-  moe-cf   the same with capacity factor 1.25
-  padded   MoEMlp with the padded-bmm fallback path
-  random   MoEMlp with batch-granular random routing (one expert per forward)
-  loop     the source project's approach: a Python loop over experts with boolean masks
+Each step is what a user's own training loop does: `optimizer.zero_grad()` with its default
+(gradients set to None), forward, backward; bf16 is `torch.autocast` over fp32 modules, as
+`--amp bf16` trains. The script changes no process-wide setting: whatever the library does
+for itself (vitmoe.runtime) is what is measured; `--malloc-opt-out` measures without it.
+Variants are timed interleaved in one process, so machine noise hits all alike; the table
+gives the median of `--repeats` rounds and the ratio to the dense layer in the same rounds:
+  dense       Mlp(D, H): the FLOP-matched baseline (top-1 MoE does the same matmuls per token)
+  moe         vitmoe MoEMlp, switch router, dropless, default dispatch path
+  moe-cf1.25  the same with capacity factor 1.25
+  padded      MoEMlp with the padded-bmm path
+  random      MoEMlp with batch-granular random routing (one expert per forward)
+  labml       the source project's layer (labml.ai SwitchFeedForward): a loop over every expert
+  hf          the transformers library's sparse-MoE loop: one nn.Linear pair per expert that
+              received tokens, gathered with torch.where and added back with index_add_
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitmoe.models import Mlp
 from vitmoe.moe import MoEMlp, grouped_mm_supported
-from vitmoe.runtime import keep_freed_memory
 
 
-class LoopSwitch(nn.Module):
-    """Switch MLP as the source project wrote it: one nn.Linear pair per expert, looped."""
+class LabmlSwitch(nn.Module):
+    """Switch MLP as the source project used it (labml.ai's SwitchFeedForward, dropless)."""
 
     def __init__(self, d: int, h: int, num_experts: int):
         super().__init__()
-        self.router = nn.Linear(d, num_experts, bias=False)
+        self.switch = nn.Linear(d, num_experts)
         self.experts = nn.ModuleList(Mlp(d, h) for _ in range(num_experts))
 
     def forward(self, x):
         B, N, D = x.shape
         x = x.reshape(-1, D)
-        probs = self.router(x).softmax(-1)
-        gate, route = probs.max(-1)
+        route_prob = torch.softmax(self.switch(x), dim=-1)
+        route_prob_max, routes = torch.max(route_prob, dim=-1)
+        indexes = [torch.eq(routes, i).nonzero(as_tuple=True)[0] for i in range(len(self.experts))]
         out = x.new_zeros(x.shape)
-        for i, expert in enumerate(self.experts):
-            idx = torch.eq(route, i).nonzero(as_tuple=True)[0]
-            out[idx] = expert(x[idx])
-        return (out * gate.unsqueeze(-1)).view(B, N, D)
+        expert_out = [self.experts[i](x[indexes[i], :]) for i in range(len(self.experts))]
+        for i in range(len(self.experts)):
+            out[indexes[i], :] = expert_out[i].to(out.dtype)  # (bf16 under autocast)
+        return (out * route_prob_max.view(-1, 1)).view(B, N, D)
 
 
-def step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
-    for p in layer.parameters():
-        p.grad = None  # as an optimizer's zero_grad(set_to_none=True) does
+class HFSwitch(nn.Module):
+    """Top-1 sparse MoE block as transformers writes it (e.g. its Mixtral/Qwen-MoE blocks)."""
+
+    def __init__(self, d: int, h: int, num_experts: int):
+        super().__init__()
+        self.gate = nn.Linear(d, num_experts, bias=False)
+        self.experts = nn.ModuleList(Mlp(d, h) for _ in range(num_experts))
+
+    def forward(self, x):
+        B, N, D = x.shape
+        x = x.reshape(-1, D)
+        weights = F.softmax(self.gate(x), dim=1, dtype=torch.float)
+        weights, selected = torch.topk(weights, 1, dim=-1)
+        out = torch.zeros_like(x)
+        mask = F.one_hot(selected, num_classes=len(self.experts)).permute(2, 1, 0)
+        for e in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero():
+            idx, top_x = torch.where(mask[e].squeeze(0))
+            y = self.experts[e](x[top_x]) * weights[top_x, idx, None].to(x.dtype)
+            out.index_add_(0, top_x, y.to(out.dtype))
+        return out.view(B, N, D)
+
+
+def step(layer: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, g: torch.Tensor, amp: bool) -> None:
+    opt.zero_grad()
     x.grad = None
-    layer(x).backward(g)
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+        y = layer(x)
+    y.float().backward(g)
 
 
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def bench(args, E: int, amp: bool, device: torch.device) -> None:
+    torch.manual_seed(0)
+    D, H = args.dim, args.hidden
+    x = torch.randn(args.batch, args.tokens, D, device=device, requires_grad=True)
+    g = torch.randn_like(x)
+    variants = {
+        "dense": Mlp(D, H),
+        "moe": MoEMlp(D, H, num_experts=E, router="switch", expert_init="independent"),
+        "moe-cf1.25": MoEMlp(D, H, num_experts=E, router="switch", capacity_factor_train=1.25, expert_init="independent"),
+        "padded": MoEMlp(D, H, num_experts=E, router="switch", expert_init="independent", dispatch="padded"),
+        "random": MoEMlp(D, H, num_experts=E, router="random"),
+    }
+    if not args.no_loops:
+        variants |= {"labml": LabmlSwitch(D, H, E), "hf": HFSwitch(D, H, E)}
+    variants = {k: v.to(device).train() for k, v in variants.items()}
+    # An optimizer only for its zero_grad(), the user's way of clearing gradients.
+    opts = {k: torch.optim.SGD(v.parameters(), lr=0.0) for k, v in variants.items()}
+    times = {k: [] for k in variants}
+    for r in range(args.warmup + args.repeats):
+        for name, layer in variants.items():
+            sync(device)
+            t0 = time.perf_counter()
+            step(layer, opts[name], x, g, amp)
+            sync(device)
+            if r >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    dense = statistics.median(times["dense"])
+    moe = statistics.median(times["moe"])
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"| {E} | {'bf16' if amp else 'fp32'} | {name} | {med * 1e3:.1f} | {med / dense:.2f} | {med / moe:.2f} |",
+              flush=True)
 
 
 def main() -> None:
@@ -65,52 +131,28 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=65)
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--no-loop", action="store_true", help="skip the per-expert loop baseline")
-    ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
-                    help="keep: glibc keeps freed memory, as the vitmoe command sets (vitmoe.runtime); "
-                         "default: the allocator returns large blocks to the OS after each use")
+    ap.add_argument("--amp", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                    help="fp32, and/or bf16 autocast over fp32 weights")
+    ap.add_argument("--no-loops", action="store_true", help="skip the labml and HF per-expert loops")
+    ap.add_argument("--malloc-opt-out", action="store_true",
+                    help="set VITMOE_MALLOC=default: measure without the library's allocator setting")
     args = ap.parse_args()
-    kept = keep_freed_memory() if args.malloc == "keep" else False
-
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    D, H = args.dim, args.hidden
-    x = torch.randn(args.batch, args.tokens, D, device=device, dtype=dtype, requires_grad=True)
-    g = torch.randn_like(x)
-    print(f"# MoE MLP forward+backward, D={D} H={H} tokens={args.batch}x{args.tokens}, {device} {args.dtype}, "
+    if args.malloc_opt_out:
+        os.environ["VITMOE_MALLOC"] = "default"
+    device = torch.device(args.device)
+    x = torch.zeros(1, args.dim, device=device)
+    print(f"# MoE MLP forward+backward, D={args.dim} H={args.hidden} tokens={args.batch}x{args.tokens}, {device}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, grouped_mm: {grouped_mm_supported(x)}, "
-          f"malloc keeps freed memory: {kept}")
-    print(f"# median of {args.repeats} interleaved rounds; ratio = time / dense time in the same rounds\n")
-    print("| experts | variant | ms | x dense |")
-    print("|---:|---|---:|---:|")
-    for E in args.experts:
-        variants = {
-            "dense": Mlp(D, H),
-            "moe": MoEMlp(D, H, num_experts=E, router="switch", expert_init="independent"),
-            "moe-cf1.25": MoEMlp(D, H, num_experts=E, router="switch", capacity_factor_train=1.25, expert_init="independent"),
-            "padded": MoEMlp(D, H, num_experts=E, router="switch", expert_init="independent", dispatch="padded"),
-            "random": MoEMlp(D, H, num_experts=E, router="random"),
-        }
-        if not args.no_loop:
-            variants["loop"] = LoopSwitch(D, H, E)
-        variants = {k: v.to(device=device, dtype=dtype).train() for k, v in variants.items()}
-        times = {k: [] for k in variants}
-        for r in range(args.warmup + args.repeats):
-            for name, layer in variants.items():
-                sync(device)
-                t0 = time.perf_counter()
-                step(layer, x, g)
-                sync(device)
-                if r >= args.warmup:
-                    times[name].append(time.perf_counter() - t0)
-        dense = statistics.median(times["dense"])
-        for name, ts in times.items():
-            med = statistics.median(ts)
-            print(f"| {E} | {name} | {med * 1e3:.1f} | {med / dense:.2f} |", flush=True)
+          f"VITMOE_MALLOC={os.environ.get('VITMOE_MALLOC', '(unset)')}")
+    print(f"# median of {args.repeats} interleaved rounds; ratios to dense and to moe in the same rounds\n")
+    print("| experts | dtype | variant | ms | x dense | x moe |")
+    print("|---:|---|---|---:|---:|---:|")
+    for amp in args.amp:
+        for E in args.experts:
+            bench(args, E, amp == "bf16", device)
 
 
 if __name__ == "__main__":

@@ -186,3 +186,22 @@ def test_compiled_moe_model_matches_eager_with_its_aux_loss():
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.aux_loss, ref.aux_loss, rtol=1e-5, atol=1e-7)
     assert list(out.moe_stats) == list(ref.moe_stats) == ["blocks.0.mlp", "blocks.1.mlp"]
+
+
+def test_cpu_low_precision_attention_path_equals_the_fused_kernel():
+    # On CPU, bf16/fp16 attention runs as two plain matmuls (the fused kernel was 3-5x slower
+    # there): the formula must be SDPA's, and the layer under bf16 autocast must match fp32.
+    import torch.nn.functional as F
+
+    from vitmoe.models.vit import Attention, _explicit_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 7, 5, dtype=torch.float64) for _ in range(3))
+    torch.testing.assert_close(_explicit_attention(q, k, v, 0.0), F.scaled_dot_product_attention(q, k, v),
+                               rtol=1e-12, atol=1e-12)
+    attn = Attention(32, 4)
+    x = torch.randn(2, 9, 32)
+    with torch.autocast("cpu", torch.bfloat16):
+        low = attn(x)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), attn(x), rtol=3e-2, atol=3e-2)

@@ -272,12 +272,45 @@ def test_bad_arguments_name_the_field(kwargs, field):
         MoEMlp(D, H, num_experts=4, **kwargs)
 
 
-def test_auto_dispatch_falls_back_for_unaligned_widths_in_bf16():
-    from vitmoe.moe import grouped_mm_supported
+def test_grouped_path_pads_unaligned_widths_and_matches_padded_path():
+    # 12 and 20 bf16 columns are 24- and 40-byte rows, which _grouped_mm rejects: the grouped
+    # path zero-pads them; outputs and every gradient must equal the padded-bmm path's.
+    torch.manual_seed(0)
+    grouped = MoEMlp(12, 20, num_experts=3, router="topk", top_k=2, dispatch="grouped", expert_init="independent")
+    padded = MoEMlp(12, 20, num_experts=3, router="topk", top_k=2, dispatch="padded")
+    padded.load_state_dict(grouped.state_dict())
+    grouped, padded = grouped.to(torch.bfloat16), padded.to(torch.bfloat16)
+    x = torch.randn(2, 5, 12, dtype=torch.bfloat16)
+    outs = []
+    for m in (grouped, padded):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.float().square().sum().backward()
+        outs.append((y, xi.grad, {n: p.grad for n, p in m.named_parameters()}))
+    (yg, xg, gg), (yp, xp, gp) = outs
+    assert yg.shape == (2, 5, 12)
+    torch.testing.assert_close(yg, yp, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(xg, xp, atol=2e-2, rtol=2e-2)
+    assert gg.keys() == gp.keys()
+    for name in gg:
+        assert gg[name].shape == gp[name].shape, name
+        torch.testing.assert_close(gg[name], gp[name], atol=3e-2, rtol=3e-2, msg=name)
 
-    x = torch.zeros(4, 12, dtype=torch.bfloat16)  # 24-byte rows: _grouped_mm would reject them
-    assert not grouped_mm_supported(x, 20)
-    assert grouped_mm_supported(torch.zeros(4, 16, dtype=torch.bfloat16), 32)
-    m = MoEMlp(12, 20, num_experts=3, router="topk", top_k=2).to(torch.bfloat16)
-    y = m(torch.randn(2, 5, 12, dtype=torch.bfloat16))
-    assert y.shape == (2, 5, 12) and torch.isfinite(y.float()).all()
+
+@pytest.mark.parametrize("dispatch_path", ["grouped", "padded"])
+def test_autocast_bf16_runs_the_experts_in_bf16_and_keeps_fp32_master_grads(dispatch_path):
+    # _grouped_mm and bmm on stacked weights are not on autocast's cast lists: the layer casts
+    # for them, so the experts pay bf16 prices like the dense layers around them.
+    torch.manual_seed(0)
+    m = MoEMlp(300, 64, num_experts=4, router="switch", dispatch=dispatch_path, expert_init="independent")
+    x = torch.randn(2, 9, 300)
+    seen = []
+    hook = m.experts.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    with torch.autocast("cpu", torch.bfloat16):
+        y = m(x)
+    hook.remove()
+    assert seen == [torch.bfloat16] and y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())
+    ref = m(x)
+    torch.testing.assert_close(y.float(), ref, atol=3e-2, rtol=3e-2)

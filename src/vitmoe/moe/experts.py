@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..runtime import allocator_decided, before_large_cpu_tensors
 from ..validation import Fields
 from .options import Options
 from .parallel import ExpertParallel, gather_experts
@@ -35,16 +36,14 @@ class ExpertOptions(Options):
         f.choice("dispatch", DISPATCH_PATHS)
 
 
-def grouped_mm_supported(x: Tensor, *widths: int) -> bool:
-    """Whether `torch._grouped_mm` runs this dtype on this device for these matrix widths.
+def grouped_mm_supported(x: Tensor) -> bool:
+    """Whether `torch._grouped_mm` runs this dtype on this device.
 
     On CUDA it needs bf16 and a Hopper-class GPU; the CPU build runs fp32/bf16/fp16 (not fp64:
-    the padded path serves float64, which the reference tests use). Both require every row
-    stride to be a multiple of 16 bytes (e.g. widths divisible by 8 in bf16, by 4 in fp32).
+    the padded path serves float64, which the reference tests use). Its 16-byte row-stride rule
+    (widths divisible by 8 in bf16) is met inside GroupedExperts by zero-padding the widths.
     """
     if not hasattr(torch, "_grouped_mm"):
-        return False
-    if any(w * x.element_size() % 16 for w in (x.shape[-1], *widths)):
         return False
     if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
         return False  # the op's shape function (meta kernel) under torch.compile accepts bf16 only
@@ -53,6 +52,21 @@ def grouped_mm_supported(x: Tensor, *widths: int) -> bool:
     if x.device.type == "cuda":
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
     return False
+
+
+def _aligned(width: int, x: Tensor) -> int:
+    """`width` rounded up to a 16-byte multiple in x's dtype."""
+    per = 16 // x.element_size()
+    return -(-width // per) * per
+
+
+def _cast_pad(t: Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+    """`t` in `dtype`, zero-padded at the end of each dim to `shape`, in one copy."""
+    if tuple(t.shape) == shape:
+        return t.to(dtype)
+    out = t.new_zeros(shape, dtype=dtype)
+    out[tuple(slice(0, n) for n in t.shape)] = t  # differentiable (CopySlices): the grad is sliced back
+    return out
 
 
 class GroupedExperts(nn.Module):
@@ -74,6 +88,8 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"dispatch must be one of {DISPATCH_PATHS}, got {dispatch_path!r}")
         E, D, H, O = num_experts, in_features, hidden_features, out_features or in_features
         self.num_experts, self.init, self.dispatch_path = E, init, dispatch_path
+        if torch.get_default_device().type == "cpu":
+            before_large_cpu_tensors(E * max(D * H, H * O) * torch.finfo(torch.get_default_dtype()).bits // 8)
         self.w1 = nn.Parameter(torch.empty(E, D, H))
         self.b1 = nn.Parameter(torch.empty(E, H))
         self.w2 = nn.Parameter(torch.empty(E, H, O))
@@ -105,6 +121,19 @@ class GroupedExperts(nn.Module):
     def sharded(self) -> bool:
         return self.ep is not None and self.ep.size > 1
 
+    def _compute_dtype(self, x: Tensor) -> torch.dtype:
+        """The experts' matmul dtype: autocast's when it is on (`_grouped_mm` and `bmm` on stacked
+        weights are not on autocast's cast lists, so without this an fp32 input would run the
+        experts in fp32 while the dense layers run in bf16), else the input's."""
+        if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
+
+    def _before_step(self, x: Tensor) -> None:
+        # For layers built off the CPU and moved there; a flag read once decided.
+        if not allocator_decided() and x.device.type == "cpu" and self.training and self.w1.requires_grad:
+            before_large_cpu_tensors(max(self.w1.nbytes, self.w2.nbytes))
+
     # --- routed computation -------------------------------------------------------------
     def forward(self, x_SD: Tensor, counts_E: Tensor, expert_S: Tensor, capacity: int | None = None) -> Tensor:
         """Rows sorted by expert -> each row through its expert: [S, O].
@@ -113,9 +142,9 @@ class GroupedExperts(nn.Module):
         output is unspecified (callers zero them through their gate). `capacity`, when known,
         bounds every count and fixes the padded path's shape without a host sync.
         """
-        use_grouped = self.dispatch_path == "grouped" or (
-            self.dispatch_path == "auto" and grouped_mm_supported(x_SD, self.w1.shape[-1], self.w2.shape[-1])
-        )
+        self._before_step(x_SD)
+        x_SD = x_SD.to(self._compute_dtype(x_SD))
+        use_grouped = self.dispatch_path == "grouped" or (self.dispatch_path == "auto" and grouped_mm_supported(x_SD))
         if use_grouped:
             return self._grouped(x_SD, counts_E, expert_S)
         return self._padded(x_SD, counts_E, expert_S, capacity)
@@ -134,12 +163,23 @@ class GroupedExperts(nn.Module):
             lengths_E = counts_E.clone()
             lengths_E[-1] += S - counts_E.sum()
         offs_E = torch.cumsum(lengths_E, 0).to(torch.int32)
-        dt = x_SD.dtype
+        # _grouped_mm wants every row stride a multiple of 16 bytes (d 300 in bf16 is 600 bytes).
+        # The input only needs a wider row stride (a view of a padded copy, cheap); the weights'
+        # output widths are zero-padded, fused with the dtype cast they need anyway. Zero
+        # columns add nothing (GELU(0) = 0) and their gradient is sliced away.
+        dt, (E, D, H), O = x_SD.dtype, self.w1.shape, self.w2.shape[-1]
+        Dp, Hp, Op = (_aligned(w, x_SD) for w in (D, H, O))
+        w1, w2 = _cast_pad(self.w1, dt, (E, D, Hp)), _cast_pad(self.w2, dt, (E, Hp, Op))
+        b1, b2 = _cast_pad(self.b1, dt, (E, Hp)), _cast_pad(self.b2, dt, (E, Op))
+        if Dp != D:
+            x_SD = F.pad(x_SD, (0, Dp - D))[:, :D]
         # index_select, not advanced indexing: its backward is index_add_, many times faster on
         # CPU than the accumulating index_put that `b[expert_S]` back-propagates through.
-        h_SH = torch._grouped_mm(x_SD, self.w1.to(dt), offs=offs_E) + self.b1.to(dt).index_select(0, expert_S)
+        h_SH = torch._grouped_mm(x_SD, w1, offs=offs_E) + b1.index_select(0, expert_S)
         h_SH = self.drop(self.act(h_SH))
-        y_SO = torch._grouped_mm(h_SH, self.w2.to(dt), offs=offs_E) + self.b2.to(dt).index_select(0, expert_S)
+        y_SO = torch._grouped_mm(h_SH, w2, offs=offs_E) + b2.index_select(0, expert_S)
+        if Op != O:
+            y_SO = y_SO[:, :O]
         return y_SO if n == S else torch.cat([y_SO, y_SO.new_zeros(S - n, y_SO.shape[-1])])
 
     def _padded(self, x_SD: Tensor, counts_E: Tensor, expert_S: Tensor, capacity: int | None) -> Tensor:
@@ -164,6 +204,7 @@ class GroupedExperts(nn.Module):
 
     def forward_single(self, x_TD: Tensor, expert: Tensor) -> Tensor:
         """Every token through one expert chosen on the device (0-d index): dense cost."""
+        self._before_step(x_TD)
         w1 = self.w1.index_select(0, expert.view(1))[0]
         w2 = self.w2.index_select(0, expert.view(1))[0]
         b1 = self.b1.index_select(0, expert.view(1))[0]
