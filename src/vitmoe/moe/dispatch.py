@@ -46,8 +46,16 @@ def topk_copies(gates_TK: Tensor, experts_TK: Tensor, keep_TK: Tensor | None = N
 
 
 def dispatch(gates_TK: Tensor, experts_TK: Tensor, num_experts: int, capacity: int | None,
-             keep_TK: Tensor | None = None) -> Dispatch:
+             keep_TK: Tensor | None = None, priority_T: Tensor | None = None) -> Dispatch:
+    """`priority_T`: queue each choice level's copies by descending priority (Batch Prioritized
+    Routing) instead of by token position; ties keep position order."""
     copies, keep_S = topk_copies(gates_TK, experts_TK, keep_TK)
+    if priority_T is not None and capacity is not None:  # dropless keeps every copy anyway
+        T, K = experts_TK.shape
+        order_T = torch.argsort(priority_T, descending=True, stable=True)
+        order_S = (order_T + T * torch.arange(K, device=order_T.device).unsqueeze(1)).reshape(-1)
+        copies = Copies(*(c.index_select(0, order_S) for c in copies))
+        keep_S = None if keep_S is None else keep_S.index_select(0, order_S)
     return dispatch_copies(copies, num_experts, capacity, keep_S)
 
 
@@ -55,7 +63,7 @@ def dispatch_routing(routing: Routing, num_experts: int, capacity: int | None) -
     """Either routing layout: the router's flat copies, or its [T, K] choices."""
     if routing.copies is not None:
         return dispatch_copies(routing.copies, num_experts, capacity)
-    return dispatch(routing.gates_TK, routing.experts_TK, num_experts, capacity, routing.keep_TK)
+    return dispatch(routing.gates_TK, routing.experts_TK, num_experts, capacity, routing.keep_TK, routing.priority_T)
 
 
 def dispatch_copies(copies: Copies, num_experts: int, capacity: int | None, keep_S: Tensor | None = None) -> Dispatch:

@@ -46,6 +46,9 @@ class Routing(NamedTuple):
     Such a copy takes no capacity, is not counted as load or as dropped, and adds nothing."""
     copies: Copies | None = None
     """The copies as a flat list, instead of the [T, K] layout (expert choice)."""
+    priority_T: Tensor | None = None
+    """Batch Prioritized Routing: each token's priority (higher keeps its copies first when an
+    expert overflows). None: batch position order."""
 
 
 class Router(nn.Module):

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ..config import MoEConfig
 
 SECOND_POLICIES = ("all", "sampling", "random")
+PRIORITIES = ("position", "score")
 
 
 @dataclass
@@ -26,6 +27,11 @@ class TopKOptions(Options):
     """Top-2 only: "all" (always send the second copy), "sampling" (send with probability
     2 * gate2, GShard), "random" (send if gate2 > second_threshold). See TopKRouter."""
     second_threshold: float = 0.0
+    priority: str = "position"
+    """Which copies an overflowing expert keeps (first choices always before second choices):
+    "position" (earlier tokens of the batch first) or "score" (Batch Prioritized Routing,
+    Riquelme et al. 2021, V-MoE: tokens in order of their largest router probability, so the
+    tokens the router is surest about survive a small capacity)."""
 
     def check(self, f: Fields, experts: Sequence[int]) -> None:
         super().check(f, experts)
@@ -34,6 +40,9 @@ class TopKOptions(Options):
         f.need(self.second_policy == "all" or (self.router == "topk" and self.top_k == 2), "second_policy",
                f"'all' unless router is 'topk' with top_k=2 (router={self.router!r}, top_k={self.top_k})")
         f.number("second_threshold", 0.0, 1.0)
+        f.choice("priority", PRIORITIES)
+        f.need(self.priority == "position" or self.router in ("switch", "topk"), "priority",
+               f"'position' unless router is 'switch' or 'topk' (router={self.router!r} has no token scores)")
 
 
 def load_balancing_loss(probs_TE: Tensor, first_choice_T: Tensor) -> Tensor:
@@ -67,6 +76,7 @@ class TopKRouter(Router):
         super().__init__(dim, num_experts, config)
         self.noise, self.jitter_eps = config.router_noise, config.jitter_eps
         self.second_policy, self.second_threshold = config.second_policy, config.second_threshold
+        self.priority = config.priority
         self._weights = {"balance": config.balance_loss_weight, "z": config.z_loss_weight}
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         nn.init.trunc_normal_(self.weight, std=0.02)
@@ -92,7 +102,10 @@ class TopKRouter(Router):
                 "z": router_z_loss(logits_TE),
             }
             keep_TK = self._keep_second(gates_TK.detach())
-        return Routing(gates_TK=gates_TK, experts_TK=experts_TK, probs_TE=probs_TE, aux=aux, keep_TK=keep_TK)
+            # V-MoE's priority score: the token's largest routing weight (before renormalisation).
+            priority_T = probs_TE.detach().amax(dim=-1) if self.priority == "score" else None
+        return Routing(gates_TK=gates_TK, experts_TK=experts_TK, probs_TE=probs_TE, aux=aux, keep_TK=keep_TK,
+                       priority_T=priority_T)
 
     def _keep_second(self, gates_TK: Tensor) -> Tensor | None:
         if self.second_policy == "all" or (self.second_policy == "sampling" and not self.training):
