@@ -23,7 +23,7 @@ def test_option_groups_make_up_the_config_and_live_beside_their_code():
         assert group.__module__ == module
         own = {f.name for f in dataclasses.fields(group)}
         assert own and own <= names, group
-    assert {"second_policy", "second_threshold", "balance_loss_weight"} == {f.name for f in dataclasses.fields(TopKOptions)}
+    assert {"second_policy", "second_threshold", "balance_loss_weight", "priority"} == {f.name for f in dataclasses.fields(TopKOptions)}
 
 
 def test_layer_takes_the_config_whole_and_keywords_override_it():
