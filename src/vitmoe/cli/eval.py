@@ -30,6 +30,15 @@ def add_parser(sub) -> None:
     p.add_argument("--per-class", action="store_true",
                    help="also the accuracy of each class, by name (always shown for folder:PATH datasets)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--capacity-factors", type=float, nargs="+", default=None, metavar="F",
+                   help="capacity-accuracy curve (V-MoE): evaluate at each eval capacity factor, with position "
+                        "priority and with Batch Prioritized Routing, and write capacity.json/.md/.png (accuracy "
+                        "against the factor and against the MoE FLOPs spent) to --out")
+    p.add_argument("--priorities", nargs="+", choices=["position", "score"], default=["position", "score"],
+                   help="with --capacity-factors: which copies an overflowing expert keeps (default both)")
+    p.add_argument("--out", default=None,
+                   help="with --capacity-factors: output folder (default CHECKPOINT/analysis for a run directory, "
+                        "else next to the model file)")
     p.set_defaults(func=run)
 
 
@@ -63,13 +72,13 @@ def saved_config(checkpoint, model_file) -> dict:
     return {}
 
 
-def evaluate_checkpoint(checkpoint, mode=None, dataset=None, data_dir=None, batch=500, device="auto", seed=0,
-                        per_class=False) -> dict:
+def prepare_eval(checkpoint, mode=None, dataset=None, data_dir=None, batch=500, device="auto", seed=0):
+    """(model file, model, test loader, dataset name, class names, device), read as in training."""
     import torch
 
     from ..data import DeviceLoader, is_folder, load_dataset
     from ..models import load_model, read_metadata
-    from ..training import evaluate, resolve_device, resolve_model_file
+    from ..training import resolve_device, resolve_model_file
 
     if batch < 1:
         raise CLIError(f"--batch {batch}: must be a positive integer")
@@ -108,6 +117,18 @@ def evaluate_checkpoint(checkpoint, mode=None, dataset=None, data_dir=None, batc
         mean, std = norm["mean"], norm["std"]
     torch.manual_seed(seed)
     loader = DeviceLoader(data, batch, dev, train=False, mean=mean, std=std, resize_to=cfg.img_size)
+    return path, model, loader, dataset, classes, dev
+
+
+def evaluate_checkpoint(checkpoint, mode=None, dataset=None, data_dir=None, batch=500, device="auto", seed=0,
+                        per_class=False) -> dict:
+    import torch
+
+    from ..data import is_folder
+    from ..training import evaluate
+
+    path, model, loader, dataset, classes, dev = prepare_eval(checkpoint, mode, dataset, data_dir, batch, device, seed)
+    cfg = model.config
     per_class = per_class or is_folder(dataset)
     preds, labels = [], []
     hook = model.register_forward_hook(lambda m, i, out: preds.append(out.argmax(-1))) if per_class else None
@@ -139,6 +160,8 @@ class _Recording:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.capacity_factors is not None:
+        return run_capacity_curve(args)
     r = evaluate_checkpoint(args.checkpoint, args.mode, args.dataset, args.data_dir, args.batch, args.device, args.seed,
                             args.per_class)
     if args.json:
@@ -149,4 +172,28 @@ def run(args: argparse.Namespace) -> int:
              f"({r['images']:,} {r['dataset']} test images{mode}, {r['params']:,} parameters)")
         for name, (acc, n) in r.get("per_class", {}).items():
             echo(f"  {name}: {acc:.2f}% of {n:,}")
+    return 0
+
+
+def run_capacity_curve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..report.capacity import capacity_curve, curve_table, write_curve
+
+    bad = [f for f in args.capacity_factors if not f > 0 or f != f or f == float("inf")]
+    if bad:
+        raise CLIError(f"--capacity-factors {bad[0]}: each factor must be a finite number > 0")
+    path, model, loader, dataset, _, dev = prepare_eval(args.checkpoint, args.mode, args.dataset, args.data_dir,
+                                                         args.batch, args.device, args.seed)
+    try:
+        curve = capacity_curve(model, loader, dev, sorted(set(args.capacity_factors)), args.priorities)
+    except ValueError as e:
+        raise CLIError(f"--capacity-factors: {path}: {e}") from None
+    out = args.out or (Path(args.checkpoint) / "analysis" if Path(args.checkpoint).is_dir() else Path(path).parent)
+    written = write_curve(curve, out, title=f"{Path(path).name} on {dataset}")
+    if args.json:
+        echo(json.dumps(curve))
+    else:
+        echo(curve_table(curve))
+        echo(f"written: {', '.join(str(p) for p in written)}")
     return 0
