@@ -17,6 +17,7 @@ from ..moe import MoEConfig, MoEMlp, SoftMoE
 from ..validation import ConfigError, Fields
 from .mlp import Mlp
 from .residual import ResidualMoE
+from .tokenizer import conv_tokenizer_layers
 
 # Spellings of MoE fields before they moved into `moe` (accepted with a FutureWarning in 0.x).
 LEGACY_MOE_FIELDS = {**{name: name for name in MoEConfig.field_names() if name != "residual"},
@@ -27,7 +28,14 @@ LEGACY_MOE_FIELDS = {**{name: name for name in MoEConfig.field_names() if name !
 class ViTConfig:
     # --- the transformer ---
     img_size: int = 32
+    tokenizer: str = "patch"
+    """"patch" (non-overlapping patch_size x patch_size patches, one linear map) or "conv" (CCT's
+    convolutional tokenizer, tokenizer.py; patch_size is then unused)."""
     patch_size: int = 4
+    conv_layers: int = 1
+    """Conv -> ReLU -> max-pool stages of the "conv" tokenizer (each halves the side)."""
+    conv_kernel: int = 3
+    """Kernel of every "conv" tokenizer layer (stride max(1, k//2 - 1), padding max(1, k//2))."""
     in_chans: int = 3
     num_classes: int = 10
     embed_dim: int = 300
@@ -37,14 +45,21 @@ class ViTConfig:
     qkv_bias: bool = True
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    """Stochastic depth (droppath.py): block i drops each image's residual branches with
+    probability drop_path_rate * i / (depth - 1) in training."""
     norm_eps: float = 1e-5
     pool: str = "cls"
-    """"cls" (class token) or "mean" (mean of all tokens)."""
+    """"cls" (class token), "mean" (mean of all tokens) or "seq" (CCT's sequence pooling: a
+    learned softmax-weighted sum of the tokens, seqpool.py)."""
     head: str = "mlp"
     """"mlp" (Linear-GELU-Linear, the source project's head) or "linear"."""
     head_hidden: int = 3072
     head_init: str = "default"
     """"default" or "zero" (zero-initialised last head layer, as in the ColossalAI recipe)."""
+    pos_embed: str = "learned"
+    """"learned" (a positional table added to the tokens) or "none" (the tokens' order is left
+    to the convolutional tokenizer's overlap, as CCT can do)."""
     pos_embed_rows: int | None = None
     """Rows of the positional table; None sizes it to the token count (see README on 12,798,490)."""
     share_blocks: bool = False
@@ -95,8 +110,17 @@ class ViTConfig:
         return cls().replace(**dict(data))
 
     @property
+    def token_grid(self) -> int:
+        """Side of the square grid of image tokens."""
+        if self.tokenizer == "conv":
+            return conv_tokenizer_layers(self.img_size, self.in_chans, self.embed_dim, self.conv_layers,
+                                         self.conv_kernel)[-1].pooled_side
+        return self.img_size // self.patch_size
+
+    @property
     def num_patches(self) -> int:
-        return (self.img_size // self.patch_size) ** 2
+        """Image tokens (patches, or positions of the conv tokenizer's last map)."""
+        return self.token_grid ** 2
 
     @property
     def num_tokens(self) -> int:
@@ -133,19 +157,24 @@ class ViTConfig:
 
     def _check(self, f: Fields) -> None:
         for name in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth",
-                     "num_heads", "mlp_hidden", "head_hidden"):
+                     "num_heads", "mlp_hidden", "head_hidden", "conv_layers", "conv_kernel"):
             f.integer(name, 1)
-        f.need(self.img_size % self.patch_size == 0, "patch_size", f"must divide img_size={self.img_size}")
+        f.choice("tokenizer", ("patch", "conv"))
+        f.need(self.tokenizer != "patch" or self.img_size % self.patch_size == 0, "patch_size",
+               f"must divide img_size={self.img_size}")
         f.need(self.embed_dim % self.num_heads == 0, "num_heads",
                f"a divisor of embed_dim={self.embed_dim}: one of {_divisors(self.embed_dim)} (flag --heads)")
-        for name in ("drop_rate", "attn_drop_rate"):
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             f.number(name, 0.0, 1.0, strict_hi=True)
         f.number("norm_eps", 0.0, strict_lo=True)
         f.boolean("qkv_bias")
-        f.choice("pool", ("cls", "mean"))
+        f.choice("pool", ("cls", "mean", "seq"))
         f.choice("head", ("mlp", "linear"))
         f.choice("head_init", ("default", "zero"))
+        f.choice("pos_embed", ("learned", "none"))
         f.integer("pos_embed_rows", self.num_tokens, optional=True)
+        f.need(self.pos_embed_rows is None or self.pos_embed == "learned", "pos_embed_rows",
+               "null with pos_embed='none' (there is no positional table)")
         f.boolean("share_blocks")
 
         spec = self.moe_layers

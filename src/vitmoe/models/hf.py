@@ -225,6 +225,12 @@ def load_pretrained(path: str | os.PathLike, img_size: int | None = None, num_cl
 # --- export ---------------------------------------------------------------------------------------------
 def hf_export_problem(cfg: ViTConfig) -> str | None:
     """Why the transformers ViT layout cannot hold this model, or None if it can."""
+    if cfg.tokenizer != "patch":
+        return (f"model field tokenizer={cfg.tokenizer!r} has no transformers ViT equivalent (it embeds "
+                "non-overlapping patches with one linear map); only tokenizer='patch' exports")
+    if cfg.pos_embed != "learned":
+        return (f"model field pos_embed={cfg.pos_embed!r} has no transformers ViT equivalent (it always adds a "
+                "learned positional table); only pos_embed='learned' exports")
     if cfg.is_moe:
         return (f"model field moe_layers={cfg.moe_layers!r}: the transformers ViT has dense MLPs; merge the experts "
                 "first (vitmoe merge, or vitmoe.merge_experts) and export the merged model")

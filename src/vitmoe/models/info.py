@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import ViTConfig
+from .tokenizer import conv_tokenizer_layers
 
 
 @dataclass
@@ -28,13 +29,21 @@ class ModelInfo:
 def model_info(cfg: ViTConfig) -> ModelInfo:
     cfg = cfg.validate()
     D, H, L, N = cfg.embed_dim, cfg.mlp_hidden, cfg.depth, cfg.num_tokens
-    patch = cfg.in_chans * cfg.patch_size**2 * D + D
-    embed = patch + (D if cfg.pool == "cls" else 0) + (cfg.pos_embed_rows or N) * D
+    if cfg.tokenizer == "conv":  # bias-free convolutions
+        convs = conv_tokenizer_layers(cfg.img_size, cfg.in_chans, D, cfg.conv_layers, cfg.conv_kernel)
+        tokenizer = sum(c.in_chans * c.out_chans * c.kernel**2 for c in convs)
+        tokenizer_flops = sum(2 * c.conv_side**2 * c.in_chans * c.out_chans * c.kernel**2 for c in convs)
+    else:
+        tokenizer = cfg.in_chans * cfg.patch_size**2 * D + D
+        tokenizer_flops = 2 * cfg.num_patches * cfg.in_chans * cfg.patch_size**2 * D
+    pos = (cfg.pos_embed_rows or N) * D if cfg.pos_embed == "learned" else 0
+    embed = tokenizer + (D if cfg.pool == "cls" else 0) + pos
     attn = (3 * D * D + (3 * D if cfg.qkv_bias else 0)) + D * D + D
     norms = 2 * 2 * D
     mlp = D * H + H + H * D + D
     head = (D * cfg.head_hidden + cfg.head_hidden + cfg.head_hidden * cfg.num_classes + cfg.num_classes
             if cfg.head == "mlp" else D * cfg.num_classes + cfg.num_classes)
+    head += D + 1 if cfg.pool == "seq" else 0  # the sequence pooling's Linear(D, 1)
     moe = dict(zip(cfg.moe_block_indices(), cfg.experts_per_moe_block()))
     m = cfg.moe
     soft, residual = m.router == "soft", m.residual
@@ -60,8 +69,7 @@ def model_info(cfg: ViTConfig) -> ModelInfo:
     mergeable = not (residual or soft)
     merged = embed + L * (attn + norms + mlp) + 2 * D + head if mergeable else total
 
-    P = cfg.num_patches
-    flops = 2 * P * cfg.in_chans * cfg.patch_size**2 * D
+    flops = tokenizer_flops
     per_block = 2 * N * (4 * D * D) + 2 * 2 * N * N * D  # projections, then QK^T and AV
     for i in range(L):  # shared blocks share weights, not work: every block computes
         if i not in moe:
@@ -76,4 +84,6 @@ def model_info(cfg: ViTConfig) -> ModelInfo:
             per_mlp += 2 * N * 2 * D * H + 2 * N * D * 2
         flops += per_block + per_mlp
     flops += 2 * (D * cfg.head_hidden + cfg.head_hidden * cfg.num_classes if cfg.head == "mlp" else D * cfg.num_classes)
+    if cfg.pool == "seq":  # a score per token, then the weighted sum over tokens
+        flops += 2 * N * D + 2 * N * D
     return ModelInfo(total, active, merged, flops, mergeable)

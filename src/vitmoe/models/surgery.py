@@ -108,7 +108,7 @@ def load_adapted(model: VisionTransformer, state: Mapping[str, Tensor], source: 
     notes: list[str] = []
     prefix = 1 if model.cls_token is not None else 0
     pos = state.get("pos_embed")
-    if pos is not None and tuple(pos.shape) != tuple(own["pos_embed"].shape) and pos.dim() == 3 \
+    if pos is not None and "pos_embed" in own and tuple(pos.shape) != tuple(own["pos_embed"].shape) and pos.dim() == 3 \
             and pos.shape[-1] == own["pos_embed"].shape[-1]:
         if model.config.pos_embed_rows is not None:
             raise ModelFileError(f"{source}: pos_embed has {pos.shape[1]} rows, the model {own['pos_embed'].shape[1]}; "
@@ -117,7 +117,7 @@ def load_adapted(model: VisionTransformer, state: Mapping[str, Tensor], source: 
             old = grid_of_rows(pos.shape[1], prefix)
         except ValueError as e:
             raise ModelFileError(f"{source}: pos_embed cannot be resized: {e}") from None
-        new = model.config.img_size // model.config.patch_size
+        new = model.config.token_grid
         state["pos_embed"] = resize_pos_embed(pos, old, new, prefix)
         notes.append(f"pos_embed: {old}x{old} -> {new}x{new} patch grid (bicubic)")
     wk, bk = head_keys(model)

@@ -47,8 +47,9 @@ given MoE field replaces only itself, except that choosing a router other than "
 default top_k=2 (switch, expert choice and soft routing are top-1; random routing defaults to 1).
 A whole `moe=MoEConfig(...)` replaces them all."""
 
-ARCH_FIELDS = ("embed_dim", "depth", "num_heads", "mlp_hidden", "patch_size", "in_chans", "qkv_bias", "pool",
-               "head", "head_hidden", "share_blocks", "pos_embed_rows")
+ARCH_FIELDS = ("embed_dim", "depth", "num_heads", "mlp_hidden", "tokenizer", "patch_size", "conv_layers",
+               "conv_kernel", "in_chans", "qkv_bias", "pool", "head", "head_hidden", "share_blocks", "pos_embed",
+               "pos_embed_rows")
 """Fields that shape the weights upcycling copies: they must be equal in the dense and the MoE model."""
 
 _MLP = re.compile(r"(blocks\.\d+\.mlp)(\.moe)?")
@@ -57,11 +58,15 @@ _MLP = re.compile(r"(blocks\.\d+\.mlp)(\.moe)?")
 def architecture_diff(source: ViTConfig, target: ViTConfig, fields: tuple[str, ...] = ARCH_FIELDS,
                       names: tuple[str, str] = ("source", "target")) -> list[str]:
     """'FIELD SOURCE_VALUE (source) vs TARGET_VALUE (target)' for every field in `fields` that
-    differs (head_hidden only for MLP heads); `names` labels the two models."""
+    differs (head_hidden only for MLP heads, patch_size only for patch tokenizers, conv_* only for
+    conv tokenizers: unused fields shape nothing); `names` labels the two models."""
     diff = []
     for name in fields:
         a, b = getattr(source, name), getattr(target, name)
         if name == "head_hidden" and source.head == target.head == "linear":
+            continue
+        if (name == "patch_size" and source.tokenizer == target.tokenizer == "conv"
+                or name in ("conv_layers", "conv_kernel") and source.tokenizer == target.tokenizer == "patch"):
             continue
         if a != b:
             diff.append(f"{name} {a!r} ({names[0]}) vs {b!r} ({names[1]})")

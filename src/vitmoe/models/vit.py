@@ -1,5 +1,7 @@
 """Vision Transformer (Dosovitskiy et al. 2021) whose blocks take their MLP as a class (dense Mlp,
 MoEMlp, SoftMoE or ResidualMoE: ViTConfig.mlp_layer picks it); `share_blocks` builds WideNet.
+With `tokenizer="conv"`, `pool="seq"` (and optionally `pos_embed="none"`) it is a Compact
+Convolutional Transformer (Hassani et al. 2021).
 
 Shapes: B batch, C channels, N tokens, D width, h heads, d head width.
 """
@@ -13,7 +15,10 @@ from torch import Tensor, nn
 
 from ..moe import EVAL_MODES, MoELayer, collect_moe_outputs, find_moe_layers
 from .config import ViTConfig
+from .droppath import DropPath, drop_path_rates
 from .mlp import Mlp
+from .seqpool import SeqPool
+from .tokenizer import ConvTokenizer
 
 
 class PatchEmbed(nn.Module):
@@ -82,6 +87,7 @@ class Block(nn.Module):
         norm_eps: float = 1e-5,
         attn: nn.Module | None = None,
         mlp: nn.Module | None = None,
+        drop_path: float = 0.0,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
@@ -90,10 +96,11 @@ class Block(nn.Module):
         self.mlp = mlp if mlp is not None else mlp_layer(
             in_features=dim, hidden_features=mlp_hidden, act_layer=nn.GELU, drop=drop, **(mlp_kwargs or {}))
         self.drop = nn.Dropout(drop)
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.drop(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.drop(self.mlp(self.norm2(x))))
 
 
 class ModelOutput(NamedTuple):
@@ -115,19 +122,24 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.config = cfg = config.validate()
         D = cfg.embed_dim
-        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D)
+        # One of the two tokenizers; the patch one keeps its name so older checkpoints load.
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D) if cfg.tokenizer == "patch" else None
+        self.tokenizer = (ConvTokenizer(cfg.img_size, cfg.in_chans, D, cfg.conv_layers, cfg.conv_kernel)
+                          if cfg.tokenizer == "conv" else None)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.pool == "cls" else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.pos_embed_rows or cfg.num_tokens, D))
+        self.pos_embed = (nn.Parameter(torch.zeros(1, cfg.pos_embed_rows or cfg.num_tokens, D))
+                          if cfg.pos_embed == "learned" else None)
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         blocks: list[Block] = []
-        for i in range(cfg.depth):
+        for i, rate in enumerate(drop_path_rates(cfg.drop_path_rate, cfg.depth)):
             layer, kwargs = cfg.mlp_layer(i)
             shared = dict(attn=blocks[0].attn, mlp=blocks[0].mlp) if cfg.share_blocks and blocks else {}
             blocks.append(Block(D, cfg.num_heads, cfg.mlp_hidden, mlp_layer=layer, mlp_kwargs=kwargs,
                                 qkv_bias=cfg.qkv_bias, drop=cfg.drop_rate, attn_drop=cfg.attn_drop_rate,
-                                norm_eps=cfg.norm_eps, **shared))
+                                norm_eps=cfg.norm_eps, drop_path=rate, **shared))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.seq_pool = SeqPool(D) if cfg.pool == "seq" else None
         if cfg.head == "mlp":
             self.head = nn.Sequential(nn.Linear(D, cfg.head_hidden), nn.GELU(), nn.Linear(cfg.head_hidden, cfg.num_classes))
         else:
@@ -136,7 +148,8 @@ class VisionTransformer(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
         for m in self.modules():
@@ -148,10 +161,12 @@ class VisionTransformer(nn.Module):
             nn.init.zeros_(self.head[-1].bias)
 
     def forward_features(self, x_BCHW: Tensor) -> Tensor:
-        x = self.patch_embed(x_BCHW)
+        x = (self.patch_embed if self.patch_embed is not None else self.tokenizer)(x_BCHW)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.pos_drop(x + self.pos_embed[:, : x.shape[1]])
+        if self.pos_embed is not None:
+            x = x + self.pos_embed[:, : x.shape[1]]
+        x = self.pos_drop(x)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -167,7 +182,12 @@ class VisionTransformer(nn.Module):
 
     def _logits(self, x_BCHW: Tensor) -> Tensor:
         x = self.forward_features(x_BCHW)
-        pooled = x[:, 0] if self.cls_token is not None else x.mean(dim=1)
+        if self.cls_token is not None:
+            pooled = x[:, 0]
+        elif self.seq_pool is not None:
+            pooled = self.seq_pool(x)
+        else:
+            pooled = x.mean(dim=1)
         return self.head(pooled)
 
     def moe_modules(self) -> list[tuple[str, MoELayer]]:
