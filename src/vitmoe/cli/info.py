@@ -16,8 +16,11 @@ def add_parser(sub) -> None:
         "info", help="parameters and FLOPs of a model preset", formatter_class=HelpFormatter,
         description="Print total parameters, active parameters per token, parameters after merging the experts, "
                     "and forward FLOPs per image (2 x multiply-adds of matmuls and convolutions).")
-    p.add_argument("preset", metavar="PRESET", help=f"model preset ({', '.join(list_models())}) or a transformers "
-                                                    "ViT directory (config.json), as vitmoe.load_pretrained imports it")
+    p.add_argument("preset", metavar="PRESET", nargs="?", default=None,
+                   help=f"model preset ({', '.join(list_models())}) or a transformers ViT directory (config.json), "
+                        "as vitmoe.load_pretrained imports it")
+    p.add_argument("--model", metavar="PRESET", default=None,
+                   help="the preset, spelled as vitmoe train takes it (instead of PRESET)")
     p.add_argument("--set", action="append", default=[], metavar="model.FIELD=VALUE",
                    help="model field override (repeatable), spelled as in vitmoe train, e.g. "
                         "--set model.num_experts=64 --set model.embed_dim=256 --set model.moe.top_k=2")
@@ -49,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
     from ..models.hf import config_from_hf, is_hf_dir, read_hf_config
     from ..training.config import TrainConfig
 
-    name = args.preset
+    if (args.preset is None) == (args.model is None):
+        raise CLIError("give the model once: vitmoe info PRESET or vitmoe info --model PRESET")
+    args.preset = name = args.preset if args.preset is not None else args.model
     if is_hf_dir(args.preset):
         if args.set or args.dataset:
             raise CLIError(f"--set and --dataset apply to presets, not to the transformers directory {args.preset}")
@@ -71,8 +76,11 @@ def run(args: argparse.Namespace) -> int:
     experts = cfg.experts_per_moe_block()
     desc = (f"{len(experts)} MoE layers, {experts[0] if len(set(experts)) == 1 else experts} experts, router {getattr(cfg, 'moe', cfg).router}"
             if experts else "dense")
+    tokens = (f"{cfg.conv_layers} conv {cfg.conv_kernel}x{cfg.conv_kernel} layers" if cfg.tokenizer == "conv"
+              else f"patch {cfg.patch_size}")
     echo(f"model {name}: d {cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}, MLP {cfg.mlp_hidden}, "
-         f"patch {cfg.patch_size}, {cfg.img_size}x{cfg.img_size}x{cfg.in_chans}, {cfg.num_classes} classes; {desc}")
+         f"{tokens} ({cfg.num_tokens} tokens, pool {cfg.pool}), {cfg.img_size}x{cfg.img_size}x{cfg.in_chans}, "
+         f"{cfg.num_classes} classes; {desc}")
     rows = [("total parameters", info.total_params), ("active parameters per token", info.active_params_per_token),
             ("parameters after merging", info.merged_params), ("forward FLOPs per image", info.forward_flops_per_image)]
     width = max(len(r[0]) for r in rows)

@@ -141,3 +141,58 @@ def _ec_moe_lite6() -> ViTConfig:
 @register_model("soft_moe_lite6", "vit_moe_lite6 with Soft MoE layers (1 slot per expert, no dropping, no aux loss)")
 def _soft_moe_lite6() -> ViTConfig:
     return _lite(6, **_PYRAMID, router="soft", slots_per_expert=1)
+
+
+# --- Compact Convolutional Transformers (Hassani et al. 2021), sized for 32x32 and 28x28 images ----------------
+def _cct(depth: int, embed_dim: int, num_heads: int, mlp_hidden: int, conv_layers: int, moe_layers: Any = "none",
+         num_experts: Any = 4, **moe: Any) -> ViTConfig:
+    """CCT-depth/3xconv_layers with the CCT code's model settings: a 3x3 convolutional tokenizer,
+    sequence pooling, a learned positional table, a linear head, no dropout but 0.1 on attention,
+    stochastic depth 0.1 and bias-free qkv (CCT's attention has none: its published sizes, e.g.
+    3.76M for CCT-7/3x1, count none). The dataset sets img_size and in_chans."""
+    return ViTConfig(
+        img_size=32, tokenizer="conv", conv_layers=conv_layers, conv_kernel=3, embed_dim=embed_dim, depth=depth,
+        num_heads=num_heads, mlp_hidden=mlp_hidden, qkv_bias=False, pool="seq", pos_embed="learned", head="linear",
+        drop_rate=0.0, attn_drop_rate=0.1, drop_path_rate=0.1, moe_layers=moe_layers, num_experts=num_experts,
+        moe=MoEConfig(**moe),
+    )
+
+
+_CCT_SHAPES = {
+    "cct_2_3x2": (dict(depth=2, embed_dim=128, num_heads=2, mlp_hidden=128, conv_layers=2),
+                  "CCT-2/3x2: two 3x3 conv tokenizer layers, d 128, depth 2, 2 heads, MLP 128"),
+    "cct_7_3x2": (dict(depth=7, embed_dim=256, num_heads=4, mlp_hidden=512, conv_layers=2),
+                  "CCT-7/3x2: two 3x3 conv tokenizer layers, d 256, depth 7, 4 heads, MLP 512"),
+    "cct_7_3x1": (dict(depth=7, embed_dim=256, num_heads=4, mlp_hidden=512, conv_layers=1),
+                  "CCT-7/3x1: cct_7_3x2 with one conv layer (4x the tokens)"),
+}
+_CCT_COMMON = "sequence pooling, learned positions, linear head, attention dropout 0.1, stochastic depth 0.1 (dense)"
+_CCT_CAPACITY = dict(capacity_factor_train=1.25, capacity_factor_eval=2.0, min_capacity=4)  # as the Lite presets
+
+
+def _cct_moe_variants(depth: int) -> dict[str, tuple[dict[str, Any], str]]:
+    """MoE in every other block (Switch Transformer, GShard); for depth 2 that is block 1 alone."""
+    blocks = list(range(1, depth, 2))
+    where = f"block{'s' if len(blocks) > 1 else ''} {', '.join(map(str, blocks))}"
+    pyramid = [4] * (len(blocks) - 1) + [8]  # pr_moe_lite6's [4, 4, 8] at depth 7: more experts late
+    return {
+        "switch": (dict(moe_layers="every_other", num_experts=8, router="switch", **_CCT_CAPACITY),
+                   f"switch (top-1) MoE MLPs of 8 experts in {where}, capacity 1.25 train / 2.0 eval (min 4)"),
+        "top2": (dict(moe_layers="every_other", num_experts=8, router="topk", top_k=2, **_CCT_CAPACITY),
+                 f"top-2 MoE MLPs of 8 experts in {where}, capacity 1.25 train / 2.0 eval (min 4)"),
+        "random": (dict(moe_layers="every_other", num_experts=4, router="random", random_granularity="batch",
+                        eval_mode="merged", expert_init="shared"),
+                   f"4 randomly routed experts (one per layer per forward, shared init) in {where}, merged at eval"),
+        "pr": (dict(moe_layers="every_other", num_experts=pyramid, residual=True, router="switch", top_k=1,
+                    router_noise="jitter", **_CCT_CAPACITY),
+               f"PR-MoE as pr_moe_lite6: residual MoE (dense MLP branch mixed per token) in {where} with "
+               f"{pyramid} experts, top-1 with jitter"),
+    }
+
+
+for _name, (_shape, _what) in _CCT_SHAPES.items():
+    register_model(_name, f"{_what}; {_CCT_COMMON}")(lambda s=_shape: _cct(**s))
+for _name in ("cct_2_3x2", "cct_7_3x2"):
+    _shape = _CCT_SHAPES[_name][0]
+    for _suffix, (_moe, _what) in _cct_moe_variants(_shape["depth"]).items():
+        register_model(f"{_name}_{_suffix}", f"{_name} with {_what}")(lambda s=_shape, m=_moe: _cct(**s, **m))
