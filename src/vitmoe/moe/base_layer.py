@@ -43,17 +43,25 @@ class MoELayer(nn.Module):
         stats.update(extra or {})
         return stats
 
+    @property
+    def recording(self) -> bool:
+        """Whether a running collector asked for per-token routing (`collect_moe_outputs(record=True)`):
+        layers then also report where each token went, and compute it only then."""
+        return any(c.record for c in self._collectors)
+
     def _report(self, aux: dict[str, Tensor] | None, load_E: Tensor, dropped_frac: Tensor,
-                probs_TE: Tensor | None = None, extra: dict[str, Tensor] | None = None) -> None:
+                probs_TE: Tensor | None = None, extra: dict[str, Tensor] | None = None,
+                routing: dict[str, Tensor] | None = None) -> None:
         """Hand this forward's unweighted auxiliary terms and statistics (device tensors: reading
-        them, and so syncing, is the caller's choice) to the running collector."""
+        them, and so syncing, is the caller's choice) to the running collector; `routing` (only
+        when recording): per-token tensors, e.g. `expert_T`, the expert each token went to."""
         if self.training:
             with torch.no_grad():
                 self.usage += load_E
         if self._collectors:
             stats = self._statistics(load_E, dropped_frac, probs_TE, extra)
             for collector in self._collectors:
-                collector.add(self, aux or {}, stats)
+                collector.add(self, aux or {}, stats, routing if collector.record else None)
 
 
 def find_moe_layers(model: nn.Module, every_name: bool = False) -> list[tuple[str, MoELayer]]:

@@ -22,14 +22,25 @@ from .base_layer import MoELayer, find_moe_layers
 
 
 class MoECollector:
-    def __init__(self, names: dict[int, str]):
+    def __init__(self, names: dict[int, str], record: bool = False):
         self._names = names
+        self.record = record
+        """Whether the layers also report per-token routing (analysis; off in training)."""
         self._calls: dict[int, tuple[MoELayer, list[dict[str, Tensor]], list[dict[str, Tensor]]]] = {}
+        self._routing: dict[int, list[dict[str, Tensor]]] = {}
 
-    def add(self, layer: MoELayer, aux: dict[str, Tensor], stats: dict[str, Tensor]) -> None:
+    def add(self, layer: MoELayer, aux: dict[str, Tensor], stats: dict[str, Tensor],
+            routing: dict[str, Tensor] | None = None) -> None:
         _, auxes, stat_list = self._calls.setdefault(id(layer), (layer, [], []))
         auxes.append(aux)
         stat_list.append(stats)
+        if routing is not None:
+            self._routing.setdefault(id(layer), []).append(routing)
+
+    def routing(self) -> dict[str, list[dict[str, Tensor]]]:
+        """Per layer name, one dict per call of the per-token routing the layer recorded
+        (`expert_T`: the token's expert, -1 for none; expert choice also `experts_per_token_T`)."""
+        return {self._names[key]: calls for key, calls in self._routing.items()}
 
     def _summed_aux(self) -> Iterator[tuple[MoELayer, dict[str, Tensor], int]]:
         for layer, auxes, _ in self._calls.values():
@@ -73,11 +84,12 @@ class MoECollector:
 
 
 @contextlib.contextmanager
-def collect_moe_outputs(model: nn.Module) -> Iterator[MoECollector]:
+def collect_moe_outputs(model: nn.Module, record: bool = False) -> Iterator[MoECollector]:
     """Collect the auxiliary losses and statistics of every MoE layer of `model` (or `model`
-    itself, when it is one) during the forward passes run inside the block."""
+    itself, when it is one) during the forward passes run inside the block. With `record`, the
+    layers also report where every token went (`collector.routing()`); outputs are unchanged."""
     layers = find_moe_layers(model)
-    collector = MoECollector({id(m): name for name, m in layers})
+    collector = MoECollector({id(m): name for name, m in layers}, record)
     for _, m in layers:
         m._collectors.append(collector)
     try:

@@ -83,7 +83,8 @@ class MoEMlp(MoELayer):
             y_TO = self.experts.forward_single(x_TD, routing.single_expert)
             load_E = torch.zeros(self.num_experts, device=x_TD.device).index_fill_(
                 0, routing.single_expert.view(1), float(B * N))
-            self._report(routing.aux, load_E, torch.zeros((), device=x_TD.device), routing.probs_TE)
+            record = {"expert_T": routing.single_expert.expand(B * N).clone()} if self.recording else None
+            self._report(routing.aux, load_E, torch.zeros((), device=x_TD.device), routing.probs_TE, routing=record)
             return y_TO.view(B, N, -1)
 
         d = dispatch_routing(routing, self.num_experts, capacity)
@@ -96,8 +97,30 @@ class MoEMlp(MoELayer):
         if routing.copies is not None:  # expert choice: the share of tokens no expert took
             taken_T = torch.zeros(B * N, device=x_TD.device).index_fill_(0, routing.copies.token_S, 1.0)
             extra = {"untouched_frac": 1 - taken_T.mean()}
-        self._report(routing.aux, d.load_E, d.dropped.float() / d.load_E.sum().clamp_min(1), routing.probs_TE, extra)
+        record = self._routing_record(routing, d, B * N) if self.recording else None
+        self._report(routing.aux, d.load_E, d.dropped.float() / d.load_E.sum().clamp_min(1), routing.probs_TE, extra,
+                     record)
         return y_TO.view(B, N, -1)
+
+    @staticmethod
+    def _routing_record(routing, d, tokens: int) -> dict[str, torch.Tensor]:
+        """Where each token went: its first choice (-1 if that copy was dropped or not sent);
+        for expert choice, the expert with the largest gate and how many experts took it."""
+        n_kept = d.kept_E.sum()
+        kept_S = torch.arange(d.token_S.numel(), device=d.token_S.device) < n_kept
+        if routing.copies is None:
+            expert_T = torch.full((tokens,), -1, dtype=torch.int64, device=d.token_S.device)
+            # A token's first choice is the copy whose expert equals experts_TK[:, 0].
+            hit_S = kept_S & (d.expert_S == routing.experts_TK[:, 0].index_select(0, d.token_S))
+            expert_T.index_put_((d.token_S[hit_S],), d.expert_S[hit_S])
+            return {"expert_T": expert_T}
+        gate_S = torch.where(kept_S, d.gate_S, torch.full_like(d.gate_S, -1.0))
+        best_T = torch.full((tokens,), -1.0, device=gate_S.device).scatter_reduce(0, d.token_S, gate_S, "amax")
+        is_best_S = kept_S & (gate_S == best_T.index_select(0, d.token_S))
+        expert_T = torch.full((tokens,), -1, dtype=torch.int64, device=gate_S.device)
+        expert_T.index_put_((d.token_S[is_best_S],), d.expert_S[is_best_S])
+        count_T = torch.zeros(tokens, dtype=torch.int64, device=gate_S.device).index_add_(0, d.token_S, kept_S.long())
+        return {"expert_T": expert_T, "experts_per_token_T": count_T}
 
     def extra_repr(self) -> str:
         cfg = self.config

@@ -73,7 +73,9 @@ class SoftMoE(MoELayer):
         expert_S = torch.arange(E, device=x_BND.device).repeat_interleave(rows)
         y_SO = self.experts(slots_SD, counts_E, expert_S, rows)
         y_BMO = y_SO.view(E, B, s, -1).transpose(0, 1).reshape(B, E * s, -1)
-        self._report({}, counts_E.float(), torch.zeros((), device=x_BND.device))
+        # Recording: each token's expert is the one owning the slot that weighs it most.
+        record = {"expert_T": (dispatch_BNM.argmax(dim=2) // s).reshape(B * N)} if self.recording else None
+        self._report({}, counts_E.float(), torch.zeros((), device=x_BND.device), routing=record)
         return combine_BNM @ y_BMO
 
     def extra_repr(self) -> str:

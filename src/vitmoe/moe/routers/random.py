@@ -43,6 +43,8 @@ class RandomRouter(Router):
         self.granularity = config.random_granularity
         self.generator: torch.Generator | None = None
         """Optional source of draws (distributed runs give every rank of a group the same one)."""
+        self.fixed_expert: int | None = None
+        """Analysis only (per-expert accuracy): route every token to this expert instead of drawing."""
 
     def _draw(self, groups: int, device: torch.device) -> Tensor:
         """k distinct uniform experts for each of `groups` groups: [groups, K]."""
@@ -56,6 +58,9 @@ class RandomRouter(Router):
         B, N = x_BND.shape[0], x_BND.shape[1]
         T, K, device = B * N, self.top_k, x_BND.device
         gates_TK = torch.full((T, K), 1.0 / K, device=device)
+        if self.fixed_expert is not None:
+            single = torch.tensor(self.fixed_expert, device=device)
+            return Routing(gates_TK=torch.ones(T, 1, device=device), experts_TK=single.expand(T, 1), single_expert=single)
         if self.granularity == "batch":
             choice_1K = self._draw(1, device)
             single = choice_1K[0, 0] if K == 1 else None
