@@ -1,6 +1,7 @@
 """Named presets: `create_model(name, **overrides)` and `list_models()`."""
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 from ..moe import MoEConfig
@@ -183,7 +184,8 @@ def _cct_moe_variants(depth: int) -> dict[str, tuple[dict[str, Any], str]]:
         "random": (dict(moe_layers="every_other", num_experts=4, router="random", random_granularity="batch",
                         eval_mode="merged", expert_init="shared"),
                    f"4 randomly routed experts (one per layer per forward, shared init) in {where}, merged at eval"),
-        "pr": (dict(moe_layers="every_other", num_experts=pyramid, residual=True, router="switch", top_k=1,
+        # Explicit blocks, as pr_moe_lite6: a pyramid's counts belong to given blocks.
+        "pr": (dict(moe_layers=blocks, num_experts=pyramid, residual=True, router="switch", top_k=1,
                     router_noise="jitter", **_CCT_CAPACITY),
                f"PR-MoE as pr_moe_lite6: residual MoE (dense MLP branch mixed per token) in {where} with "
                f"{pyramid} experts, top-1 with jitter"),
@@ -195,4 +197,5 @@ for _name, (_shape, _what) in _CCT_SHAPES.items():
 for _name in ("cct_2_3x2", "cct_7_3x2"):
     _shape = _CCT_SHAPES[_name][0]
     for _suffix, (_moe, _what) in _cct_moe_variants(_shape["depth"]).items():
-        register_model(f"{_name}_{_suffix}", f"{_name} with {_what}")(lambda s=_shape, m=_moe: _cct(**s, **m))
+        # A fresh copy per call: the block and expert lists must not be shared between configs.
+        register_model(f"{_name}_{_suffix}", f"{_name} with {_what}")(lambda s=_shape, m=_moe: _cct(**s, **copy.deepcopy(m)))
