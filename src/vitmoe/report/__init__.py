@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Union
 
 from ..fileio import atomic_write_text
+from .groups import group_runs, groups_table
 from .plots import expert_load_matrix, latest_expert_load, plot_accuracy, plot_expert_load
 from .runs import (DEFAULT_THRESHOLD, ReportWarning, RunFormatError, RunResult,
                    epochs_to_threshold, load_run)
@@ -81,11 +82,11 @@ def make_report(run_dirs: Iterable[Union[str, os.PathLike, RunResult]],
             used.add(stem)
             heatmaps[stem] = png
 
-    lines = [
-        results_table(runs, threshold=threshold).rstrip("\n"),  # its notes explain every column
-        "",
-        f"![test accuracy per epoch]({ACCURACY_PNG})",
-    ]
+    lines = [results_table(runs, threshold=threshold).rstrip("\n")]  # its notes explain every column
+    groups = group_runs(runs)
+    if any(len(g.runs) > 1 for g in groups):  # several seeds of one configuration
+        lines += ["", "Configurations over their seeds:", "", groups_table(groups).rstrip("\n")]
+    lines += ["", f"![test accuracy per epoch]({ACCURACY_PNG})"]
     for stem, png in heatmaps.items():
         lines += ["", f"![expert load: {stem}]({png.name})"]
     markdown = "\n".join(lines) + "\n"

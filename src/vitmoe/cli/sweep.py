@@ -1,0 +1,167 @@
+"""`vitmoe sweep`: a grid of training runs x seeds, as ordinary run directories, then mean ± CI.
+
+Every member is a `vitmoe train` process (its own memory and allocator; a crash ends only that
+member) writing OUT/<cell>/seed-<s>. OUT/sweep.json records the plan, so running the same
+command again resumes: finished members are skipped, killed ones continue from their last
+checkpoint (`--resume`), unstarted ones start. Every member's configuration is checked before
+the first one trains.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from .common import CLIError, HelpFormatter, echo, warn
+
+PLAN_FILE = "sweep.json"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "sweep", help="a grid of runs x seeds, with mean ± 95%% CI", formatter_class=HelpFormatter,
+        description="Train every combination of the --grid values with --seeds seeds each (ordinary run "
+                    "directories OUT/<cell>/seed-<s>), then print and write OUT/sweep.md, sweep.json and "
+                    "sweep.png: mean ± 95%% confidence interval of best and final accuracy, epochs to the "
+                    "threshold, training and inference time, and parameters; differences within the "
+                    "seed-to-seed noise are said to be. Running the same command again resumes a killed sweep.",
+        epilog="Example (the source presentation's experts study):\n  vitmoe sweep --config configs/studies/"
+               "fashion_mnist.yaml --set model=random_vit --grid model.num_experts=1,4,8 --seeds 3 --out studies/experts")
+    p.add_argument("--out", required=True, help="sweep directory")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="a swept field, spelled as for --set (model, batch_size, model.num_experts, "
+                        "model.moe.router, ...); repeatable: the grid is their product")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per grid cell (0, 1, ..., N-1; default 3)")
+    p.add_argument("--config", default=None, help="base YAML config of every member")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fixed override of every member")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per member")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S", help="training seconds per member")
+    p.add_argument("--dataset", default=None, help="dataset of every member")
+    p.add_argument("--data-dir", default=None, help="dataset directory")
+    p.add_argument("--dry-run", action="store_true", help="check every member and print the plan; train nothing")
+    p.set_defaults(func=run)
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key.strip() or not vals:
+            raise CLIError(f"--grid {item!r}: write KEY=V1,V2,... (e.g. --grid model.num_experts=1,4,8)")
+        if key.strip() in grid:
+            raise CLIError(f"--grid {key.strip()} is given twice: list all its values in one --grid")
+        if len(set(vals)) != len(vals):
+            raise CLIError(f"--grid {item!r}: a value is repeated")
+        grid[key.strip()] = vals
+    return grid
+
+
+def cell_name(cell: dict[str, str]) -> str:
+    name = "_".join(f"{k}={v}" for k, v in cell.items()) or "base"
+    return re.sub(r"[^A-Za-z0-9._=,-]+", "-", name)
+
+
+def member_argv(args: argparse.Namespace, cell: dict[str, str], seed: int, out: Path) -> list[str]:
+    argv = []
+    if args.config:
+        argv += ["--config", args.config]
+    for flag, value in (("--dataset", args.dataset), ("--data-dir", args.data_dir), ("--epochs", args.epochs),
+                        ("--time-budget", args.time_budget)):
+        if value is not None:
+            argv += [flag, str(value)]
+    for item in args.set:
+        argv += ["--set", item]
+    for key, value in cell.items():
+        argv += ["--model", value] if key == "model" else ["--set", f"{key}={value}"]
+    return argv + ["--seed", str(seed), "--out", str(out)]
+
+
+def plan(args: argparse.Namespace) -> tuple[dict, list[tuple[dict[str, str], int, Path]]]:
+    if args.seeds < 1:
+        raise CLIError(f"--seeds {args.seeds}: must be at least 1")
+    if args.epochs is None and args.time_budget is None and args.config is None:
+        raise CLIError("give --epochs or --time-budget (or a --config that sets epochs): a member would train "
+                       "for the default 350 epochs")
+    grid = parse_grid(args.grid)
+    root = Path(args.out)
+    cells = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+    members = [(cell, seed, root / cell_name(cell) / f"seed-{seed}") for cell in cells for seed in range(args.seeds)]
+    recorded = {"grid": grid, "seeds": args.seeds, "config": args.config, "set": args.set, "epochs": args.epochs,
+                "time_budget": args.time_budget, "dataset": args.dataset}
+    return recorded, members
+
+
+def _check_members(args, members) -> None:
+    """Build every member's TrainConfig (no data touched): bad input fails before any training."""
+    from . import train
+
+    parser = argparse.ArgumentParser(prog="vitmoe")
+    train.add_parser(parser.add_subparsers(dest="command"))
+    build_config = train.build_config
+    for cell, seed, out in members:
+        try:
+            build_config(parser.parse_args(["train", *member_argv(args, cell, seed, out)]))
+        except SystemExit:
+            raise CLIError(f"sweep member {cell_name(cell)}: its train command line is invalid (see above)") from None
+        except Exception as e:  # ConfigError, CLIError: name the member, keep the message
+            raise CLIError(f"sweep member {cell_name(cell)}: {e}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..report import load_run
+    from ..report.sweep import sweep_results
+
+    recorded, members = plan(args)
+    root = Path(args.out)
+    saved = root / PLAN_FILE
+    if saved.is_file():
+        try:
+            previous = json.loads(saved.read_text())
+        except (OSError, ValueError) as e:
+            raise CLIError(f"{saved} is unreadable ({e}): choose another --out") from None
+        if previous != recorded:
+            raise CLIError(f"{root} holds another sweep ({PLAN_FILE} differs from this command): choose another --out")
+    elif root.exists() and any(root.iterdir()):
+        raise CLIError(f"--out {root} is not empty and not a sweep: choose another folder")
+    _check_members(args, members)
+    if args.dry_run:
+        for cell, seed, out in members:
+            echo(f"{out}: vitmoe train {' '.join(member_argv(args, cell, seed, out))}")
+        return 0
+    root.mkdir(parents=True, exist_ok=True)
+    from ..fileio import atomic_write_bytes
+
+    atomic_write_bytes(saved, json.dumps(recorded, indent=2).encode())
+    failed = []
+    for i, (cell, seed, out) in enumerate(members, 1):
+        tag = f"[{i}/{len(members)}] {cell_name(cell)} seed {seed}"
+        if (out / "summary.json").is_file():
+            echo(f"{tag}: finished earlier, skipped")
+            continue
+        resume = (out / "checkpoints" / "latest").is_file()
+        argv = ["--resume", str(out)] if resume else [*member_argv(args, cell, seed, out), "--force"]
+        echo(f"{tag}: {'resuming' if resume else 'training'}")
+        log = root / "logs" / f"{cell_name(cell)}-seed-{seed}.log"
+        log.parent.mkdir(exist_ok=True)
+        with open(log, "ab") as fh:
+            code = subprocess.call([sys.executable, "-m", "vitmoe", "train", *argv], stdout=fh, stderr=subprocess.STDOUT)
+        if code != 0:
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+            warn(f"{tag}: exit status {code}: {tail[0]} (log: {log})")
+            failed.append(tag)
+            if code == 2:  # bad input: every member would fail alike
+                raise CLIError(f"sweep stopped: {tag} rejected its configuration (see {log})")
+    done = [(cell, load_run(out)) for cell, _, out in members if (out / "summary.json").is_file()]
+    if done:
+        text, files = sweep_results(done, list(recorded["grid"]), root)
+        echo(text)
+        echo(f"written: {', '.join(str(f) for f in files)}")
+    if failed:
+        raise CLIError(f"{len(failed)} of {len(members)} members failed ({', '.join(failed)}); run the same "
+                       "command again to retry them")
+    return 0
