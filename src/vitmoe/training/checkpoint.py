@@ -5,6 +5,7 @@ Layout of `RUN/checkpoints/`:
     epoch-0005/model.safetensors   weights + model config (vitmoe.save_model; loadable by vitmoe.load_model)
     epoch-0005/state.pt            optimizer, scheduler, RNG states, epoch, step, best accuracy, history
     epoch-0005/manifest.json       size and sha256 of both files (written last)
+    epoch-0005/ema.safetensors     with ema_decay: the weights' EMA as a model file (recorded in the manifest)
     latest                         text file naming the newest complete checkpoint directory
     best                           text file naming the checkpoint with the best test accuracy
 
@@ -38,8 +39,9 @@ from ..fileio import atomic_write_text, dir_mode, disk_full_message, is_disk_ful
 from ..models import save_model
 from .safe_state import (STATE_FILE, CheckpointError, first_line, load_state, plain_state, rng_state,  # noqa: F401
                          set_rng_state)
-from .verify import (CHECKPOINT_FILES, MANIFEST_FILE, MANIFEST_FORMAT, MODEL_FILE, HashingFile,  # noqa: F401
-                     check_entry, check_safetensors, checkpoint_problem, file_digest, read_manifest, verify_checkpoint)
+from .verify import (CHECKPOINT_FILES, EMA_FILE, MANIFEST_FILE, MANIFEST_FORMAT, MODEL_FILE,  # noqa: F401
+                     OPTIONAL_FILES, HashingFile, check_entry, check_safetensors, checkpoint_problem, file_digest,
+                     read_manifest, verify_checkpoint)
 
 CHECKPOINT_DIR = "checkpoints"
 _EPOCH_RE = re.compile(r"^epoch-(\d+)$")
@@ -171,11 +173,13 @@ def save_checkpoint(
     keep: int = 1,
     is_best: bool = False,
     model_state: dict[str, torch.Tensor] | None = None,
+    extra_models: dict[str, tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, Any]]] | None = None,
 ) -> Path:
     """Write checkpoint `epoch-NNNN` atomically and verified, point `latest` (and `best`) at it,
     prune old ones.
 
     `model_state` replaces `model.state_dict()` (expert-parallel runs pass the gathered state).
+    `extra_models`: {file name in OPTIONAL_FILES: (model, its state, metadata)}, e.g. the EMA.
     A full disk is a CheckpointError naming the directory, the free space and the size needed;
     the temporary files are removed and `latest` still names the previous checkpoint."""
     ckdir = Path(run_dir) / CHECKPOINT_DIR
@@ -183,14 +187,15 @@ def save_checkpoint(
     previous = _read_pointer(ckdir, "latest")
     try:
         ckdir.mkdir(parents=True, exist_ok=True)
-        final = _write_checkpoint(ckdir, name, model, plain_state(state), metadata, model_state)
+        final = _write_checkpoint(ckdir, name, model, plain_state(state), metadata, model_state, extra_models or {})
         _write_pointer(ckdir, "latest", name)
         if is_best:
             _write_pointer(ckdir, "best", name)
     except BaseException as e:
         if not is_disk_full(e):
             raise
-        needed = _tensor_bytes(model_state if model_state is not None else model.state_dict()) + _tensor_bytes(state)
+        needed = (_tensor_bytes(model_state if model_state is not None else model.state_dict()) + _tensor_bytes(state)
+                  + sum(_tensor_bytes(extra[1]) for extra in (extra_models or {}).values()))
         kept = (f"the previous checkpoint {previous} is still the latest" if previous
                 else "no earlier checkpoint exists")
         raise CheckpointError(f"{disk_full_message(f'checkpoint {name}', ckdir, needed)} (model and training "
@@ -200,27 +205,33 @@ def save_checkpoint(
 
 
 def _write_checkpoint(ckdir: Path, name: str, model: torch.nn.Module, state: dict[str, Any],
-                      metadata: dict[str, Any] | None, model_state: dict[str, torch.Tensor] | None) -> Path:
+                      metadata: dict[str, Any] | None, model_state: dict[str, torch.Tensor] | None,
+                      extra_models: dict[str, tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, Any]]]) -> Path:
     tmp = _make_temp_dir(ckdir, f".tmp-{name}-")
     try:
-        save_model(model, tmp / MODEL_FILE, metadata=metadata, state_dict=model_state)
-        check_safetensors(tmp / MODEL_FILE)  # the file on disk is whole
-        model_size, model_sha = file_digest(tmp / MODEL_FILE)
+        recorded_files = {}
+        for file, (m, m_state, m_meta) in [(MODEL_FILE, (model, model_state, metadata)), *extra_models.items()]:
+            if file != MODEL_FILE and file not in OPTIONAL_FILES:
+                raise ValueError(f"save_checkpoint: {file!r} is not one of the optional files {OPTIONAL_FILES}")
+            save_model(m, tmp / file, metadata=m_meta, state_dict=m_state)
+            check_safetensors(tmp / file)  # the file on disk is whole
+            size, sha = file_digest(tmp / file)
+            recorded_files[file] = {"size": size, "sha256": sha}
         with open(tmp / STATE_FILE, "wb") as raw:
             f = HashingFile(raw)
             torch.save(state, f)
             raw.flush()
             os.fsync(raw.fileno())
         manifest = {"format": MANIFEST_FORMAT, "files": {
-            MODEL_FILE: {"size": model_size, "sha256": model_sha},
-            STATE_FILE: {"size": f.size, "sha256": f.sha256.hexdigest()}}}
-        with open(tmp / MANIFEST_FILE, "w") as m:  # last: a manifest means both files were written
+            **recorded_files, STATE_FILE: {"size": f.size, "sha256": f.sha256.hexdigest()}}}
+        with open(tmp / MANIFEST_FILE, "w") as m:  # last: a manifest means every file was written
             m.write(json.dumps(manifest, indent=1) + "\n")
             m.flush()
             os.fsync(m.fileno())
         # Read back what reached the disk: the state's bytes are what torch.save produced.
         recorded = read_manifest(tmp)
-        check_entry(tmp / MODEL_FILE, recorded.get(MODEL_FILE), hash_it=False)
+        for file in (MODEL_FILE, *extra_models):
+            check_entry(tmp / file, recorded.get(file), hash_it=False)
         check_entry(tmp / STATE_FILE, recorded.get(STATE_FILE))
         _fsync_path(tmp)
         final = ckdir / name
@@ -249,12 +260,14 @@ def prune(run_dir: str | os.PathLike, keep: int = 1) -> None:
 
 
 # -- reading -----------------------------------------------------------------------------------------
-def read_weights(ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The checkpoint's whole-model state (every expert, whatever world size wrote it)."""
+def read_weights(ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu",
+                 file: str = MODEL_FILE) -> dict[str, torch.Tensor]:
+    """The checkpoint's whole-model state (every expert, whatever world size wrote it); `file`:
+    another model file of it (EMA_FILE)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(ckpt_dir) / MODEL_FILE
+    path = Path(ckpt_dir) / file
     try:
         return load_file(str(path), device=str(device))
     except FileNotFoundError:

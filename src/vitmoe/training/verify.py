@@ -19,6 +19,11 @@ MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "vitmoe-checkpoint-1"
 CHECKPOINT_FILES = (MODEL_FILE, STATE_FILE)
+EMA_FILE = "ema.safetensors"
+# Files a checkpoint may hold besides CHECKPOINT_FILES (the weights' EMA, training.ema): a full
+# check verifies each one the manifest records or the directory holds, so a damaged EMA is never
+# resumed from; readers of the model file alone (eval, merge) do not need it.
+OPTIONAL_FILES = (EMA_FILE,)
 
 
 class HashingFile:
@@ -100,15 +105,23 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, files: Iterable[str] = CHECKP
                       load_legacy_state: bool = True) -> None:
     """Raise CheckpointError naming the file and what is wrong unless `files` of the checkpoint
     verify: their sizes and sha256 match its manifest; without one (written before manifests
-    existed), the files are present and loadable."""
+    existed), the files are present and loadable. Checking every CHECKPOINT_FILES also checks the
+    OPTIONAL_FILES the manifest records or the directory holds."""
     d, files = Path(ckpt_dir), tuple(files)
+    full = set(CHECKPOINT_FILES) <= set(files)
+    if full:
+        files += tuple(name for name in OPTIONAL_FILES if name not in files and (d / name).exists())
     for name in files:
         if not (d / name).is_file():
             raise CheckpointError(f"{d / name} is missing")
     recorded = read_manifest(d)
+    for name in OPTIONAL_FILES if full and recorded is not None else ():
+        if name in recorded and name not in files:
+            raise CheckpointError(f"{d / name} is missing")
     if recorded is None:
-        if MODEL_FILE in files:
-            check_safetensors(d / MODEL_FILE)
+        for name in (MODEL_FILE, *OPTIONAL_FILES):
+            if name in files:
+                check_safetensors(d / name)
         if STATE_FILE in files and load_legacy_state:
             load_state(d)
         return
