@@ -1,4 +1,5 @@
-"""Training losses beyond the cross-entropy: the consistency regulariser of randomly routed models.
+"""Training losses beyond the cross-entropy with hard labels: the cross-entropy with soft targets
+(mixup / CutMix, see vitmoe.data.mix) and the consistency regulariser of randomly routed models.
 
 AdaMix (Wang et al. 2022) / THOR (Zuo et al. 2022): the same batch goes through the model twice,
 each pass drawing its own random routes; the two predictions are pulled together by a symmetric
@@ -14,6 +15,20 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """-sum_c t_c log softmax(logits)_c per row, in fp32 (what F.cross_entropy with label smoothing
+    computes for the targets (1 - eps) onehot + eps / C, which mixing blends). `reduction`: "mean"
+    over rows, "sum" or "none"."""
+    per_row = -(targets.float() * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+    if reduction == "none":
+        return per_row
+    if reduction == "sum":
+        return per_row.sum()
+    if reduction == "mean":
+        return per_row.mean()
+    raise ValueError(f"soft_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
 def symmetric_kl(logits_a: Tensor, logits_b: Tensor, stopgrad: bool = True, reduction: str = "mean") -> Tensor:
@@ -40,4 +55,4 @@ def symmetric_kl(logits_a: Tensor, logits_b: Tensor, stopgrad: bool = True, redu
     raise ValueError(f"symmetric_kl: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
-__all__ = ["symmetric_kl"]
+__all__ = ["soft_cross_entropy", "symmetric_kl"]
