@@ -24,7 +24,8 @@ Settings are resolved as: TrainConfig defaults (the source recipe: Adam, lr 2.5e
 1e-4, cosine per step, batch 256, 350 epochs) < --config FILE < explicit flags < --set key=value.
 --set takes any TrainConfig field (lr, weight_decay, optimizer, warmup_epochs, label_smoothing,
 grad_clip, resume_schedule, augment_policy, norm_mean, norm_std, consistency_weight,
-consistency_stopgrad, time_budget_s, log_every, tensorboard, keep_checkpoints, ...) and model
+consistency_stopgrad, mixup_alpha, cutmix_alpha, mix_prob, mix_switch_prob, ema_decay,
+merge_every, freeze_unrouted, time_budget_s, log_every, tensorboard, keep_checkpoints, ...) and model
 fields as model.FIELD and MoE fields as model.moe.FIELD (e.g. --set model.depth=6
 --set model.moe.capacity_factor_train=1.25); values are YAML. Recipes: configs/*.yaml (e.g. configs/pr_moe_lite6_cifar10.yaml, the ColossalAI ViT-MoE
 Lite6 PR-MoE recipe).
@@ -95,6 +96,24 @@ def add_parser(sub) -> None:
                         "fresh routes and W * symmetric KL of the two predictions (AdaMix: 1; default 0: off; "
                         "field consistency_weight, stop-gradient target: consistency_stopgrad)")
 
+    g = p.add_argument_group("training recipe")
+    g.add_argument("--mixup", type=float, default=None, metavar="ALPHA",
+                   help="mixup of each batch with itself reversed, lambda ~ Beta(ALPHA, ALPHA), soft targets "
+                        "(field mixup_alpha; default 0: off; e.g. 0.8)")
+    g.add_argument("--cutmix", type=float, default=None, metavar="ALPHA",
+                   help="CutMix: one box of the reversed batch pasted in, lambda = kept area (field cutmix_alpha; "
+                        "default 0: off; e.g. 1.0). With both on, --set mix_switch_prob=P picks CutMix (default "
+                        "0.5); --set mix_prob=P mixes only that share of batches (default 1)")
+    g.add_argument("--ema-decay", type=float, default=None, metavar="D",
+                   help="keep an EMA of the weights (e.g. 0.999), evaluated every epoch (ema_test_acc) and saved "
+                        "as ema.safetensors in the checkpoints (field ema_decay; default 0: off)")
+    g.add_argument("--merge-every", type=int, default=None, metavar="N",
+                   help="randomly routed models: set each layer's experts and their Adam moments to their mean "
+                        "every N optimizer steps (field merge_every; default 0: off)")
+    g.add_argument("--freeze-unrouted", action="store_true", default=None,
+                   help="MoE models: an expert that got no token in a step keeps its weights and optimizer "
+                        "moments through that step (field freeze_unrouted)")
+
     g = p.add_argument_group("configuration")
     g.add_argument("--config", default=None, metavar="FILE", help="YAML file of TrainConfig fields (see configs/)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -158,7 +177,9 @@ def flag_overrides(args: argparse.Namespace) -> dict:
                       ("ep_size", "ep_size"), ("dist_timeout", "dist_timeout_s"),
                       ("augment_policy", "augment_policy"), ("consistency_weight", "consistency_weight"),
                       ("time_budget", "time_budget_s"), ("init", "init"), ("img_size", "img_size"),
-                      ("folder_test_fraction", "folder_test_fraction"), ("skip_bad_images", "skip_bad_images")):
+                      ("folder_test_fraction", "folder_test_fraction"), ("skip_bad_images", "skip_bad_images"),
+                      ("mixup", "mixup_alpha"), ("cutmix", "cutmix_alpha"), ("ema_decay", "ema_decay"),
+                      ("merge_every", "merge_every"), ("freeze_unrouted", "freeze_unrouted")):
         value = getattr(args, flag)
         if value is not None:
             o[key] = value

@@ -32,6 +32,7 @@ from ..validation import ConfigError, Fields
 from .model_spec import (check_ep_size, experts_of, fold_aux_loss_weight, model_label, resolve_model_config,
                          set_model_field)
 from .data_spec import check_data_fields, dataset_info
+from .recipe_spec import check_recipe_fields, check_recipe_model
 from .schedule import RESUME_SCHEDULES
 
 OPTIMIZERS = ("adam", "adamw")
@@ -45,7 +46,7 @@ AUGMENT_POLICIES = ("none", "autoaugment", "randaugment")
 RESUMABLE_FIELDS = frozenset({
     "epochs", "log_every", "tensorboard", "compile", "amp", "device", "nproc", "keep_checkpoints",
     "data_dir", "eval_mode", "threshold", "out", "progress", "ep_size", "dist_timeout_s", "time_budget_s",
-    "resume_schedule", "stream_above_mb",
+    "resume_schedule", "stream_above_mb", "ema_decay",
 })
 # A collective that waits longer than a week is a hang; torch's timedelta overflows far above it.
 MAX_DIST_TIMEOUT_S = 7 * 24 * 3600.0
@@ -129,6 +130,24 @@ class TrainConfig:
     consistency_stopgrad: bool = True
     """Detach the target side of each KL direction (AdaMix): KL(p1 || p2) trains pass 2 towards
     p1 and KL(p2 || p1) trains pass 1 towards p2. False back-propagates through both sides."""
+    mixup_alpha: float = 0.0
+    """mixup (Zhang et al. 2018): 0 off; else each mixed batch blends with itself reversed, one
+    lambda ~ Beta(alpha, alpha), soft targets (see vitmoe.data.mix; train_acc counts the primary label)."""
+    cutmix_alpha: float = 0.0
+    """CutMix (Yun et al. 2019): 0 off; else one box of the reversed batch is pasted in, lambda = kept area."""
+    mix_prob: float = 1.0
+    """Probability that a batch is mixed (when mixup_alpha or cutmix_alpha is on)."""
+    mix_switch_prob: float = 0.5
+    """Probability of CutMix rather than mixup for a mixed batch when both are on."""
+    ema_decay: float = 0.0
+    """EMA of the weights (0: off; e.g. 0.999), updated after every optimizer step, evaluated each
+    epoch (ema_test_acc) and saved as ema.safetensors in the checkpoints (see training.ema)."""
+    merge_every: int = 0
+    """Set every randomly routed layer's experts (and their Adam moments) to their mean every N
+    optimizer steps (0: off; see training.expert_averaging). Needs router 'random'."""
+    freeze_unrouted: bool = False
+    """Leave an expert that got no token in a step exactly as it was (weights and optimizer moments),
+    instead of moving it by stale momentum and weight decay (see training.freeze)."""
 
     # --- execution ---
     amp: str = "off"
@@ -282,8 +301,7 @@ class TrainConfig:
         f.number("grad_clip", 0.0, optional=True)
         if self.grad_clip == 0.0:
             self.grad_clip = None
-        f.number("consistency_weight", 0.0)
-        f.boolean("consistency_stopgrad")
+        check_recipe_fields(self, f)
         f.choice("amp", AMP_MODES)
         f.boolean("compile")
         f.choice("device", DEVICES)
@@ -313,12 +331,7 @@ class TrainConfig:
             f.need(bool(experts), "ep_size", "1 for a dense model (expert parallelism needs MoE layers)")
             f.need(all(e % self.ep_size == 0 for e in experts), "ep_size",
                    f"a divisor of every MoE layer's expert count {experts}")
-        if self.consistency_weight > 0 and not (mc.moe.router == "random" and mc.moe_block_indices()):
-            what = "is dense" if not mc.moe_block_indices() else f"routes with router {mc.moe.router!r}"
-            f.fail("consistency_weight", f"0 for model {self.model!r}, which {what}: consistency regularisation "
-                                         f"compares two passes with different random routes, so it needs randomly "
-                                         f"routed MoE layers (router 'random', e.g. model random_vit or "
-                                         f"model.moe.router=random)")
+        check_recipe_model(self, f, mc)
 
     # ------------------------------------------------------------------------------------
     @property

@@ -30,7 +30,11 @@ class EpochMeters:
 
     @torch.no_grad()
     def update(self, out: StepOutput, y: Tensor, global_n: int, world_size: int) -> None:
-        """Add one step. Loss sums are scaled back from the step's global-batch share."""
+        """Add one step. Loss sums are scaled back from the step's global-batch share.
+
+        `train_acc` counts argmax(logits) == y, the batch's own labels, also for a batch mixed by
+        mixup / CutMix (vitmoe.data.mix): its targets blend each image's label with its partner's,
+        and the accuracy is counted against the primary label only (the image's own)."""
         self.steps += 1
         self.step_dev += 1
         bad = ~torch.isfinite(out.total.detach())

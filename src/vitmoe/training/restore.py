@@ -1,6 +1,8 @@
 """Resuming a Trainer: the newest usable checkpoint (`checkpoint.load_for_resume`: it verifies and
 loads as plain data; skipped ones are logged), checked against the run's model before anything is
-loaded, then applied to the model, optimizer, scheduler, step counters and RNGs. A checkpoint that
+loaded, then applied to the model (and its EMA: a checkpoint without one, e.g. written before EMA
+was turned on, restarts the EMA at the resumed weights), optimizer, scheduler, step counters and
+RNGs. A checkpoint that
 does not fit the run is one error naming its file and what differs, never a load_state_dict
 traceback."""
 from __future__ import annotations
@@ -26,6 +28,10 @@ def restore_checkpoint(trainer) -> tuple[Path, dict[str, Any]] | None:
         return None
     ck, weights, state = found
     check_fits(ck / ckpt.MODEL_FILE, t.model, t.model_cfg, t.ep is not None, weights)
+    ema_weights = None
+    if t.ema is not None and (ck / ckpt.EMA_FILE).is_file():
+        ema_weights = ckpt.read_weights(ck, t.device, ckpt.EMA_FILE)
+        check_fits(ck / ckpt.EMA_FILE, t.model, t.model_cfg, t.ep is not None, ema_weights)
     try:
         # Checkpoints hold every expert: slice this rank's share, whatever world size wrote them.
         t.model.load_state_dict(expert_parallel.local_state_dict(t.model, weights), strict=True)
@@ -37,6 +43,12 @@ def restore_checkpoint(trainer) -> tuple[Path, dict[str, Any]] | None:
         t.train_step.load_state_dict(state)
         t.epoch, t.step = int(state["epoch"]), int(state["step"])
         t.best_acc, t.best_epoch = float(state["best_acc"]), state["best_epoch"]
+        t.best_model = str(state.get("best_model", "model"))
+        if ema_weights is not None:
+            t.ema.load(ema_weights, state.get("ema"))
+        elif t.ema is not None:
+            t.ema.copy_from_model()
+            t.log(f"resume: {ck.name} holds no EMA of the weights; the EMA starts from the resumed weights")
         t.history = list(state.get("history", []))
         for name, m in t.model.moe_modules():
             if name in state.get("usage", {}):

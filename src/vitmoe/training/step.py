@@ -1,6 +1,11 @@
 """One training step: forward with the losses, backward, expert-gradient reduction, clipping,
 optimizer and lr-scheduler step.
 
+With soft targets (a batch mixed by mixup / CutMix, vitmoe.data.mix) the cross-entropy is taken
+against them (fp32; the targets already carry the label smoothing), in both passes of consistency
+regularisation alike. With `freeze` (freeze_unrouted) experts that got no token keep their weights
+and optimizer moments through the optimizer step (training.freeze).
+
 fp32, bf16 and fp16 take the same path: the GradScaler is enabled only for fp16 (loss scaling;
 disabled, its scale/unscale_/update do nothing and its step is the optimizer's step).
 """
@@ -17,7 +22,8 @@ from ..models import ModelOutput
 from . import expert_parallel
 from .config import TrainConfig
 from .evaluate import autocast_context
-from .losses import symmetric_kl
+from .freeze import UnroutedFreeze
+from .losses import soft_cross_entropy, symmetric_kl
 
 
 @dataclass
@@ -49,9 +55,10 @@ class TrainStep:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.device, self.world_size, self.ep = device, world_size, expert_parallel_group
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.freeze = UnroutedFreeze(model, optimizer, world_size) if cfg.freeze_unrouted else None
 
-    def __call__(self, x: Tensor, y: Tensor, scale: float) -> StepOutput:
-        out = self.losses(x, y, scale)
+    def __call__(self, x: Tensor, y: Tensor, scale: float, targets: Tensor | None = None) -> StepOutput:
+        out = self.losses(x, y, scale, targets)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.total).backward()
         if self.ep is not None:  # sharded experts: DDP leaves their gradients to us
@@ -59,21 +66,27 @@ class TrainStep:
         if self.cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
             self.clip_grad_norm(self.cfg.grad_clip)
+        saved = self.freeze.snapshot() if self.freeze is not None else None
         self.scaler.step(self.optimizer)
+        if saved is not None:
+            self.freeze.restore(saved, out.passes)
         self.scaler.update()
         self.scheduler.step()
         return out
 
-    def losses(self, x: Tensor, y: Tensor, scale: float) -> StepOutput:
+    def losses(self, x: Tensor, y: Tensor, scale: float, targets: Tensor | None = None) -> StepOutput:
         """The forward pass (two with consistency regularisation, each drawing its own random
-        routes) and every loss term."""
+        routes) and every loss term; `targets`: soft targets [b, classes] replacing `y` in the loss."""
         cfg = self.cfg
         passes = []
         for _ in range(cfg.forwards_per_step):
             with autocast_context(cfg.amp, self.device):
                 passes.append(self.forward(x, return_aux=True))
-        ce = [F.cross_entropy(p.logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="sum") * scale
-              for p in passes]
+        if targets is None:
+            ce = [F.cross_entropy(p.logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="sum") * scale
+                  for p in passes]
+        else:
+            ce = [soft_cross_entropy(p.logits, targets, reduction="sum") * scale for p in passes]
         if len(passes) == 1:
             loss, aux, consistency = ce[0], passes[0].aux_loss, None
             total = loss + aux

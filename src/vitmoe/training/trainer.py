@@ -4,7 +4,8 @@ optimizer step), add to the meters, log; then evaluate, checkpoint and write the
 The details live beside it: `step` (one optimizer step, one path for fp32/bf16/fp16), `meters`
 (device-side sums, no host sync in the loop), `evaluate`, `optim` (optimizer and lr schedule),
 `budget` (time budget), `checkpoint` (crash-safe checkpoints) and `vitmoe.rundir` (the run
-directory's files, read back by `vitmoe.report`).
+directory's files, read back by `vitmoe.report`). Optional recipe parts: batch mixing
+(`vitmoe.data.mix`, before the step), `freeze` (inside it), `expert_averaging` and `ema` (after it).
 """
 from __future__ import annotations
 
@@ -30,15 +31,19 @@ from . import checkpoint as ckpt
 from . import expert_parallel
 from .budget import TimeBudget
 from .config import TrainConfig
-from .data_spec import build_loaders, class_metadata, data_notes
+from ..data.mix import BatchMixer
+from .data_spec import build_loaders, class_metadata
 from .dist import DistContext, resolve_device, synchronize, wrap_ddp
+from .ema import EMA_FILE, ModelEMA, better_model
 from .evaluate import autocast_context, evaluate
+from .expert_averaging import ExpertAverager
 from .init import apply_init, check_init
 from .meters import EpochMeters
-from .model_spec import check_ep_size, experts_of
+from .model_spec import check_ep_size
 from .optim import LRSchedule, build_optimizer, build_scheduler, param_groups
 from .progress import Progress, open_tensorboard
 from .restore import restore_checkpoint
+from .run_summary import describe, run_summary
 from .step import TrainStep
 
 __all__ = ["Trainer", "TrainResult", "train", "evaluate", "NonFiniteLossError", "RunDirError",
@@ -118,6 +123,9 @@ class Trainer:
         self.route_generators = seed_random_routers(self.model, cfg.seed, device)
         self.info = model_info(self.model_cfg)
         self.optimizer = build_optimizer(cfg, self.model)
+        self.mixer = BatchMixer.from_config(cfg, self.model_cfg.num_classes)
+        self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None  # before DDP wraps the model
+        self.averager = ExpertAverager(self.model, self.optimizer, cfg.merge_every) if cfg.merge_every else None
         self.budget = TimeBudget(cfg.time_budget_s, dist, cfg.log_every)
         self.lr_schedule = LRSchedule(cfg, self.total_steps, self.warmup_steps, self.budget.fraction)
         self.scheduler = build_scheduler(self.optimizer, self.lr_schedule)
@@ -130,7 +138,7 @@ class Trainer:
                                     dist.world_size, self.ep)
 
         self.epoch, self.step = 0, 0
-        self.best_acc, self.best_epoch = -1.0, None
+        self.best_acc, self.best_epoch, self.best_model = -1.0, None, "model"
         self.history: list[dict[str, Any]] = []
         self.last_good: Path | None = None
         if dist.is_main:  # one writer per run directory, from before its first write until fit() ends
@@ -143,29 +151,12 @@ class Trainer:
             rundir.write_metrics(self.run_dir, self.history)
         self.tb = open_tensorboard(self.run_dir, self.log) if cfg.tensorboard and dist.is_main else None
         self.budget.used_s = sum(r["epoch_time_s"] for r in self.history)
-        self.log(self._describe())
+        self.log(describe(self))
 
     def _build_loaders(self) -> None:
         # on the device, or streamed from host memory above stream_above_mb; resized to the model's side
         self.train_loader, self.test_loader = build_loaders(self.cfg, self.dist, self.device, self._train_data,
                                                             self._test_data)
-
-    def _describe(self) -> str:
-        cfg = self.cfg
-        extras = data_notes(self.train_loader)  # resized, streamed from host memory
-        if cfg.consistency_weight > 0:
-            extras.append(f"consistency weight {cfg.consistency_weight:g} (2 forwards/step"
-                          f"{', stop-gradient' if cfg.consistency_stopgrad else ''})")
-        if cfg.augment and cfg.augment_policy != "none":
-            extras.append(f"augment {cfg.augment_policy}")
-        if cfg.time_budget_s is not None:
-            extras.append(f"time budget {cfg.time_budget_s:g}s of training")
-        if len(self.lr_schedule.cycles) > 2:
-            extras.append(f"lr cycles restart at steps {', '.join(map(str, self.lr_schedule.cycles[1:-1]))}")
-        return (f"{cfg.run_label()} ({cfg.model}) on {cfg.dataset}: {self.info.total_params:,} parameters "
-                f"({self.info.active_params_per_token:,} active per token), {self.train_loader.num_samples:,} train / "
-                f"{self.test_loader.num_samples:,} test images, {self.steps_per_epoch} steps/epoch, batch "
-                f"{cfg.batch_size}, device {self.device}, run dir {self.run_dir}" + "".join(f"; {e}" for e in extras))
 
     # -----------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -205,8 +196,13 @@ class Trainer:
             # Mean over the GLOBAL batch: ranks may hold unequal shares of the last batch, and DDP
             # averages gradients over ranks, hence the factor world_size / global count.
             global_n = loader.global_batch_size(i)
-            out = self.train_step(x, y, self.dist.world_size / global_n)
+            x, targets = self.mixer(x, y, epoch, i) if self.mixer is not None else (x, None)
+            out = self.train_step(x, y, self.dist.world_size / global_n, targets)
             self.step += 1
+            if self.averager is not None:
+                self.averager.after_step(self.step)
+            if self.ema is not None:
+                self.ema.update()
             meters.update(out, y, global_n, self.dist.world_size)
             bar.update()
             if cfg.log_every and self.step % cfg.log_every == 0:
@@ -234,6 +230,7 @@ class Trainer:
         cfg = self.cfg
         train = meters.reduce(self.dist)
         ev = evaluate(self.model, self.test_loader, self.device, cfg.amp, self.dist)
+        ema = self.ema.evaluate(self.test_loader, self.device, cfg.amp, self.dist, cfg.seed, epoch) if self.ema else {}
         row = {
             "epoch": epoch,
             "step": self.step,
@@ -246,20 +243,24 @@ class Trainer:
             "images_per_s": train["images"] / train_time if train_time > 0 else None,
             "eval_time_s": ev["seconds"],
             "eval_images_per_s": ev["images_per_s"],
+            **ema,
             **{k: train[k] for k in ("aux_loss", "aux_terms", "expert_load", "dropped_frac", "router_entropy",
                                      "forwards_per_step", "consistency_loss", "steps_in_epoch")},
             "partial_epoch": partial,
         }
         self.epoch = epoch
-        is_best = row["test_acc"] > self.best_acc
+        acc, which = better_model(row)  # with EMA on, `best` is the better of both models
+        is_best = acc > self.best_acc
         if is_best:
-            self.best_acc, self.best_epoch = row["test_acc"], epoch
+            self.best_acc, self.best_epoch, self.best_model = acc, epoch, which
         self.history.append(row)
         self._save(row, is_best)
         budget = (f"  [{'partial epoch: ' + str(meters.steps) + ' steps, ' if partial else ''}time budget "
                   f"{self.budget.used_s:.1f}/{cfg.time_budget_s:g}s]" if cfg.time_budget_s is not None else "")
         self.log(f"epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}%  "
-                 f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.2f}%  lr {row['lr']:.3g}  "
+                 f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.2f}%  "
+                 + (f"EMA loss {row['ema_test_loss']:.4f} acc {row['ema_test_acc']:.2f}%  " if ema else "")
+                 + f"lr {row['lr']:.3g}  "
                  f"{row['images_per_s']:.0f} img/s  {train_time:.1f}s"
                  + (f"  aux {row['aux_loss']:.4f}" if self.model_cfg.moe_block_indices() else "")
                  + (f"  consistency {row['consistency_loss']:.4f} (2 forwards/step)" if meters.forwards_per_step > 1 else "")
@@ -272,19 +273,22 @@ class Trainer:
         cfg, epoch = self.cfg, row["epoch"]
         state = self._state()
         model_state = expert_parallel.full_state_dict(self.model) if self.ep is not None else None
+        ema_state = self.ema.full_state_dict() if self.ema is not None else None
         if self.dist.is_main:
-            self.last_good = ckpt.save_checkpoint(
-                self.run_dir, epoch, self.model, state, keep=cfg.keep_checkpoints, is_best=is_best,
-                model_state=model_state,
-                metadata={"dataset": cfg.dataset, "epoch": epoch, "test_acc": row["test_acc"],
-                          "name": cfg.run_label(), **self._norm_metadata(), **class_metadata(cfg)})
+            meta = {"dataset": cfg.dataset, "epoch": epoch, "test_acc": row["test_acc"], "name": cfg.run_label(),
+                    **self._norm_metadata(), **class_metadata(cfg)}
+            extra = ({EMA_FILE: (self.ema.module, ema_state, {**meta, "test_acc": row["ema_test_acc"],
+                                                              "ema_decay": cfg.ema_decay})} if self.ema else None)
+            self.last_good = ckpt.save_checkpoint(self.run_dir, epoch, self.model, state, keep=cfg.keep_checkpoints,
+                                                  is_best=is_best, model_state=model_state, metadata=meta,
+                                                  extra_models=extra)
             with reporting_disk_full(self.run_dir / rundir.METRICS_FILE):  # one message, not a traceback
                 rundir.append_metrics(self.run_dir, row)
             rundir.write_summary(self.run_dir, self.summary())
             if self.tb is not None:
                 for k in ("train_loss", "train_acc", "test_loss", "test_acc", "images_per_s", "aux_loss",
-                          "consistency_loss"):
-                    if row[k] is not None:
+                          "consistency_loss", "ema_test_loss", "ema_test_acc"):
+                    if row.get(k) is not None:
                         self.tb.add_scalar(f"epoch/{k}", row[k], epoch)
         self.dist.barrier()
 
@@ -313,6 +317,8 @@ class Trainer:
             "step": self.step,
             "best_acc": self.best_acc,
             "best_epoch": self.best_epoch,
+            "best_model": self.best_model,
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             "optimizer": expert_parallel.full_optimizer_state(self.optimizer, self.model),
             "route_rng": {name: g.get_state() for name, g in self.route_generators.items()},
             "scheduler": self.scheduler.state_dict(),
@@ -345,32 +351,7 @@ class Trainer:
 
     # -----------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
-        cfg = self.cfg
-        return {
-            "name": cfg.run_label(),
-            "model": cfg.model,
-            "experts": experts_of(self.model_cfg),
-            "params": self.info.total_params,
-            "active_params": self.info.active_params_per_token,
-            "merged_params": self.info.merged_params,
-            **rundir.summarize(self.history, cfg.threshold),
-            "epochs_planned": cfg.epochs,
-            "dataset": cfg.dataset,
-            **class_metadata(cfg),
-            "test_images": self.test_loader.num_samples,
-            "batch_size": cfg.batch_size,
-            "eval_mode": self.model_cfg.moe.eval_mode if self.model_cfg.moe_block_indices() else None,
-            "device": str(self.device),
-            "world_size": self.dist.world_size,
-            "forwards_per_step": cfg.forwards_per_step,
-            "consistency_weight": cfg.consistency_weight,
-            "augment_policy": cfg.augment_policy if cfg.augment else None,
-            "time_budget_s": cfg.time_budget_s,
-            "stopped_by_budget": self.budget.stopped,
-            "resume_schedule": cfg.resume_schedule,
-            "init": cfg.init,
-            "steps": self.step,
-        }
+        return run_summary(self)
 
 
 def _with_out(cfg: TrainConfig, out: str) -> TrainConfig:
