@@ -4,7 +4,9 @@ Layout: `config` (TrainConfig: fields, YAML and overrides, validation), `model_s
 config trains, its label), `trainer` (the loop), `step` (one optimizer step), `meters` (device-side
 epoch sums), `evaluate`, `optim` (optimizer, lr schedule), `schedule` (the lr factor and its
 cycles), `budget` (time budget), `checkpoint`, `expert_parallel`, `dist`, `launch` (processes),
-`progress`, `losses`; the run directory's files are `vitmoe.rundir`'s.
+`progress`, `losses`, `run_summary` (summary.json, the run's first log line); optional recipe parts
+`recipe_spec` (their checks), `ema` (EMA of the weights), `expert_averaging` (merge_every), `freeze`
+(freeze_unrouted), with batch mixing in `vitmoe.data.mix`; the run directory's files are `vitmoe.rundir`'s.
 """
 from .checkpoint import CheckpointError, latest_checkpoint, load_state, resolve_model_file, save_checkpoint
 from .config import TrainConfig, parse_set
