@@ -197,7 +197,8 @@ class Trainer:
             # averages gradients over ranks, hence the factor world_size / global count.
             global_n = loader.global_batch_size(i)
             x, targets = self.mixer(x, y, epoch, i) if self.mixer is not None else (x, None)
-            out = self.train_step(x, y, self.dist.world_size / global_n, targets)
+            # Unmixed batches keep the three-argument call that wrappers of TrainStep are written for.
+            out = self.train_step(x, y, self.dist.world_size / global_n, *(() if targets is None else (targets,)))
             self.step += 1
             if self.averager is not None:
                 self.averager.after_step(self.step)
