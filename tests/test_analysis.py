@@ -119,3 +119,13 @@ def test_analyze_command(tmp_path, capsys):
         assert (run / "analysis" / f"{kind}_blocks_0_mlp.png").stat().st_size > 0
     assert main(["analyze", str(run), "--layers", "nope"]) == 2
     assert "--layers nope: not an MoE layer" in capsys.readouterr().err
+
+
+def test_dead_experts_by_layer_names_the_starved_experts():
+    from vitmoe.training.trainer import dead_experts_by_layer
+
+    load = {"blocks.0.mlp": [100.0, 100.0, 100.0, 2.0], "blocks.1.mlp": [90.0, 110.0, 100.0, 100.0],
+            "blocks.2.mlp": [5.0]}
+    # 2 of 302 copies is 0.66% < 0.1 x 25%; a one-expert layer is never "dead".
+    assert dead_experts_by_layer(load) == {"blocks.0.mlp": [3]}
+    assert dead_experts_by_layer(None) == {}

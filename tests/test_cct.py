@@ -321,3 +321,13 @@ def test_info_command_takes_a_cct_preset_by_flag(capsys):
     assert "2 conv 3x3 layers (49 tokens, pool seq), 28x28x1" in out and "3,848,267" in out
     assert main(["info", "cct_7_3x2", "--model", "cct_7_3x2"]) == 2
     assert "give the model once" in capsys.readouterr().err
+
+
+def test_run_labels_name_the_cct_family():
+    from vitmoe.models import model_config
+    from vitmoe.training.model_spec import model_label
+
+    assert model_label(model_config("cct_2_3x2")) == "cct"
+    assert model_label(model_config("cct_2_3x2_switch")) == "switch-cct"
+    assert model_label(model_config("cct_2_3x2_pr")) == "pr-switch-cct"
+    assert model_label(model_config("vit")) == "vit"

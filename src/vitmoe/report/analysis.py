@@ -99,12 +99,19 @@ def record_routing(model: nn.Module, loader, classes: int, keep_images: int = 0)
             "kept_routes": {k: torch.cat(v) for k, v in kept_routes.items()}}
 
 
+def dead_experts(load, dead_threshold: float = DEAD_THRESHOLD) -> list[int]:
+    """Experts whose share of a layer's load is below `dead_threshold` x the uniform share 1/E."""
+    load = torch.as_tensor(load, dtype=torch.float64)
+    share = load / load.sum().clamp_min(1)
+    return [int(i) for i in torch.nonzero(share < dead_threshold / load.numel()).flatten()]
+
+
 def layer_summary(c: RoutingCounts, dead_threshold: float = DEAD_THRESHOLD) -> dict:
     """Numbers of one layer: load shares, balance (coefficient of variation and max/mean of the
     load), mean router entropy, mean dropped fraction, and dead experts."""
     load = c.load / c.load.sum().clamp_min(1)
     E = c.experts
-    dead = [int(i) for i in torch.nonzero(load < dead_threshold / E).flatten()]
+    dead = dead_experts(c.load, dead_threshold)
     return {"experts": E, "load_share": [round(float(v), 6) for v in load],
             "load_cv": float(load.std(unbiased=False) / load.mean().clamp_min(1e-12)),
             "load_max_over_mean": float(load.max() / load.mean().clamp_min(1e-12)),
@@ -174,4 +181,4 @@ def random_routing_report(model: nn.Module, loader, seed: int = 0) -> dict | Non
 
 
 __all__ = ["record_routing", "layer_summary", "class_expert_shares", "random_routing_report", "expert_drift",
-           "routed_as", "shares", "DEAD_THRESHOLD"]
+           "routed_as", "shares", "dead_experts", "DEAD_THRESHOLD"]

@@ -60,13 +60,15 @@ def _as_int(value: Any) -> Any:
 
 
 def model_label(cfg: ViTConfig) -> str:
-    """vit, switch-vit, topK-vit, random-vit, ec-vit (expert choice), soft-moe-vit; "pr-" for a
-    residual (PR-MoE) layer, "widenet-" for blocks sharing one layer (WideNet)."""
+    """vit, switch-vit, topK-vit, random-vit, ec-vit (expert choice), soft-moe-vit ("cct" instead
+    of "vit" for a convolutional tokenizer: cct, switch-cct, ...); "pr-" for a residual (PR-MoE)
+    layer, "widenet-" for blocks sharing one layer (WideNet)."""
+    family = "cct" if getattr(cfg, "tokenizer", "patch") == "conv" else "vit"
     if not cfg.moe_block_indices():
-        return "vit"
+        return family
     router = cfg.moe.router
-    label = {"random": "random-vit", "switch": "switch-vit", "expert_choice": "ec-vit",
-             "soft": "soft-moe-vit"}.get(router, f"top{cfg.moe.top_k}-vit")
+    label = {"random": f"random-{family}", "switch": f"switch-{family}", "expert_choice": f"ec-{family}",
+             "soft": f"soft-moe-{family}"}.get(router, f"top{cfg.moe.top_k}-{family}")
     if cfg.moe.residual:
         label = "pr-" + label
     if cfg.share_blocks:

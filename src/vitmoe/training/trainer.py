@@ -25,6 +25,7 @@ from ..fileio import reporting_disk_full
 from ..models import VisionTransformer, model_info
 from ..moe import seed_random_routers
 from ..moe.parallel import init_expert_parallel
+from ..report.analysis import DEAD_THRESHOLD, dead_experts
 from ..runlock import RunDirError, RunLock, check_run_dir, lock_run_dir
 from ..validation import ConfigError
 from . import checkpoint as ckpt
@@ -48,6 +49,12 @@ from .step import TrainStep
 
 __all__ = ["Trainer", "TrainResult", "train", "evaluate", "NonFiniteLossError", "RunDirError",
            "seed_everything", "build_optimizer", "param_groups", "autocast_context"]
+
+
+def dead_experts_by_layer(expert_load: dict | None) -> dict[str, list[int]]:
+    """Per MoE layer, the experts the epoch's routing left (nearly) unused."""
+    found = {name: dead_experts(load) for name, load in (expert_load or {}).items() if len(load) > 1}
+    return {name: experts for name, experts in found.items() if experts}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -266,6 +273,10 @@ class Trainer:
                  + (f"  aux {row['aux_loss']:.4f}" if self.model_cfg.moe_block_indices() else "")
                  + (f"  consistency {row['consistency_loss']:.4f} (2 forwards/step)" if meters.forwards_per_step > 1 else "")
                  + budget)
+        for layer, experts in dead_experts_by_layer(row.get("expert_load")).items():
+            self.log(f"warning: {layer}: expert{'s' if len(experts) > 1 else ''} {experts} received under "
+                     f"{100 * DEAD_THRESHOLD:g}% of a uniform share of the tokens this epoch (dead experts; "
+                     f"`vitmoe analyze` shows the routing)")
         return row
 
     def _save(self, row: dict[str, Any], is_best: bool) -> None:
