@@ -289,3 +289,17 @@ def test_demo_time_budget_comparison(tmp_path, capsys):
     # The default demo is unchanged: three source models, 20 epochs, digits.
     args = build_parser().parse_args(["demo"])
     assert (args.dataset, args.time_budget, args.models, args.epochs) == ("digits", None, None, None)
+
+
+def test_demo_with_a_recipe_trains_the_recipe_and_its_moe_variants(monkeypatch, tmp_path):
+    from vitmoe.cli import demo
+
+    m, cfgs = demo.recipe_configs("fashion-mnist", tmp_path, None, None, seed=3)
+    assert m == ["cct_2_3x2", "cct_2_3x2_switch", "cct_2_3x2_random"]
+    assert all((c.time_budget_s, c.amp, c.seed, c.batch_size) == (600.0, "bf16", 3, 128) for c in cfgs)
+    assert [c.out for c in cfgs] == [str(tmp_path / n) for n in m]
+    assert demo.recipe_path("digits") is None
+    seen = []
+    monkeypatch.setattr(demo, "run_recipe", lambda args: seen.append(args.dataset) or 0)
+    assert main(["demo", "--dataset", "fashion-mnist", "--out", str(tmp_path / "d")]) == 0
+    assert seen == ["fashion-mnist"]

@@ -51,6 +51,38 @@ COMPARE_RECIPE = dict(optimizer="adamw", lr=2e-3, weight_decay=0.05, warmup_step
 COMPARE_MAX_EPOCHS = 1000  # an upper bound: the budget ends the run (and its cosine decay)
 
 
+# --- the recipe demo (a dataset with a recipe file, no --time-budget, no --models) -----------
+RECIPE_VARIANTS = ("", "_switch", "_random")  # the recipe's dense model, its switch MoE, its random-routing MoE
+
+
+def recipe_path(dataset: str):
+    """The packaged recipe of `dataset` (vitmoe/recipes/<dataset>.yaml, also configs/recipes/), or None."""
+    from importlib.resources import files
+
+    path = files("vitmoe") / "recipes" / f"{dataset.replace('-', '_')}.yaml"
+    return path if path.is_file() else None
+
+
+def recipe_configs(dataset: str, out: Path, time_budget_s: float | None, epochs: int | None, seed: int = 0,
+                   device: str = "auto", data_dir: str | None = None, threshold: float | None = None):
+    """The recipe's model and its MoE variants, each trained with the recipe (its budget unless
+    `time_budget_s` is given)."""
+    from ..models import list_models
+    from ..training import TrainConfig
+
+    base = TrainConfig.from_yaml(str(recipe_path(dataset)))
+    presets = set(list_models())
+    models = [base.model + v for v in RECIPE_VARIANTS if base.model + v in presets]
+    changes = dict(dataset=dataset, seed=seed, device=device, data_dir=data_dir)
+    if time_budget_s is not None:
+        changes["time_budget_s"] = time_budget_s
+    if epochs is not None:
+        changes["epochs"] = epochs
+    if threshold is not None:
+        changes["threshold"] = threshold
+    return models, [base.updated(dict(changes, model=m, out=str(out / m))).validate() for m in models]
+
+
 def _available_families() -> list[str]:
     from ..models import list_models
 
@@ -76,7 +108,11 @@ def add_parser(sub) -> None:
                     "(evaluation not counted; the last epoch ends early and is evaluated; the cosine decay ends "
                     "with the budget), batch 128, AdamW lr 2e-3, 50 warm-up steps. The report and a cost table "
                     "(epochs and steps done, training images/s, accuracy) follow. Example:\n"
-                    "  vitmoe demo --dataset fashion-mnist --data-dir ../shared/datasets --time-budget 120")
+                    "  vitmoe demo --dataset fashion-mnist --data-dir ../shared/datasets --time-budget 120\n\n"
+                    "A dataset with a recipe (vitmoe/recipes/, linked as configs/recipes/: fashion-mnist), given "
+                    "without --time-budget and --models, gets the recipe demo instead: the recipe's model and its "
+                    "switch and random-routing MoE variants, each trained with the recipe for its budget "
+                    "(fashion-mnist: CCT-2/3x2, 10 minutes each).")
     p.add_argument("--dataset", choices=list(DATASET_NAMES), default="digits", help="dataset")
     p.add_argument("--data-dir", default=None, help="dataset directory (default $DATA, then ./data)")
     p.add_argument("--out", default=None,
@@ -89,7 +125,8 @@ def add_parser(sub) -> None:
                    help="model families to train (default: " + ", ".join(MODELS) + "; with --time-budget: "
                         + ", ".join(COMPARE_MODELS) + ")")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--threshold", type=float, default=75.0, help="accuracy for the 'epochs to' column")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="accuracy for the 'epochs to' column (default 75, or the recipe's)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device")
     p.add_argument("--force", action="store_true",
                    help="replace the runs in OUT even when OUT was not made by vitmoe demo")
@@ -191,6 +228,10 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--time-budget {budget}: must be a positive number of seconds")
     if args.epochs is not None and args.epochs < 1:
         raise CLIError(f"--epochs {args.epochs}: must be >= 1")
+    if budget is None and args.models is None and args.dataset != "digits" and recipe_path(args.dataset) is not None:
+        return run_recipe(args)
+    if args.threshold is None:
+        args.threshold = 75.0
     available = _available_families()
     families = args.models or [m for m in (COMPARE_MODELS if budget is not None else MODELS) if m in available]
     missing = [m for m in families if m not in available]
@@ -222,4 +263,29 @@ def run(args: argparse.Namespace) -> int:
         echo(f"\nWhat each family did with {budget:g}s of training ({args.dataset}):\n")
         echo(table)
         echo(f"wrote {out / 'report' / 'cost.md'}")
+    return code
+
+
+def run_recipe(args: argparse.Namespace) -> int:
+    """The dataset's recipe model and its MoE variants, each for the recipe's training budget."""
+    from ..training import train
+
+    out = Path(args.out or "demo_runs")
+    families, configs = recipe_configs(args.dataset, out, None, args.epochs, args.seed, args.device, args.data_dir,
+                                       args.threshold)
+    claim_output(out, [Path(c.out) for c in configs], force=args.force)
+    budget = configs[0].time_budget_s
+    echo(f"recipe demo on {args.dataset} ({recipe_path(args.dataset)}): {', '.join(families)}"
+         + (f", {budget:g}s of training each (plus evaluation)" if budget else ""))
+    for family, cfg in zip(families, configs):
+        echo(f"=== {family} ===")
+        train(cfg, log=echo)
+    from .report import run as report_run
+
+    code = report_run(argparse.Namespace(runs=[c.out for c in configs], out=str(out / "report"),
+                                         threshold=configs[0].threshold))
+    table = cost_table([c.out for c in configs], families)
+    atomic_write_text(out / "report" / "cost.md", f"The {args.dataset} recipe, per model.\n\n" + table)
+    echo(f"\nWhat each model did with the recipe's budget ({args.dataset}):\n")
+    echo(table)
     return code
