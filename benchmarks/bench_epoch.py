@@ -8,7 +8,7 @@ d 300 / MLP 1024 / depth 12 on 50,000 images; on a small CPU pick a subset, e.g.
     python benchmarks/bench_epoch.py --images 1024 --dmodel 192 --depth 6 --experts 4 16 64
 
 Prints a markdown table: seconds per epoch (train) and per pass over the images (inference,
-eval mode: random_vit merged), and both as ratios to vit in fp32 (`--amp off bf16`, the
+eval mode: random_vit merged), and both as ratios to the first model in the first --amp mode (`--amp off bf16`, the
 default on CPU, times every model in both; bf16 is autocast over fp32 weights, as `--amp bf16`
 trains). Nothing process-wide is changed: the library's own allocator choice (vitmoe.runtime)
 is part of what is measured. `--consistency` adds random_vit with
@@ -81,6 +81,9 @@ def main() -> None:
                    help="also time random_vit with consistency regularisation of weight W (AdaMix: 1)")
     p.add_argument("--augment-policy", choices=["none", "autoaugment", "randaugment"], default="none",
                    help="training loader augmentation policy (after crop and flip)")
+    p.add_argument("--presets", nargs="+", default=None, metavar="NAME",
+                   help="time these presets as they are (e.g. cct_2_3x2 cct_2_3x2_switch) instead of vit / "
+                        "switch_vit / random_vit at --dmodel/--depth/--heads/--mlp")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", nargs="+", choices=["off", "bf16", "fp16"], default=["off", "bf16"])
@@ -101,8 +104,11 @@ def main() -> None:
 
     width = dict(embed_dim=args.dmodel, depth=args.depth, num_heads=args.heads, mlp_hidden=args.mlp)
     specs = [("vit", "vit", {}, 0.0)]
-    specs += [(f"switch_vit E={e}", "switch_vit", {"num_experts": e}, 0.0) for e in args.experts]
-    specs += [(f"random_vit E={args.random_experts}", "random_vit", {"num_experts": args.random_experts}, 0.0)]
+    if args.presets:
+        width, specs = {}, [(name, name, {}, 0.0) for name in args.presets]
+    else:
+        specs += [(f"switch_vit E={e}", "switch_vit", {"num_experts": e}, 0.0) for e in args.experts]
+        specs += [(f"random_vit E={args.random_experts}", "random_vit", {"num_experts": args.random_experts}, 0.0)]
     if args.consistency:
         specs += [(f"random_vit E={args.random_experts} +consistency (2 fwd/step)", "random_vit",
                    {"num_experts": args.random_experts}, args.consistency)]
@@ -128,12 +134,13 @@ def main() -> None:
                                             run["consistency"]))
             run["infer"].append(infer(run["model"], test_loader, device, run["amp"]))
 
-    base_t = statistics.median(runs[0]["train"])  # vit in the first --amp mode
+    base_t = statistics.median(runs[0]["train"])  # the first model in the first --amp mode
     base_i = statistics.median(runs[0]["infer"])
     print(f"\n{args.images} images/epoch, batch {args.batch}, d {args.dmodel}, depth {args.depth}, MLP {args.mlp}, "
           f"augment policy {args.augment_policy}, device {device}, compile {args.compile}, median of {args.repeats} interleaved rounds, "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads\n")
-    print("| model | amp | params | train s/epoch | train vs vit | inference s | inference vs vit | train img/s |")
+    print(f"| model | amp | params | train s/epoch | train vs {runs[0]['label']} {runs[0]['amp']} | inference s | "
+          f"inference vs it | train img/s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for run in runs:
         t, i = statistics.median(run["train"]), statistics.median(run["infer"])
