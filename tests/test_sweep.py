@@ -69,16 +69,17 @@ def test_sweep_runs_resumes_and_reports(tmp_path, capsys):
         assert r["best_acc"]["mean"] == pytest.approx(sum(vals) / 2) and len(vals) == 2
     assert (out / "sweep.png").stat().st_size > 0
 
-    # "Kill" one member: it loses its summary (as a run killed after its checkpoint); the others
-    # must be skipped, untouched.
+    # "Kill" one member: its summary is one from an epoch before its last (the trainer rewrites it
+    # every epoch); the others must be skipped, untouched.
     finished = out / "model.num_experts=2" / "seed-0" / "summary.json"
     stamp = finished.stat().st_mtime_ns
-    (out / "model.num_experts=2" / "seed-1" / "summary.json").unlink()
+    killed = out / "model.num_experts=2" / "seed-1" / "summary.json"
+    killed.write_text(json.dumps(dict(json.loads(killed.read_text()), epochs=0)))
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert text.count("finished earlier, skipped") == 1 and "[2/2] model.num_experts=2 seed 1: resuming" in text
     assert finished.stat().st_mtime_ns == stamp
-    assert (out / "model.num_experts=2" / "seed-1" / "summary.json").is_file()
+    assert json.loads(killed.read_text())["epochs"] == 1
 
     # The same runs through `vitmoe report`: seeds of one configuration get mean ± CI columns.
     runs = [str(out / "model.num_experts=2" / f"seed-{s}") for s in (0, 1)]

@@ -112,6 +112,16 @@ def _check_members(args, members) -> None:
             raise CLIError(f"sweep member {cell_name(cell)}: {e}") from None
 
 
+def finished(out: Path) -> bool:
+    """Whether a member ran to its end: its summary says it used its epochs or its time budget
+    (the trainer rewrites summary.json after every epoch, so a killed run has one too)."""
+    try:
+        s = json.loads((out / "summary.json").read_text())
+        return bool(s.get("stopped_by_budget")) or int(s["epochs"]) >= int(s["epochs_planned"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
     from ..report import load_run
     from ..report.sweep import sweep_results
@@ -140,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     failed = []
     for i, (cell, seed, out) in enumerate(members, 1):
         tag = f"[{i}/{len(members)}] {cell_name(cell)} seed {seed}"
-        if (out / "summary.json").is_file():
+        if finished(out):
             echo(f"{tag}: finished earlier, skipped")
             continue
         resume = (out / "checkpoints" / "latest").is_file()
@@ -156,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
             failed.append(tag)
             if code == 2:  # bad input: every member would fail alike
                 raise CLIError(f"sweep stopped: {tag} rejected its configuration (see {log})")
-    done = [(cell, load_run(out)) for cell, _, out in members if (out / "summary.json").is_file()]
+    done = [(cell, load_run(out)) for cell, _, out in members if finished(out)]
     if done:
         text, files = sweep_results(done, list(recorded["grid"]), root)
         echo(text)
