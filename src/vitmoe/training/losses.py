@@ -22,13 +22,17 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor, reduction: str = "mean")
     computes for the targets (1 - eps) onehot + eps / C, which mixing blends). `reduction`: "mean"
     over rows, "sum" or "none"."""
     per_row = -(targets.float() * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+    return _reduce(per_row, reduction, "soft_cross_entropy")
+
+
+def _reduce(per_row: Tensor, reduction: str, name: str) -> Tensor:
     if reduction == "none":
         return per_row
     if reduction == "sum":
         return per_row.sum()
     if reduction == "mean":
         return per_row.mean()
-    raise ValueError(f"soft_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    raise ValueError(f"{name}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
 def symmetric_kl(logits_a: Tensor, logits_b: Tensor, stopgrad: bool = True, reduction: str = "mean") -> Tensor:
@@ -45,14 +49,7 @@ def symmetric_kl(logits_a: Tensor, logits_b: Tensor, stopgrad: bool = True, redu
     # F.kl_div(input=log q, target=log p, log_target=True) = p * (log p - log q) = KL(p || q) terms.
     kl_ab = F.kl_div(log_b, target_a, reduction="none", log_target=True).sum(-1)  # KL(p_a || p_b)
     kl_ba = F.kl_div(log_a, target_b, reduction="none", log_target=True).sum(-1)  # KL(p_b || p_a)
-    per_row = 0.5 * (kl_ab + kl_ba)
-    if reduction == "none":
-        return per_row
-    if reduction == "sum":
-        return per_row.sum()
-    if reduction == "mean":
-        return per_row.mean()
-    raise ValueError(f"symmetric_kl: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return _reduce(0.5 * (kl_ab + kl_ba), reduction, "symmetric_kl")
 
 
 __all__ = ["soft_cross_entropy", "symmetric_kl"]
