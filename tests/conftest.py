@@ -20,3 +20,60 @@ def grads(m, x, fn):
     g = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y.backward(g.to(y.dtype))
     return y.detach(), x.grad, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The offline digits train and test splits (read once per test session)."""
+    from vitmoe.data import load_dataset
+
+    return load_dataset("digits", "train"), load_dataset("digits", "test")
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Fail the test if anything tries to load a dataset (errors must come first)."""
+    import vitmoe.data as data
+
+    def boom(*a, **k):
+        raise AssertionError("data was loaded before the error")
+
+    monkeypatch.setattr(data, "load_dataset", boom)
+
+
+class Killed(Exception):
+    """Stands for the process dying (kill -9) right after a checkpoint was written."""
+
+
+@pytest.fixture
+def kill_after_epoch(monkeypatch):
+    """`kill_after_epoch(trainer, epoch=1)`: fit `trainer` as a run killed right after its epoch
+    `epoch` checkpoint is complete (the checkpoint writer is restored afterwards)."""
+    from vitmoe.training import checkpoint as ckpt
+
+    def run(trainer, epoch: int = 1) -> None:
+        real_save = ckpt.save_checkpoint
+
+        def save_then_die(run_dir, ep, *a, **k):
+            path = real_save(run_dir, ep, *a, **k)
+            if ep == epoch:
+                raise Killed
+            return path
+
+        monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+        try:
+            with pytest.raises(Killed):
+                trainer.fit()
+        finally:
+            monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def digits512(digits):
+    """The first 512 digits training images (4 steps of 128 per epoch) and the whole test split."""
+    from vitmoe.data import ImageData
+
+    train, test = digits
+    return ImageData(train.images[:512], train.labels[:512], train.info), test

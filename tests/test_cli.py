@@ -71,17 +71,6 @@ def test_bad_flags_rejected_by_argparse(argv, needles, capsys):
     assert all(n in err for n in needles), err
 
 
-@pytest.fixture
-def no_data(monkeypatch):
-    """Fail the test if anything tries to load a dataset (errors must come first)."""
-    import vitmoe.data as data
-
-    def boom(*a, **k):
-        raise AssertionError("data was loaded before the error")
-
-    monkeypatch.setattr(data, "load_dataset", boom)
-
-
 @pytest.mark.parametrize("argv, needles", [
     (["--set", "model.depth=-1"], ["depth", "integer >= 1"]),
     (["--set", "lr=abc"], ["lr", "number"]),

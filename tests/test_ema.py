@@ -7,7 +7,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 import vitmoe
-from vitmoe.data import ImageData, load_dataset
 from vitmoe.models import ConfigError, merge_experts
 from vitmoe.training import TrainConfig, Trainer
 from vitmoe.training import checkpoint as ckpt
@@ -80,12 +79,6 @@ def test_merged_evaluation_of_the_ema_equals_merging_the_ema_weights():
     assert not torch.allclose(model(x), out)  # the EMA is not the model
 
 
-@pytest.fixture(scope="module")
-def digits():
-    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
-    return ImageData(train.images[:512], train.labels[:512], train.info), test  # 4 steps per epoch
-
-
 def _cfg(tmp_path, name, **kw):
     base = dict(model="random_vit", dataset="digits", epochs=2, batch_size=128, lr=2e-3, optimizer="adamw",
                 weight_decay=0.05, model_config=dict(TINY_MC, expert_init="independent"), out=str(tmp_path / name),
@@ -94,30 +87,15 @@ def _cfg(tmp_path, name, **kw):
     return TrainConfig(**base)
 
 
-class _Killed(Exception):
-    pass
-
-
 def _files(run_dir, name):
     return load_file(str(latest_checkpoint(run_dir) / name))
 
 
-def test_ema_resumes_bit_exactly_and_does_not_change_training(tmp_path, monkeypatch, digits):
-    tr, te = digits
+def test_ema_resumes_bit_exactly_and_does_not_change_training(tmp_path, kill_after_epoch, digits512):
+    tr, te = digits512
     quiet = dict(log=lambda m: None, train_data=tr, test_data=te)
     full = Trainer(_cfg(tmp_path, "full"), **quiet).fit()
-    real_save = ckpt.save_checkpoint
-
-    def save_then_die(run_dir, epoch, *a, **k):
-        path = real_save(run_dir, epoch, *a, **k)
-        if epoch == 1:
-            raise _Killed
-        return path
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
-    with pytest.raises(_Killed):
-        Trainer(_cfg(tmp_path, "killed"), **quiet).fit()
-    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    kill_after_epoch(Trainer(_cfg(tmp_path, "killed"), **quiet))
     resumed = Trainer(_cfg(tmp_path, "killed"), resume=True, **quiet).fit()
 
     for name in ("ema.safetensors", "model.safetensors"):
@@ -148,8 +126,8 @@ def test_ema_resumes_bit_exactly_and_does_not_change_training(tmp_path, monkeypa
     assert best == f"epoch-{s['best_epoch']:04d}"
 
 
-def test_a_checkpoint_without_ema_resumes_with_ema_turned_on(tmp_path, digits):
-    tr, te = digits
+def test_a_checkpoint_without_ema_resumes_with_ema_turned_on(tmp_path, digits512):
+    tr, te = digits512
     logs = []
     Trainer(_cfg(tmp_path, "old", epochs=1, ema_decay=0.0), log=lambda m: None, train_data=tr, test_data=te).fit()
     r = Trainer(_cfg(tmp_path, "old", ema_decay=0.99), resume=True, log=logs.append, train_data=tr, test_data=te).fit()

@@ -4,7 +4,6 @@ import torch
 import torch.nn.functional as F
 
 import vitmoe
-from vitmoe.data import load_dataset
 from vitmoe.models import ConfigError
 from vitmoe.moe import seed_random_routers
 from vitmoe.training import TrainConfig, Trainer
@@ -62,11 +61,6 @@ def test_averager_refuses_a_model_without_random_routing():
         ExpertAverager(model, torch.optim.AdamW(model.parameters()), every=3)
     with pytest.raises(ValueError, match="every"):
         ExpertAverager(model, torch.optim.AdamW(model.parameters()), every=0)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", "train"), load_dataset("digits", "test")
 
 
 def _cfg(tmp_path, name, **kw):

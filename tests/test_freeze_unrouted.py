@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 import vitmoe
-from vitmoe.data import load_dataset
 from vitmoe.models import ConfigError, VisionTransformer
 from vitmoe.moe import seed_random_routers
 from vitmoe.training import TrainConfig, Trainer
@@ -81,11 +80,6 @@ def test_unrouted_experts_keep_weights_and_adam_state_bitwise_the_others_take_th
         for p in params.values():
             assert int(opt.state[p]["step"]) == step + 1
     assert frozen_rows == 3 * 2 * 4 * 3
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", "train"), load_dataset("digits", "test")
 
 
 def _cfg(tmp_path, name, **kw):

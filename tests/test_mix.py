@@ -6,10 +6,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from vitmoe.data import ImageData, load_dataset
 from vitmoe.data.mix import BatchMixer, MixDraw, cut_box, mix_batch, soft_targets
 from vitmoe.training import TrainConfig, Trainer
-from vitmoe.training import checkpoint as ckpt
 from vitmoe.training.checkpoint import latest_checkpoint
 from vitmoe.training.losses import soft_cross_entropy
 from vitmoe.training.step import TrainStep
@@ -117,18 +115,9 @@ def test_probabilities_choose_what_is_mixed():
         BatchMixer(10, mixup_alpha=1.0, mix_prob=1.5)
 
 
-@pytest.fixture(scope="module")
-def digits():
-    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
-    return ImageData(train.images[:512], train.labels[:512], train.info), test  # 4 steps per epoch
-
-
-class _Killed(Exception):
-    pass
-
-
-def test_mixed_training_with_consistency_resumes_with_the_same_mixed_batches(tmp_path, monkeypatch, digits):
-    tr, te = digits
+def test_mixed_training_with_consistency_resumes_with_the_same_mixed_batches(tmp_path, monkeypatch, kill_after_epoch,
+                                                                           digits512):
+    tr, te = digits512
     cfg = lambda name: TrainConfig(  # noqa: E731
         model="random_vit", dataset="digits", epochs=2, batch_size=128, lr=2e-3, optimizer="adamw",
         model_config=dict(embed_dim=16, depth=2, num_heads=2, mlp_hidden=32, head_hidden=16, head="linear",
@@ -145,19 +134,8 @@ def test_mixed_training_with_consistency_resumes_with_the_same_mixed_batches(tmp
 
     monkeypatch.setattr(TrainStep, "__call__", recording("full"))
     full = Trainer(cfg("full"), log=lambda m: None, train_data=tr, test_data=te).fit()
-    real_save = ckpt.save_checkpoint
-
-    def save_then_die(run_dir, epoch, *a, **k):
-        path = real_save(run_dir, epoch, *a, **k)
-        if epoch == 1:
-            raise _Killed
-        return path
-
     monkeypatch.setattr(TrainStep, "__call__", recording("killed"))
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
-    with pytest.raises(_Killed):
-        Trainer(cfg("killed"), log=lambda m: None, train_data=tr, test_data=te).fit()
-    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    kill_after_epoch(Trainer(cfg("killed"), log=lambda m: None, train_data=tr, test_data=te))
     resumed = Trainer(cfg("killed"), resume=True, log=lambda m: None, train_data=tr, test_data=te).fit()
 
     assert len(seen["full"]) == len(seen["killed"]) == 8

@@ -50,16 +50,6 @@ def test_bad_values_name_the_field(kw, needles):
     assert all(n in str(e.value) for n in needles), str(e.value)
 
 
-@pytest.fixture
-def no_data(monkeypatch):
-    import vitmoe.data as data
-
-    def boom(*a, **k):
-        raise AssertionError("data was loaded before the error")
-
-    monkeypatch.setattr(data, "load_dataset", boom)
-
-
 @pytest.mark.parametrize("argv, needles", [
     (["--mixup", "-1"], ["mixup_alpha", ">= 0"]),
     (["--cutmix", "nan"], ["cutmix_alpha", "finite"]),

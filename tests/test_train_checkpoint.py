@@ -6,16 +6,10 @@ import pytest
 import torch
 
 import vitmoe
-from vitmoe.data import load_dataset
 from vitmoe.training import NonFiniteLossError, TrainConfig, Trainer, checkpoint as ckpt
 from vitmoe.training.checkpoint import latest_checkpoint, load_state, save_checkpoint
 
 TINY_MC = dict(embed_dim=16, depth=2, num_heads=2, mlp_hidden=32, head_hidden=16, head="linear", num_experts=4)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", "train"), load_dataset("digits", "test")
 
 
 def tiny_cfg(tmp_path, name="run", model="switch_vit", **kw):
@@ -30,29 +24,15 @@ def _model_state(run_dir):
     return vitmoe.load_model(latest_checkpoint(run_dir) / "model.safetensors").state_dict()
 
 
-class _Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize("model", ["switch_vit", "random_vit"])
-def test_resume_is_bit_identical(tmp_path, monkeypatch, digits, model):
+def test_resume_is_bit_identical(tmp_path, kill_after_epoch, digits, model):
     tr, te = digits
     extra = dict(model_config=dict(TINY_MC, drop_rate=0.1)) if model == "random_vit" else {}
     full = Trainer(tiny_cfg(tmp_path, "full", model, **extra), log=lambda m: None, train_data=tr, test_data=te).fit()
 
     # The same run, killed right after epoch 1's checkpoint, then resumed.
-    real_save = ckpt.save_checkpoint
-
-    def save_then_die(run_dir, epoch, *a, **k):
-        path = real_save(run_dir, epoch, *a, **k)
-        if epoch == 1:
-            raise _Killed
-        return path
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
-    with pytest.raises(_Killed):
-        Trainer(tiny_cfg(tmp_path, "killed", model, **extra), log=lambda m: None, train_data=tr, test_data=te).fit()
-    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    kill_after_epoch(Trainer(tiny_cfg(tmp_path, "killed", model, **extra), log=lambda m: None, train_data=tr,
+                             test_data=te))
     assert latest_checkpoint(tmp_path / "killed").name == "epoch-0001"
     resumed = Trainer(tiny_cfg(tmp_path, "killed", model, **extra), resume=True, log=lambda m: None,
                       train_data=tr, test_data=te).fit()

@@ -16,11 +16,6 @@ from vitmoe.training.losses import symmetric_kl
 TINY_MC = dict(embed_dim=16, depth=2, num_heads=2, mlp_hidden=32, head_hidden=16, head="linear", num_experts=4)
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", "train"), load_dataset("digits", "test")
-
-
 def _cfg(tmp_path, name="run", **kw):
     base = dict(model="random_vit", dataset="digits", epochs=2, batch_size=128, lr=2e-3, optimizer="adamw",
                 weight_decay=0.05, model_config=dict(TINY_MC), out=str(tmp_path / name), log_every=5,

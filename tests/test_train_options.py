@@ -5,18 +5,12 @@ import pytest
 import torch
 
 import vitmoe
-from vitmoe.data import load_dataset
 from vitmoe.models import ConfigError
 from vitmoe.training import TrainConfig, Trainer
 from vitmoe.training.checkpoint import latest_checkpoint
 from vitmoe.training.schedule import lr_factor
 
 TINY_MC = dict(embed_dim=16, depth=2, num_heads=2, mlp_hidden=32, head_hidden=16, head="linear", num_experts=4)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", "train"), load_dataset("digits", "test")
 
 
 def _cfg(tmp_path, name="run", **kw):
