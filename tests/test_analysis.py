@@ -49,7 +49,7 @@ def test_recording_changes_no_output_and_matches_the_layers_statistics(moe):
         e = calls[0]["expert_T"]
         assert e.shape == (x.shape[0] * model.config.num_tokens,) and int(e.max()) < 4 and int(e.min()) >= -1
         load = stats[name]["load"]
-        if moe["router"] in ("switch",) or moe["router"] == "random":
+        if moe["router"] in ("switch", "random"):
             assert torch.equal(torch.bincount(e, minlength=4).float(), load)  # one copy per token, none dropped
         elif moe["router"] == "topk":
             # First choices kept: at most the load, and every -1 is a dropped first choice.

@@ -34,7 +34,9 @@ def add_parser(sub) -> None:
                    help="capacity-accuracy curve (V-MoE): evaluate at each eval capacity factor, with position "
                         "priority and with Batch Prioritized Routing, and write capacity.json/.md/.png (accuracy "
                         "against the factor and against the MoE FLOPs spent) to --out")
-    p.add_argument("--priorities", nargs="+", choices=["position", "score"], default=["position", "score"],
+    from ..moe.routers.topk import PRIORITIES
+
+    p.add_argument("--priorities", nargs="+", choices=list(PRIORITIES), default=list(PRIORITIES),
                    help="with --capacity-factors: which copies an overflowing expert keeps (default both)")
     p.add_argument("--out", default=None,
                    help="with --capacity-factors: output folder (default CHECKPOINT/analysis for a run directory, "

@@ -140,14 +140,10 @@ def routed_as(model: nn.Module, eval_mode: str, fixed_expert: int | None = None)
             m.eval_mode, m.router.fixed_expert = mode, fixed
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, loader) -> float:
-    model.eval()
-    correct = total = 0
-    for x, y in loader:
-        correct += int((model(x).argmax(-1) == y).sum())
-        total += y.numel()
-    return 100.0 * correct / max(total, 1)
+    from ..training.evaluate import evaluate
+
+    return evaluate(model, loader, next(model.parameters()).device)["acc"]
 
 
 def expert_drift(m: MoEMlp) -> float:

@@ -20,8 +20,7 @@ from torch import nn
 
 from ..fileio import atomic_write_bytes
 from ..moe import MoEMlp, collect_moe_outputs, find_moe_layers
-
-PRIORITIES = ("position", "score")
+from ..moe.routers.topk import PRIORITIES
 
 
 def capacity_layers(model: nn.Module) -> list[MoEMlp]:
