@@ -161,3 +161,47 @@ def test_ema_decay_validation(tmp_path, value, needle):
     with pytest.raises(ConfigError) as e:
         _cfg(tmp_path, "bad", ema_decay=value).validate()
     assert "ema_decay" in str(e.value) and needle in str(e.value), str(e.value)
+
+
+def test_eval_merge_and_analyze_read_the_ema_with_ema_flag(tmp_path, digits512, capsys):
+    from vitmoe.cli.main import main
+    from vitmoe.training.checkpoint import CheckpointError, resolve_model_file
+
+    tr, te = digits512  # te is the whole digits test split, what `vitmoe eval` reads for the run
+    quiet = dict(log=lambda m: None, train_data=tr, test_data=te)
+    run = tmp_path / "run"
+    r = Trainer(_cfg(tmp_path, "run"), **quiet).fit()
+    last = latest_checkpoint(run)
+    assert resolve_model_file(run, weights="ema") == last / "ema.safetensors"
+    best = run / "checkpoints" / (run / "checkpoints" / "best").read_text().strip()
+    assert resolve_model_file(run, which="best", weights="ema") == best / "ema.safetensors"
+
+    def acc(*flags):
+        capsys.readouterr()
+        assert main(["eval", str(run), "--json", "--device", "cpu", *flags]) == 0
+        return json.loads(capsys.readouterr().out)["test_acc"]
+
+    assert acc("--ema") == pytest.approx(r.history[-1]["ema_test_acc"], abs=1e-9)
+    assert acc() == pytest.approx(r.history[-1]["test_acc"], abs=1e-9)
+    assert acc("--ema") != acc()  # two models, not one file read twice
+    assert acc("--ema", "--checkpoint", "best") == pytest.approx(r.history[r.summary["best_epoch"] - 1]["ema_test_acc"], abs=1e-9)
+
+    assert main(["merge", str(run), str(tmp_path / "m.safetensors"), "--ema"]) == 0
+    want = merge_experts(vitmoe.load_model(last / "ema.safetensors")).state_dict()
+    got = load_file(str(tmp_path / "m.safetensors"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+    # A run whose best accuracy was its EMA's: reading the raw weights of `best` says so.
+    s = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**s, "best_model": "ema"}))
+    capsys.readouterr()
+    assert main(["analyze", str(run), "--images", "0", "--out", str(tmp_path / "a")]) == 0
+    assert "was its EMA's: pass --ema" in capsys.readouterr().err
+    assert main(["analyze", str(run), "--ema", "--images", "0", "--out", str(tmp_path / "a")]) == 0
+    assert "pass --ema" not in capsys.readouterr().err
+
+    Trainer(_cfg(tmp_path, "plain", epochs=1, ema_decay=0.0), **quiet).fit()
+    assert main(["eval", str(tmp_path / "plain"), "--ema"]) == 2
+    assert "holds no ema.safetensors in its checkpoints: the run trained without ema_decay" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="is a model file"):
+        resolve_model_file(last / "model.safetensors", weights="ema")

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import CLIError, HelpFormatter, echo
+from .common import CLIError, HelpFormatter, add_checkpoint_args, echo
 
 
 def add_parser(sub) -> None:
@@ -18,8 +18,7 @@ def add_parser(sub) -> None:
                     "randomly routed models also each expert's accuracy, merged / ensemble / random accuracy and "
                     "how far the experts drifted apart (what decides whether merging works).")
     p.add_argument("run", metavar="RUN", help="run directory (or a model .safetensors file)")
-    p.add_argument("--checkpoint", choices=["best", "latest"], default="best",
-                   help="which checkpoint of a run directory (default best)")
+    add_checkpoint_args(p, default="best")
     p.add_argument("--dataset", default=None, help="test set (default: the run's)")
     p.add_argument("--data-dir", default=None, help="dataset directory (default: the run's, then $DATA, ./data)")
     p.add_argument("--images", type=int, default=16, help="test images in the tinted grid (default 16)")
@@ -34,18 +33,6 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _model_path(run: str, which: str) -> str:
-    from ..training.checkpoint import MODEL_FILE, find_checkpoint
-
-    p = Path(run)
-    if p.is_dir() and not (p / MODEL_FILE).is_file():
-        ck = find_checkpoint(p, which=which, files=(MODEL_FILE,))
-        if ck is None:
-            raise CLIError(f"{p} holds no checkpoint (looked for checkpoints/{which})")
-        return str(ck)
-    return run
-
-
 def run(args: argparse.Namespace) -> int:
     from ..report.analysis import layer_summary, random_routing_report, record_routing, shares
     from ..report.analysis_plots import plot_class_experts, plot_position_experts, plot_routed_images
@@ -55,9 +42,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--images {args.images}: must be 0 or more")
     if not 0 <= args.dead_threshold <= 1:
         raise CLIError(f"--dead-threshold {args.dead_threshold}: must be in [0, 1]")
-    source = _model_path(args.run, args.checkpoint)
-    path, model, loader, dataset, classes, _ = prepare_eval(source, None, args.dataset, args.data_dir, args.batch,
-                                                            args.device, args.seed)
+    path, model, loader, dataset, classes, _ = prepare_eval(args.run, None, args.dataset, args.data_dir, args.batch,
+                                                            args.device, args.seed, args.which, args.ema)
     if not model.moe_modules():
         raise CLIError(f"{path} is a dense model: there is no routing to analyze")
     names = [n for n, _ in model.moe_modules()]

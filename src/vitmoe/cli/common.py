@@ -33,3 +33,31 @@ def echo(msg: str = "") -> None:
 
 def warn(msg: str) -> None:
     print(f"vitmoe: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def add_checkpoint_args(p: argparse.ArgumentParser, default: str = "latest") -> None:
+    """--checkpoint and --ema: which model file of a run directory a command reads."""
+    p.add_argument("--checkpoint", dest="which", choices=["best", "latest"], default=default,
+                   help=f"which checkpoint of a run directory (default {default})")
+    p.add_argument("--ema", action="store_true",
+                   help="the checkpoint's EMA of the weights (ema.safetensors, runs trained with --ema-decay) "
+                        "instead of the trained weights")
+
+
+def model_file(source, which: str = "latest", ema: bool = False):
+    """The model file `source` (a file, run or checkpoint directory) means, as add_checkpoint_args
+    chose; says so when a run's best accuracy was its EMA's and the raw weights are read."""
+    import json
+    from pathlib import Path
+
+    from ..training import resolve_model_file
+
+    path = resolve_model_file(source, log=warn, which=which, weights="ema" if ema else "model")
+    if which == "best" and not ema and Path(source).is_dir():
+        try:
+            best = json.loads((Path(source) / "summary.json").read_text()).get("best_model")
+        except (OSError, ValueError, AttributeError):
+            best = None
+        if best == "ema":
+            warn(f"the best test accuracy of {source} was its EMA's: pass --ema to read ema.safetensors")
+    return path

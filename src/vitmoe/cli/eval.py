@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import CLIError, HelpFormatter, echo, warn
+from .common import CLIError, HelpFormatter, add_checkpoint_args, echo, model_file, warn
 
 
 def add_parser(sub) -> None:
@@ -13,9 +13,11 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser(
         "eval", help="evaluate a checkpoint on a test set", formatter_class=HelpFormatter,
-        description="Evaluate a model .safetensors file, or a run directory (its latest checkpoint), on the "
+        description="Evaluate a model .safetensors file, or a run directory (its latest or best checkpoint, the "
+                    "trained weights or their EMA), on the "
                     "test split. The dataset defaults to the one the checkpoint was trained on.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="model .safetensors file or run directory")
+    add_checkpoint_args(p)
     p.add_argument("--mode", choices=list(EVAL_MODES), default=None,
                    help="eval mode of randomly routed layers (default: the checkpoint's, normally merged)")
     p.add_argument("--dataset", type=dataset_arg, default=None, metavar=dataset_metavar(DATASET_NAMES),
@@ -74,17 +76,18 @@ def saved_config(checkpoint, model_file) -> dict:
     return {}
 
 
-def prepare_eval(checkpoint, mode=None, dataset=None, data_dir=None, batch=500, device="auto", seed=0):
+def prepare_eval(checkpoint, mode=None, dataset=None, data_dir=None, batch=500, device="auto", seed=0,
+                 which="latest", ema=False):
     """(model file, model, test loader, dataset name, class names, device), read as in training."""
     import torch
 
     from ..data import DeviceLoader, is_folder, load_dataset
     from ..models import load_model, read_metadata
-    from ..training import resolve_device, resolve_model_file
+    from ..training import resolve_device
 
     if batch < 1:
         raise CLIError(f"--batch {batch}: must be a positive integer")
-    path = resolve_model_file(checkpoint, log=warn)
+    path = model_file(checkpoint, which, ema)
     try:
         meta = read_metadata(path)
     except ValueError as e:
@@ -123,13 +126,14 @@ def prepare_eval(checkpoint, mode=None, dataset=None, data_dir=None, batch=500, 
 
 
 def evaluate_checkpoint(checkpoint, mode=None, dataset=None, data_dir=None, batch=500, device="auto", seed=0,
-                        per_class=False) -> dict:
+                        per_class=False, which="latest", ema=False) -> dict:
     import torch
 
     from ..data import is_folder
     from ..training import evaluate
 
-    path, model, loader, dataset, classes, dev = prepare_eval(checkpoint, mode, dataset, data_dir, batch, device, seed)
+    path, model, loader, dataset, classes, dev = prepare_eval(checkpoint, mode, dataset, data_dir, batch, device, seed,
+                                                              which, ema)
     cfg = model.config
     per_class = per_class or is_folder(dataset)
     preds, labels = [], []
@@ -165,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     if args.capacity_factors is not None:
         return run_capacity_curve(args)
     r = evaluate_checkpoint(args.checkpoint, args.mode, args.dataset, args.data_dir, args.batch, args.device, args.seed,
-                            args.per_class)
+                            args.per_class, args.which, args.ema)
     if args.json:
         echo(json.dumps(r))
     else:
@@ -186,7 +190,7 @@ def run_capacity_curve(args: argparse.Namespace) -> int:
     if bad:
         raise CLIError(f"--capacity-factors {bad[0]}: each factor must be a finite number > 0")
     path, model, loader, dataset, _, dev = prepare_eval(args.checkpoint, args.mode, args.dataset, args.data_dir,
-                                                         args.batch, args.device, args.seed)
+                                                         args.batch, args.device, args.seed, args.which, args.ema)
     try:
         curve = capacity_curve(model, loader, dev, sorted(set(args.capacity_factors)), args.priorities)
     except ValueError as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import warnings
 
-from .common import CLIError, HelpFormatter, echo, warn
+from .common import CLIError, HelpFormatter, add_checkpoint_args, echo, model_file, warn
 
 FORMATS = ("hf",)
 
@@ -19,6 +19,7 @@ def add_parser(sub) -> None:
                     "merging their experts (--merge, or `vitmoe merge` first). Class names go into id2label when "
                     "the checkpoint records its dataset. `vitmoe.load_pretrained(OUT)` reads the result back.")
     p.add_argument("checkpoint", metavar="RUN_OR_FILE", help="model .safetensors file or run directory")
+    add_checkpoint_args(p)
     p.add_argument("out", metavar="OUT", help="output directory (created if missing)")
     p.add_argument("--format", choices=FORMATS, default="hf", help="hf: the transformers ViT layout (default)")
     p.add_argument("--merge", action="store_true",
@@ -61,9 +62,8 @@ def check_output(out, force: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..models import load_model, merge_experts, read_metadata
     from ..models.hf import export_hf, hf_export_problem
-    from ..training import resolve_model_file
 
-    path = resolve_model_file(args.checkpoint, log=warn)
+    path = model_file(args.checkpoint, args.which, args.ema)
     check_output(args.out, args.force)
     meta = read_metadata(path)
     model = load_model(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import warnings
 
-from .common import CLIError, HelpFormatter, echo, warn
+from .common import CLIError, HelpFormatter, add_checkpoint_args, echo, model_file, warn
 
 
 def add_parser(sub) -> None:
@@ -16,6 +16,7 @@ def add_parser(sub) -> None:
                     "what the MoE model computes in merged eval mode.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="MoE model .safetensors file or run directory")
     p.add_argument("out", metavar="OUT", help="output .safetensors file")
+    add_checkpoint_args(p)
     p.add_argument("--weighting", choices=["uniform", "usage"], default="uniform",
                    help="uniform average, or weighted by the tokens each expert received in training "
                         "(recorded in the run's checkpoint state)")
@@ -28,10 +29,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..models import load_model, merge_experts, read_metadata, save_model
-    from ..training import resolve_model_file
     from ..training.checkpoint import STATE_FILE, load_state, verify_checkpoint
 
-    path = resolve_model_file(args.checkpoint, log=warn)
+    path = model_file(args.checkpoint, args.which, args.ema)
     check_output(Path(args.out), path)
     try:
         meta = read_metadata(path)

@@ -303,18 +303,33 @@ def load_for_resume(run_dir: str | os.PathLike, device: str | torch.device = "cp
     return None
 
 
-def resolve_model_file(path: str | os.PathLike, log: Callable[[str], None] | None = None) -> Path:
+# The model files a checkpoint can hold, by the name the command line uses for them.
+WEIGHTS = {"model": MODEL_FILE, "ema": EMA_FILE}
+
+
+def resolve_model_file(path: str | os.PathLike, log: Callable[[str], None] | None = None, which: str = "latest",
+                       weights: str = "model") -> Path:
     """A model .safetensors file itself, or a run directory / checkpoint directory -> its model
-    file (a run's newest checkpoint whose model file verifies; skipped ones go to `log`)."""
-    p = Path(path)
+    file: `weights` "model" (the trained weights) or "ema" (their EMA, runs with ema_decay), of the
+    checkpoint `which` ("latest" or "best") names, else of the newest one whose file verifies
+    (skipped ones go to `log`)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: must be one of {', '.join(WEIGHTS)}")
+    name, p = WEIGHTS[weights], Path(path)
     if p.is_file():
+        if weights != "model":
+            raise CheckpointError(f"{p} is a model file: the EMA weights are read from a run or checkpoint directory")
         return p
-    if p.is_dir():
-        if (p / MODEL_FILE).is_file():
-            verify_checkpoint(p, files=(MODEL_FILE,))
-            return p / MODEL_FILE
-        ck = find_checkpoint(p, files=(MODEL_FILE,), log=log)
-        if ck is not None:
-            return ck / MODEL_FILE
-        raise CheckpointError(f"{p} holds no checkpoint (looked for {MODEL_FILE} and {CHECKPOINT_DIR}/latest)")
-    raise CheckpointError(f"{p} does not exist")
+    if not p.is_dir():
+        raise CheckpointError(f"{p} does not exist")
+    if (p / MODEL_FILE).is_file():  # a checkpoint directory
+        if not (p / name).is_file():
+            raise CheckpointError(f"{p} holds no {name}: the run trained without ema_decay")
+        verify_checkpoint(p, files=(name,))
+        return p / name
+    if weights != "model" and has_checkpoint(p) and not any((d / name).is_file() for d in candidates(p, which)):
+        raise CheckpointError(f"{p} holds no {name} in its checkpoints: the run trained without ema_decay")
+    ck = find_checkpoint(p, which=which, files=(name,), log=log)
+    if ck is not None:
+        return ck / name
+    raise CheckpointError(f"{p} holds no checkpoint (looked for {MODEL_FILE} and {CHECKPOINT_DIR}/{which})")

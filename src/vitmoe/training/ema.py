@@ -31,7 +31,6 @@ from ..moe import find_moe_layers, seed_random_routers
 from . import expert_parallel
 from .evaluate import evaluate
 
-EMA_FILE = "ema.safetensors"
 # Random eval routes of the copy are drawn from (seed, epoch, this stream): the same after a resume.
 _EVAL_STREAM = 7
 

@@ -35,7 +35,7 @@ from .config import TrainConfig
 from ..data.mix import BatchMixer
 from .data_spec import build_loaders, class_metadata
 from .dist import DistContext, resolve_device, synchronize, wrap_ddp
-from .ema import EMA_FILE, ModelEMA, better_model
+from .ema import ModelEMA, better_model
 from .evaluate import autocast_context, evaluate
 from .expert_averaging import ExpertAverager
 from .init import apply_init, check_init
@@ -289,7 +289,7 @@ class Trainer:
         if self.dist.is_main:
             meta = {"dataset": cfg.dataset, "epoch": epoch, "test_acc": row["test_acc"], "name": cfg.run_label(),
                     **self._norm_metadata(), **class_metadata(cfg)}
-            extra = ({EMA_FILE: (self.ema.module, ema_state, {**meta, "test_acc": row["ema_test_acc"],
+            extra = ({ckpt.EMA_FILE: (self.ema.module, ema_state, {**meta, "test_acc": row["ema_test_acc"],
                                                               "ema_decay": cfg.ema_decay})} if self.ema else None)
             self.last_good = ckpt.save_checkpoint(self.run_dir, epoch, self.model, state, keep=cfg.keep_checkpoints,
                                                   is_best=is_best, model_state=model_state, metadata=meta,
