@@ -61,6 +61,7 @@ def model_overrides(args: argparse.Namespace) -> dict:
     import yaml
 
     from ..models import model_config
+    from ..moe import router_class
     from ..training.config import parse_set
 
     o: dict = {}
@@ -85,9 +86,10 @@ def model_overrides(args: argparse.Namespace) -> dict:
         o.pop(name, None)
         o[name] = value
     top_k = o.get("moe.top_k", o.get("moe", {}).get("top_k") if isinstance(o.get("moe"), dict) else None)
-    if args.model is not None and isinstance(top_k, int) and top_k > 1 and "moe.router" not in o \
-            and getattr(o.get("moe"), "router", None) == "switch":
-        o["moe.router"] = "topk"  # the preset's switch router is top-1 by definition: top-k with k > 1 is 'topk'
+    preset_router = getattr(o.get("moe"), "router", None)
+    if args.model is not None and isinstance(top_k, int) and "moe.router" not in o and preset_router is not None:
+        # A top-1-only preset router (switch) asked for k > 1 experts per token becomes one that allows it (topk).
+        o["moe.router"] = router_class(preset_router).router_for_top_k(preset_router, top_k)
     return o
 
 
@@ -118,6 +120,7 @@ def load_dense(path: Path, is_hf: bool):
 
 def run(args: argparse.Namespace) -> int:
     from ..models import save_model, upcycle
+    from ..moe import router_class
     from .merge import check_output
 
     if not 0.0 <= args.drop_upcycling <= 1.0:
@@ -140,8 +143,8 @@ def run(args: argparse.Namespace) -> int:
     save_model(model, args.out, metadata=meta)
     n_before = sum(p.numel() for p in dense.parameters())
     n_after = sum(p.numel() for p in model.parameters())
-    router = cfg.moe.router + (f" top-{cfg.moe.top_k}" if cfg.moe.router == "topk" else "")
-    echo(f"upcycled {len(cfg.moe_block_indices())} block(s) {cfg.moe_block_indices()} into {router} MoE with "
+    router = router_class(cfg.moe.router).describe(cfg.moe)
+    echo(f"upcycled {len(cfg.moe_block_indices())} block(s) {cfg.moe_block_indices()} into {router} with "
          f"{cfg.experts_per_moe_block()[0] if len(set(cfg.experts_per_moe_block())) == 1 else cfg.experts_per_moe_block()} "
          f"experts: {n_before:,} -> {n_after:,} parameters; wrote {args.out}")
     return 0

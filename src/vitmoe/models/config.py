@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from ..moe import MoEConfig, MoEMlp, SoftMoE
+from ..moe import MoEConfig, MoEMlp, router_class
 from ..validation import ConfigError, Fields
 from .mlp import Mlp
 from .residual import ResidualMoE
@@ -210,11 +210,12 @@ class ViTConfig:
 
     def mlp_layer(self, block: int) -> tuple[type[nn.Module], dict[str, Any]]:
         """Block `block`'s MLP class and keyword arguments: the one place where the config picks
-        dense Mlp, routed MoEMlp or SoftMoE (by `moe.router`), wrapped in ResidualMoE if asked."""
+        dense Mlp, or the layer `moe.router` declares (MoEMlp routing with it, or SoftMoE), wrapped
+        in ResidualMoE if asked."""
         experts = dict(zip(self.moe_block_indices(), self.experts_per_moe_block()))
         if block not in experts:
             return Mlp, {}
-        layer = SoftMoE if self.moe.router == "soft" else MoEMlp
+        layer = router_class(self.moe.router).layer or MoEMlp
         kwargs = dict(num_experts=experts[block], config=self.moe)
         if self.moe.residual:
             return ResidualMoE, dict(moe_layer=layer, **kwargs)

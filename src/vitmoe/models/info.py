@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..moe import router_class
 from .config import ViTConfig
 from .tokenizer import conv_tokenizer_layers
 
@@ -45,14 +46,10 @@ def model_info(cfg: ViTConfig) -> ModelInfo:
             if cfg.head == "mlp" else D * cfg.num_classes + cfg.num_classes)
     head += D + 1 if cfg.pool == "seq" else 0  # the sequence pooling's Linear(D, 1)
     moe = dict(zip(cfg.moe_block_indices(), cfg.experts_per_moe_block()))
-    m = cfg.moe
-    soft, residual = m.router == "soft", m.residual
-    if m.router == "expert_choice":
-        k_of = lambda e: min(m.capacity_factor_eval, e)  # noqa: E731 - mean experts per token
-    else:
-        k_of = lambda e: e if soft else m.top_k  # noqa: E731
-    # Scores per token: the router's E logits, or Soft MoE's E * slots.
-    scorer = lambda e: 0 if m.router == "random" else D * e * (m.slots_per_expert if soft else 1)  # noqa: E731
+    m, residual = cfg.moe, cfg.moe.residual
+    router = router_class(m.router)  # declares its own parameters, experts per token and FLOPs
+    k_of = lambda e: router.experts_per_token(e, m)  # noqa: E731
+    scorer = lambda e: router.router_params(D, e, m)  # noqa: E731
     res = mlp + D * 2 + 2 if residual else 0  # dense branch and its Linear(D, 2) mixing weights
 
     def mlp_params(i: int, active: bool) -> int:
@@ -66,7 +63,7 @@ def model_info(cfg: ViTConfig) -> ModelInfo:
     base = embed + len(blocks) * attn + L * norms + 2 * D + head
     total = base + sum(mlp_params(i, False) for i in blocks)
     active = base + sum(mlp_params(i, True) for i in blocks)
-    mergeable = not (residual or soft)
+    mergeable = not residual and router.mergeable
     merged = embed + L * (attn + norms + mlp) + 2 * D + head if mergeable else total
 
     flops = tokenizer_flops
@@ -74,12 +71,8 @@ def model_info(cfg: ViTConfig) -> ModelInfo:
     for i in range(L):  # shared blocks share weights, not work: every block computes
         if i not in moe:
             per_mlp = 2 * N * 2 * D * H
-        elif soft:
-            M = moe[i] * m.slots_per_expert
-            # Logits, slots = dispatch^T X, combine @ outputs, and every slot through its expert.
-            per_mlp = 2 * N * D * M * 3 + M * 2 * 2 * D * H
         else:
-            per_mlp = round(k_of(moe[i]) * 2 * N * 2 * D * H) + 2 * N * scorer(moe[i])
+            per_mlp = router.layer_flops(N, D, H, moe[i], m)
         if i in moe and residual:
             per_mlp += 2 * N * 2 * D * H + 2 * N * D * 2
         flops += per_block + per_mlp

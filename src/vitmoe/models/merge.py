@@ -5,10 +5,10 @@ import warnings
 
 import torch
 
-from ..moe import MoEMlp, find_moe_layers
+from ..moe import MoEMlp, find_moe_layers, router_class
 from .vit import VisionTransformer
 
-UNMERGEABLE = "residual MoE (moe.residual=True) and Soft MoE (moe.router='soft')"
+UNMERGEABLE = "residual MoE (moe.residual=True) and routers that declare mergeable=False (Soft MoE)"
 
 WEIGHTINGS = ("uniform", "usage")
 
@@ -32,7 +32,7 @@ def merge_experts(model: VisionTransformer, weighting: str = "uniform") -> Visio
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     cfg = model.config
-    if cfg.moe.residual or cfg.moe.router == "soft":
+    if cfg.moe.residual or not router_class(cfg.moe.router).mergeable:
         raise ValueError(f"merge_experts: {UNMERGEABLE} cannot be merged into a plain ViT "
                          f"(this model: moe.residual={cfg.moe.residual}, moe.router={cfg.moe.router!r}); "
                          "evaluate the MoE model itself")

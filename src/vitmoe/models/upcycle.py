@@ -88,7 +88,7 @@ def upcycled_config(dense: ViTConfig, **overrides: Any) -> ViTConfig:
         elif k.startswith("moe."):
             given[k[4:]] = v
     moe_defaults = dict(DEFAULTS["moe"])
-    if given.get("router", "topk") != "topk":
+    if given.get("router", moe_defaults["router"]) != moe_defaults["router"]:
         moe_defaults.pop("top_k")
     full = {k: v for k, v in DEFAULTS.items() if k != "moe" and k not in overrides}
     if isinstance(overrides.get("moe"), MoEConfig):  # a whole config: dotted fields still apply on top

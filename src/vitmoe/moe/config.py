@@ -1,10 +1,11 @@
 """MoEConfig: every setting of an MoE layer, in one dataclass, checked once.
 
-The fields come from option groups that live beside the code that reads them (ScoringOptions in
-routers/scoring.py, TopKOptions in routers/topk.py, RandomOptions in routers/random.py,
-ExpertOptions in experts.py) plus the layer-level fields below; MoEConfig inherits them all, so
-one object describes a layer whole and is passed whole to it. Per-layer expert counts stay in
-ViTConfig (pyramids give each MoE block its own count).
+The fields come from option groups that live beside the code that reads them (ExpertOptions in
+experts.py, and every registered router's `options`: ScoringOptions in routers/scoring.py,
+TopKOptions in routers/topk.py, RandomOptions in routers/random.py, ...) plus the layer-level
+fields below; MoEConfig inherits them all, so one object describes a layer whole and is passed
+whole to it. A router registered later (outside the package) adds its groups to the class then
+(`_join`). Per-layer expert counts stay in ViTConfig (pyramids give each MoE block its own count).
 """
 from __future__ import annotations
 
@@ -15,17 +16,20 @@ from typing import Any, Mapping, Sequence
 
 from ..validation import ConfigError, Fields
 from .experts import ExpertOptions
-from .routers import ROUTERS, RandomOptions, ScoringOptions, TopKOptions
+from .options import Options
+from .routers import OPTION_GROUPS, ROUTERS, on_new_option_group, router_class
 
 EVAL_MODES = ("merged", "random", "ensemble")
-LAYER_ROUTERS = (*sorted(ROUTERS), "soft")
-"""Every value of MoEConfig.router: the routers of MoEMlp, and "soft" (the SoftMoE layer)."""
+LAYER_ROUTERS = ROUTERS.keys()
+"""Every value of MoEConfig.router (a live view of the registry: routers registered later count)."""
 
 
+# Groups first declared last come first in the bases, so that fields list in declaration order.
 @dataclass
-class MoEConfig(ExpertOptions, RandomOptions, TopKOptions, ScoringOptions):
+class MoEConfig(ExpertOptions, *reversed(OPTION_GROUPS)):
     router: str = "switch"
-    """"switch", "topk", "random", "expert_choice" (MoEMlp with that router) or "soft" (SoftMoE)."""
+    """A registered router (vitmoe.moe.ROUTERS): "switch", "topk", "random", "expert_choice" (MoEMlp
+    with that router), "soft" (the SoftMoE layer), or one added with vitmoe.moe.register_router."""
     top_k: int = 1
     """Experts per token (routers switch, topk, random)."""
     capacity_factor_train: float | None = None
@@ -80,11 +84,28 @@ class MoEConfig(ExpertOptions, RandomOptions, TopKOptions, ScoringOptions):
         f.integer("min_capacity", 0)
         f.choice("eval_mode", EVAL_MODES)
         f.integer("slots_per_expert", 1)
-        f.need(self.router != "soft" or self.top_k == 1, "top_k", "1 for router 'soft' (every token mixes every expert)")
         f.boolean("residual")
         super().check(f, experts)
-        if self.router in ROUTERS:
-            ROUTERS[self.router].check_config(f, experts)
+        router_class(self.router).check_config(f, experts)
+
+
+def _join(group: type[Options]) -> None:
+    """Make a group registered after MoEConfig was built (a router defined outside the package)
+    part of it, as if it had been a base from the start. Dataclass fields are fixed when the
+    class is made, so the class is re-made in place: the group goes in the bases after ExpertOptions
+    (its fields just before the experts'), and @dataclass writes __init__, __repr__ and __eq__ again over the new field list.
+    Configs made before keep working: a new field's default is a class attribute."""
+    clash = sorted(set(MoEConfig.field_names()) & {f.name for f in dataclasses.fields(group)})
+    if clash:
+        raise ConfigError(f"option group {group.__name__}: field(s) {clash} are already MoEConfig fields")
+    MoEConfig.__bases__ = (MoEConfig.__bases__[0], group, *MoEConfig.__bases__[1:])
+    for name in ("__init__", "__repr__", "__eq__", "__hash__", "__match_args__"):
+        if name in MoEConfig.__dict__:
+            delattr(MoEConfig, name)
+    dataclass(MoEConfig)
+
+
+on_new_option_group(_join)
 
 
 def resolve_config(config: MoEConfig | None, options: Mapping[str, Any], num_experts: int,

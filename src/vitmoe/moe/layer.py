@@ -14,7 +14,7 @@ from .config import MoEConfig, resolve_config
 from .dispatch import combine, dispatch_routing, expert_capacity
 from .experts import GroupedExperts
 from .parallel import expert_parallel_apply
-from .routers import ROUTERS
+from .routers import ROUTERS, router_class
 
 
 class MoEMlp(MoELayer):
@@ -45,11 +45,13 @@ class MoEMlp(MoELayer):
         **options,
     ):
         config = resolve_config(config, options, num_experts)
-        if config.router not in ROUTERS:
-            raise ValueError(f"MoEMlp routes with one of {sorted(ROUTERS)}, got router {config.router!r} "
-                             "(router 'soft' is the SoftMoE layer)")
+        router = router_class(config.router)
+        if router.layer is not None:
+            own = [name for name, cls in ROUTERS.items() if cls.layer is None]
+            raise ValueError(f"MoEMlp routes with one of {own}, got router {config.router!r} "
+                             f"(its layer is {router.layer.__name__})")
         super().__init__(num_experts, config)
-        self.router = ROUTERS[config.router](in_features, num_experts, config)
+        self.router = router(in_features, num_experts, config)
         self.experts = GroupedExperts(num_experts, in_features, hidden_features, out_features,
                                       act_layer, drop, init=config.expert_init, dispatch_path=config.dispatch)
         self.top_k = config.top_k

@@ -13,12 +13,16 @@ The paper's l2-normalisation of X and Phi (for very wide models) is not applied.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor, nn
 
+from ..validation import Fields
 from .base_layer import MoELayer
 from .config import MoEConfig, resolve_config
 from .experts import GroupedExperts
+from .routers import Router, register_router
 
 
 class SoftMoE(MoELayer):
@@ -43,7 +47,7 @@ class SoftMoE(MoELayer):
         config: MoEConfig | None = None,
         **options,
     ):
-        config = resolve_config(config, options, num_experts, router="soft")
+        config = resolve_config(config, options, num_experts, router=SOFT)
         super().__init__(num_experts, config)
         self.slots_per_expert = s = config.slots_per_expert
         # LeCun-normal, as in the paper: with LayerNormed inputs the logits start at unit scale.
@@ -80,3 +84,46 @@ class SoftMoE(MoELayer):
 
     def extra_repr(self) -> str:
         return f"slots_per_expert={self.slots_per_expert}"
+
+
+SOFT = "soft"
+
+
+@register_router(SOFT)
+class SoftRouting(Router):
+    """Router "soft": the declaration of the SoftMoE layer, whose routing (the logits phi, the
+    dispatch and combine weights) cannot be split from it. It lives here because SoftMoE is built
+    on MoEConfig, which the routers package comes before; the class is never instantiated."""
+
+    layer = SoftMoE
+    mergeable = False  # slot mixing is no MLP: no dense layer computes it
+    routes_tokens = False  # every expert processes slots of every image
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("router 'soft' has no router module: it is the SoftMoE layer (built by ViTConfig.mlp_layer)")
+
+    @classmethod
+    def check_config(cls, f: Fields, experts: Sequence[int]) -> None:
+        f.need(f.obj.top_k == 1, "top_k", "1 for router 'soft' (every token mixes every expert)")
+
+    @classmethod
+    def run_label(cls, config: MoEConfig) -> str:
+        return "soft-moe"
+
+    @classmethod
+    def describe(cls, config: MoEConfig) -> str:
+        return "Soft MoE"
+
+    @classmethod
+    def router_params(cls, dim: int, num_experts: int, config: MoEConfig) -> int:
+        return dim * num_experts * config.slots_per_expert  # phi: a logit per slot
+
+    @classmethod
+    def experts_per_token(cls, num_experts: int, config: MoEConfig) -> float:
+        return num_experts  # each token's output mixes every slot
+
+    @classmethod
+    def layer_flops(cls, tokens: int, dim: int, hidden: int, num_experts: int, config: MoEConfig) -> int:
+        M = num_experts * config.slots_per_expert
+        # Logits, slots = dispatch^T X, combine @ outputs, and every slot through its expert.
+        return 2 * tokens * dim * M * 3 + M * 2 * 2 * dim * hidden

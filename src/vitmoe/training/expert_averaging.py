@@ -32,7 +32,7 @@ class ExpertAverager:
         if every < 1:
             raise ValueError(f"ExpertAverager: every must be >= 1 optimizer steps, got {every}")
         self.every, self.optimizer = int(every), optimizer
-        self.layers = [m for _, m in find_moe_layers(model) if isinstance(m, MoEMlp) and m.config.router == "random"]
+        self.layers = [m for _, m in find_moe_layers(model) if isinstance(m, MoEMlp) and m.router.random_routes]
         if not self.layers:
             raise ValueError("ExpertAverager: the model has no randomly routed MoE layer (router 'random')")
 

@@ -27,6 +27,7 @@ from ..models import ViTConfig, VisionTransformer, load_model, merge_experts, re
 from ..models.io import ModelFileError
 from ..models.surgery import load_adapted
 from ..models.upcycle import ARCH_FIELDS, architecture_diff, load_upcycled
+from ..moe import router_class
 from ..validation import ConfigError
 from . import checkpoint as ckpt
 
@@ -89,7 +90,7 @@ def init_problems(source: ViTConfig, target: ViTConfig) -> list[str]:
                 problems.append(f"MoE layers of another kind (router {source.moe.router!r}, residual "
                                 f"{source.moe.residual} in SRC; {target.moe.router!r}, "
                                 f"{target.moe.residual} in the run: {keys[:2]} differ)")
-    if (source.is_moe and not target.is_moe) and (source.moe.residual or source.moe.router == "soft"):
+    if (source.is_moe and not target.is_moe) and (source.moe.residual or not router_class(source.moe.router).mergeable):
         problems.append("a residual or Soft MoE source cannot be merged into the run's dense model")
     return problems
 

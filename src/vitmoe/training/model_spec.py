@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ..models import ViTConfig, list_models, model_config
 from ..models.config import normalize_keys
-from ..moe import MoEConfig
+from ..moe import MoEConfig, router_class
 from ..validation import ConfigError, Fields
 
 if TYPE_CHECKING:
@@ -66,9 +66,7 @@ def model_label(cfg: ViTConfig) -> str:
     family = "cct" if getattr(cfg, "tokenizer", "patch") == "conv" else "vit"
     if not cfg.moe_block_indices():
         return family
-    router = cfg.moe.router
-    label = {"random": f"random-{family}", "switch": f"switch-{family}", "expert_choice": f"ec-{family}",
-             "soft": f"soft-moe-{family}"}.get(router, f"top{cfg.moe.top_k}-{family}")
+    label = f"{router_class(cfg.moe.router).run_label(cfg.moe)}-{family}"
     if cfg.moe.residual:
         label = "pr-" + label
     if cfg.share_blocks:

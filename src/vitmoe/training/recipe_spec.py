@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..moe import ROUTERS, router_class
 from ..validation import Fields
 
 if TYPE_CHECKING:
@@ -33,7 +34,8 @@ def check_recipe_model(cfg: "TrainConfig", f: Fields, mc: "ViTConfig") -> None:
     """The fields that need a kind of MoE layer in the resolved model `mc`."""
     moe = bool(mc.moe_block_indices())
     what = "is dense" if not moe else f"routes with router {mc.moe.router!r}"
-    random = moe and mc.moe.router == "random"
+    router = router_class(mc.moe.router)
+    random = moe and router.random_routes
     if cfg.consistency_weight > 0 and not random:
         f.fail("consistency_weight", f"0 for model {cfg.model!r}, which {what}: consistency regularisation "
                                      f"compares two passes with different random routes, so it needs randomly "
@@ -43,7 +45,9 @@ def check_recipe_model(cfg: "TrainConfig", f: Fields, mc: "ViTConfig") -> None:
         f.fail("merge_every", f"0 for model {cfg.model!r}, which {what}: averaging the experts keeps the model's "
                               f"function only when no learned router tells them apart, so it needs randomly routed "
                               f"MoE layers (router 'random', e.g. model random_vit)")
-    if cfg.freeze_unrouted and not (moe and mc.moe.router != "soft"):
-        what = "is dense" if not moe else "uses Soft MoE layers, where every expert gets slots in every step"
+    if cfg.freeze_unrouted and not (moe and router.routes_tokens):
+        what = "is dense" if not moe else (f"routes with router {mc.moe.router!r} ({router.describe(mc.moe)}), "
+                                           "where every expert gets work in every step")
+        routed = ", ".join(name for name, r in ROUTERS.items() if r.routes_tokens)
         f.fail("freeze_unrouted", f"false for model {cfg.model!r}, which {what}: it only acts on routed MoE "
-                                  f"layers (switch, topk, random, expert_choice)")
+                                  f"layers ({routed})")

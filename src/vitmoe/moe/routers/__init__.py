@@ -1,11 +1,20 @@
-from .base import ROUTERS, Copies, Router, Routing, register_router
-from .expert_choice import ExpertChoiceRouter
-from .random import GRANULARITIES, RandomOptions, RandomRouter, seed_random_routers
-from .scoring import NOISE_POLICIES, ScoringOptions, router_logits, router_z_loss
+"""Routers by name (ROUTERS), each declaring what the rest of vitmoe asks of it (see base.Router).
+
+Import order is registration order, which sets the order of MoEConfig's fields (to_dict,
+config.yaml): the shared scoring group and top-k's first, then random routing's.
+"""
+from .base import (
+    OPTION_GROUPS, ROUTERS, Copies, Router, Routing, join_option_group, on_new_option_group, register_router,
+    router_class,
+)
 from .topk import SECOND_POLICIES, TopKOptions, TopKRouter, load_balancing_loss
+from .random import GRANULARITIES, RandomOptions, RandomRouter, seed_random_routers
+from .expert_choice import ExpertChoiceRouter
+from .scoring import NOISE_POLICIES, ScoringOptions, router_logits, router_z_loss
 
 __all__ = [
-    "ROUTERS", "Router", "Routing", "Copies", "register_router", "RandomRouter", "TopKRouter",
+    "ROUTERS", "OPTION_GROUPS", "Router", "Routing", "Copies", "register_router", "router_class",
+    "join_option_group", "on_new_option_group", "RandomRouter", "TopKRouter",
     "ExpertChoiceRouter", "GRANULARITIES", "NOISE_POLICIES", "SECOND_POLICIES", "load_balancing_loss",
     "router_z_loss", "router_logits", "seed_random_routers", "ScoringOptions", "TopKOptions", "RandomOptions",
 ]

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ...validation import Fields
 from .base import Copies, Router, Routing, register_router
-from .scoring import router_logits, router_z_loss
+from .scoring import ScoringOptions, router_logits, router_z_loss
 
 if TYPE_CHECKING:
     from ..config import MoEConfig
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 @register_router("expert_choice")
 class ExpertChoiceRouter(Router):
     chooses_tokens = True
+    options = (ScoringOptions,)
 
     def __init__(self, dim: int, num_experts: int, config: "MoEConfig"):
         super().__init__(dim, num_experts, config)
@@ -47,6 +48,15 @@ class ExpertChoiceRouter(Router):
         for name in ("capacity_factor_train", "capacity_factor_eval"):
             f.need(bool(getattr(f.obj, name)), name, "a positive factor for router 'expert_choice' "
                    "(each expert takes ceil(factor * tokens / experts) tokens)")
+
+    @classmethod
+    def run_label(cls, config: "MoEConfig") -> str:
+        return "ec"
+
+    @classmethod
+    def experts_per_token(cls, num_experts: int, config: "MoEConfig") -> float:
+        # The capacity factor is the mean number of experts per token (at most every expert).
+        return min(config.capacity_factor_eval, num_experts)
 
     def forward(self, x_BND: Tensor, capacity: int | None = None) -> Routing:
         T, E = x_BND.shape[0] * x_BND.shape[1], self.num_experts

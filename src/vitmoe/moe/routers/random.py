@@ -37,6 +37,8 @@ class RandomOptions(Options):
 @register_router("random")
 class RandomRouter(Router):
     has_distribution = False
+    random_routes = True
+    options = (RandomOptions,)
 
     def __init__(self, dim: int, num_experts: int, config: "MoEConfig"):
         super().__init__(dim, num_experts, config)
@@ -45,6 +47,10 @@ class RandomRouter(Router):
         """Optional source of draws (distributed runs give every rank of a group the same one)."""
         self.fixed_expert: int | None = None
         """Analysis only (per-expert accuracy): route every token to this expert instead of drawing."""
+
+    @classmethod
+    def router_params(cls, dim: int, num_experts: int, config: "MoEConfig") -> int:
+        return 0  # draws, scores nothing
 
     def _draw(self, groups: int, device: torch.device) -> Tensor:
         """k distinct uniform experts for each of `groups` groups: [groups, K]."""

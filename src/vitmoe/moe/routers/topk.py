@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ...validation import Fields
 from ..options import Options
 from .base import Router, Routing, register_router
-from .scoring import router_logits, router_z_loss
+from .scoring import ScoringOptions, router_logits, router_z_loss
 
 if TYPE_CHECKING:
     from ..config import MoEConfig
@@ -70,7 +70,11 @@ class TopKRouter(Router):
                   which follows the option names of the reference systems).
     As in GShard's algorithm the renormalisation happens before the decision: a token whose
     second copy is not sent keeps its first gate p1 / (p1 + p2), it is not rescaled to 1.
+
+    Registered twice: "switch" is the top-1 case (top_k must be 1), "topk" any k.
     """
+
+    options = (ScoringOptions, TopKOptions)
 
     def __init__(self, dim: int, num_experts: int, config: "MoEConfig"):
         super().__init__(dim, num_experts, config)
@@ -89,6 +93,19 @@ class TopKRouter(Router):
     def check_config(cls, f: Fields, experts: Sequence[int]) -> None:
         f.need(f.obj.router != "switch" or f.obj.top_k == 1, "top_k",
                "1 for router 'switch' (use router 'topk' for k > 1)")
+
+    @classmethod
+    def run_label(cls, config: "MoEConfig") -> str:
+        return "switch" if config.router == "switch" else f"top{config.top_k}"
+
+    @classmethod
+    def describe(cls, config: "MoEConfig") -> str:
+        return "switch MoE" if config.router == "switch" else f"topk top-{config.top_k} MoE"
+
+    @classmethod
+    def router_for_top_k(cls, name: str, top_k: int) -> str:
+        # Switch is top-1 by definition: top-k with k > 1 is router 'topk'.
+        return "topk" if name == "switch" and top_k > 1 else name
 
     def forward(self, x_BND: Tensor, capacity: int | None = None) -> Routing:
         with torch.autocast(device_type=x_BND.device.type, enabled=False):
