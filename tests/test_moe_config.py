@@ -77,14 +77,19 @@ def test_checkpoint_with_the_old_flat_config_still_loads(tmp_path):
     m = vitmoe.create_model("switch_vit", num_experts=4, moe={"top_k": 1, "capacity_factor_eval": 2.0}, **TINY).eval()
     path = tmp_path / "m.safetensors"
     vitmoe.save_model(m, path)
-    # Rewrite the metadata the way 0.1 wrote it: MoE fields flat in the model config.
+    # Rewrite the metadata the way 0.1 wrote it: MoE fields flat in the model config, only those
+    # 0.1 had (priority came after the move into `moe`, so no 0.1 file holds it).
     from safetensors import safe_open
+
+    from vitmoe.models.config import LEGACY_MOE_FIELDS
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     old = json.loads(meta["config"])
     moe = old.pop("moe")
-    old.update({k: v for k, v in moe.items() if k != "residual"}, moe_residual=moe["residual"])
+    flat = {new: old_name for old_name, new in LEGACY_MOE_FIELDS.items()}
+    old.update({flat[k]: v for k, v in moe.items() if k in flat})
+    assert "moe_residual" in old and "priority" not in old
     save_file(load_file(str(path)), str(path), metadata={**meta, "config": json.dumps(old)})
     with pytest.warns(FutureWarning):
         loaded = load_model(path).eval()

@@ -19,9 +19,13 @@ from .mlp import Mlp
 from .residual import ResidualMoE
 from .tokenizer import conv_tokenizer_layers
 
-# Spellings of MoE fields before they moved into `moe` (accepted with a FutureWarning in 0.x).
-LEGACY_MOE_FIELDS = {**{name: name for name in MoEConfig.field_names() if name != "residual"},
-                     "moe_residual": "residual"}
+# The flat spellings the MoE fields had before they moved into `moe` (commit 67b4dc0): accepted
+# with a FutureWarning in 0.x. Fields added since (priority, ...) never had one: a flat spelling
+# of those is an error that names the nested one.
+LEGACY_MOE_FIELDS = {**{name: name for name in (
+    "router", "top_k", "capacity_factor_train", "capacity_factor_eval", "min_capacity", "expert_init", "eval_mode",
+    "random_granularity", "router_noise", "jitter_eps", "balance_loss_weight", "z_loss_weight", "second_policy",
+    "second_threshold", "slots_per_expert", "dispatch")}, "moe_residual": "residual"}
 
 
 @dataclass
@@ -233,6 +237,9 @@ def normalize_keys(overrides: Mapping[str, Any]) -> dict[str, Any]:
             warnings.warn(f"model field {key!r} is now {new!r} (the MoE settings moved into model.moe); "
                           f"the old spelling will be removed in a future release", FutureWarning, stacklevel=4)
             key = new
+        elif key in MoEConfig.field_names() and key not in ViTConfig.__dataclass_fields__:
+            raise ConfigError(f"model field {key!r} is an MoE field without a flat spelling: write 'moe.{key}' "
+                              f"(model.moe.{key}=... on the command line, moe: {{{key}: ...}} in YAML)")
         if key.startswith("moe.") and key[4:] not in MoEConfig.field_names():
             raise ConfigError(f"unknown MoE field {key[4:]!r} (in {key!r}); allowed: {', '.join(MoEConfig.field_names())}")
         if key != "moe" and not key.startswith("moe.") and key not in ViTConfig.__dataclass_fields__:
