@@ -68,3 +68,59 @@ def test_small_layers_leave_the_allocator_alone():
     finally:
         runtime._state.clear()
         runtime._state.update(saved)
+
+
+PROBE = "import vitmoe.runtime as r; print(r.tcmalloc_loaded(), r.os.environ.get('LD_PRELOAD', ''))"
+REEXEC = ("import sys; from vitmoe.runtime import reexec_with_tcmalloc; "
+          f"reexec_with_tcmalloc([sys.executable, '-c', {PROBE!r}]); print('not re-executed')")
+
+
+def _reexec(env_extra: dict) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("VITMOE_MALLOC", "LD_PRELOAD")} | env_extra
+    proc = subprocess.run([sys.executable, "-c", REEXEC], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is the Linux loader's")
+def test_reexec_starts_the_program_again_on_tcmalloc_unless_opted_out():
+    from vitmoe.runtime import find_tcmalloc
+
+    path = find_tcmalloc()
+    if path is None:
+        # Without the library nothing happens: the caller goes on in the same process.
+        assert _reexec({}) == "not re-executed"
+        pytest.skip("tcmalloc is not installed (Debian: libtcmalloc-minimal4)")
+    loaded, preload = _reexec({}).split(" ", 1)
+    assert loaded == "True" and preload == path
+    # An LD_PRELOAD the user set is kept, after ours.
+    assert _reexec({"LD_PRELOAD": "/nonexistent/libx.so"}).split(" ", 1)[1] == f"{path} /nonexistent/libx.so"
+    assert _reexec({"VITMOE_MALLOC": "default"}) == "not re-executed"
+    # The re-executed program does not exec again (a library that failed to preload cannot loop).
+    assert _reexec({"VITMOE_ALLOCATOR_REEXEC": "1"}) == "not re-executed"
+
+
+@pytest.mark.parametrize("command, reexec", [
+    ("train", True), ("sweep", True), ("demo", True), ("eval", True), ("analyze", True),
+    ("info", False), ("report", False), ("merge", False), ("export", False),
+])
+def test_only_the_long_running_commands_started_as_programs_reexec(monkeypatch, capsys, command, reexec):
+    from vitmoe import runtime
+    from vitmoe.cli import main as cli_main
+
+    calls = []
+
+    def fake(cmd):
+        calls.append(list(cmd))
+        raise SystemExit(0)  # the real one does not return when it re-executes
+
+    monkeypatch.setattr(runtime, "reexec_with_tcmalloc", fake)
+    monkeypatch.setattr(sys, "argv", ["vitmoe", command, "--help"])
+    with pytest.raises(SystemExit):  # the fake exec, or argparse after printing the help
+        cli_main.main()
+    assert calls == ([[sys.executable, "-m", "vitmoe", command, "--help"]] if reexec else [])
+    assert ("usage: vitmoe " in capsys.readouterr().out) is not reexec
+    # Called from Python with an argv, main never re-executes the caller's process.
+    with pytest.raises(SystemExit):
+        cli_main.main([command, "--help"])
+    assert len(calls) == int(reexec)

@@ -12,6 +12,8 @@ from . import analyze, demo, eval as eval_cmd, export, info, merge, report, swee
 from .common import HelpFormatter, user_errors
 
 SUBCOMMANDS = (train, eval_cmd, analyze, sweep, merge, upcycle, export, info, report, demo)
+LONG_RUNNING = ("train", "sweep", "demo", "eval", "analyze")
+"""Commands that run many forward/backward passes: worth a second start on a better allocator."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,8 +44,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _de
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..runtime import keep_freed_memory
+    from ..runtime import keep_freed_memory, reexec_with_tcmalloc
 
+    if argv is None and sys.argv[1:2] and sys.argv[1] in LONG_RUNNING:
+        # Started as a program (not called from Python): our own process, so we may pick its
+        # allocator; the training commands run 10-20 % faster on tcmalloc (vitmoe.runtime).
+        reexec_with_tcmalloc([sys.executable, "-m", "vitmoe", *sys.argv[1:]])
     keep_freed_memory()  # our own process only; see vitmoe.runtime
     parser = build_parser()
     args = parser.parse_args(argv)
