@@ -128,3 +128,99 @@ def test_freeze_unrouted_validation(tmp_path, kw, needles):
         _cfg(tmp_path, "bad", **kw).validate()
     assert all(n in str(e.value) for n in needles), str(e.value)
     assert _cfg(tmp_path, "ok", model="switch_vit", freeze_unrouted="yes").validate().freeze_unrouted is True
+
+
+# ---- the row snapshot (snapshot(passes)) against the full copy it replaced (snapshot()) ----------
+
+def _freeze_twins(model_name, num_experts, seed=0, ep=None):
+    """Two identical models (route generators included), each with a fused AdamW and a freeze."""
+    from vitmoe.training import adam_kwargs
+    from vitmoe.training.expert_parallel import shard_experts
+
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    out = []
+    for _ in range(2):
+        torch.manual_seed(seed)
+        m = vitmoe.create_model(model_name, moe={"expert_init": "independent"}, **dict(TINY, num_experts=num_experts))
+        if ep is not None:
+            shard_experts(m, ep)
+        seed_random_routers(m, 0, torch.device("cpu"))
+        opt = torch.optim.AdamW(list(m.parameters()), lr=1e-2, weight_decay=0.1, **adam_kwargs(m))
+        out.append((m, opt, UnroutedFreeze(m, opt, world)))
+    return out
+
+
+def _freeze_steps(twins, batches):
+    """Train both twins on `batches`: the first with the row snapshot, the second with the full copy.
+    Yields (step, the first's snapshot bytes, bytes its unrouted rows hold, the full copy's bytes,
+    the first's forward output)."""
+    (a, opt_a, fa), (b, opt_b, fb) = twins
+    for step, (x, y) in enumerate(batches):
+        outs = []
+        for m, opt in ((a, opt_a), (b, opt_b)):
+            out = m(x, return_aux=True)
+            opt.zero_grad()
+            (F.cross_entropy(out.logits, y) + out.aux_loss).backward()
+            outs.append(out)
+        had_moments = bool(opt_a.state)
+        saved = fa.snapshot([outs[0]])
+        full = fb.snapshot()
+        opt_a.step()
+        opt_b.step()
+        fa.restore(saved, [outs[0]])
+        fb.restore(full, [outs[1]])
+        expected = 0
+        for name, layer in fa.layers:
+            unrouted = int((~fa.routed(name, layer, [outs[0]])).sum())
+            row = sum(getattr(layer.experts, k)[0].nbytes for k in EXPERT_KEYS)
+            expected += unrouted * row * (1 + 2 * had_moments)  # + exp_avg, exp_avg_sq once they exist
+        yield step, sum(s.nbytes() for s in saved), expected, sum(s.nbytes() for s in full), outs[0]
+        for (n, p), q in zip(a.named_parameters(), b.parameters()):
+            assert torch.equal(p, q), (step, n)
+            for k in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(opt_a.state[p][k], opt_b.state[q][k]), (step, n, k)
+
+
+@pytest.mark.parametrize("path", ["rows", "mask"])
+@pytest.mark.parametrize("model_name, num_experts", [("random_vit", 4), ("switch_vit", 16)])
+def test_snapshot_holds_only_the_unrouted_rows_and_restores_what_the_full_copy_did(model_name, num_experts, path,
+                                                                                    monkeypatch):
+    """Bit for bit the result of the full copy, on the CPU's row path and on the masked path that
+    accelerators take (forced here); the row snapshot's bytes are the unrouted rows' and nothing more."""
+    if path == "mask":
+        monkeypatch.setattr("vitmoe.training.freeze._rows_are_free", lambda routed: False)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(2, 1, 8, 8, generator=g), torch.randint(10, (2,), generator=g)) for _ in range(4)]
+    sizes = []
+    for step, got, expected, full, _ in _freeze_steps(_freeze_twins(model_name, num_experts), batches):
+        sizes.append((got, expected, full))
+        assert got == (expected if path == "rows" else full), step
+    if path == "rows":
+        assert all(0 < got < full for got, _, full in sizes[1:]), sizes  # some experts routed, some not
+
+
+def _ep_worker(rank, world, ep_size):
+    from vitmoe.moe.parallel import init_expert_parallel
+
+    ep = init_expert_parallel(ep_size) if ep_size > 1 else None
+    g = torch.Generator().manual_seed(100 + rank)  # each rank its own images: the loads differ by rank
+    batches = [(torch.randn(2, 1, 8, 8, generator=g), torch.randint(10, (2,), generator=g)) for _ in range(3)]
+    twins = _freeze_twins("switch_vit", 8, ep=ep)
+    fa, differs = twins[0][2], torch.zeros(())
+    for step, got, expected, _, out in _freeze_steps(twins, batches):
+        assert got == expected, (rank, step)
+        for name, layer in fa.layers:
+            start, n = layer.experts.ep.local_range(8) if ep is not None else (0, 8)
+            alone = out.moe_stats[name]["load"][start:start + n] > 0
+            differs += (alone != fa.routed(name, layer, [out])).any()
+    # The case the all-reduce is for happened: a rank's own tokens missed an expert another rank's reached.
+    torch.distributed.all_reduce(differs)
+    assert differs > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ep_size", [1, 2])
+def test_row_snapshot_equals_the_full_copy_on_two_ranks(ep_size):
+    from dist_utils import run_workers
+
+    run_workers(_ep_worker, 2, ep_size, timeout=120)

@@ -66,7 +66,7 @@ class TrainStep:
         if self.cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
             self.clip_grad_norm(self.cfg.grad_clip)
-        saved = self.freeze.snapshot() if self.freeze is not None else None
+        saved = self.freeze.snapshot(out.passes) if self.freeze is not None else None
         self.scaler.step(self.optimizer)
         if saved is not None:
             self.freeze.restore(saved, out.passes)
