@@ -26,8 +26,9 @@ import torch.nn.functional as F
 
 from vitmoe import create_model, model_info
 from vitmoe.data import DATASETS, DeviceLoader, ImageData
-from vitmoe.training.losses import symmetric_kl
-from vitmoe.training.trainer import autocast_context, param_groups
+from vitmoe.training.loop.losses import symmetric_kl
+from vitmoe.training.evaluation.precision import autocast_context
+from vitmoe.training.loop.optim import param_groups
 
 
 def sync(device):

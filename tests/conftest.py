@@ -49,7 +49,7 @@ class Killed(Exception):
 def kill_after_epoch(monkeypatch):
     """`kill_after_epoch(trainer, epoch=1)`: fit `trainer` as a run killed right after its epoch
     `epoch` checkpoint is complete (the checkpoint writer is restored afterwards)."""
-    from vitmoe.training import checkpoint as ckpt
+    from vitmoe.training.checkpoints import checkpoint as ckpt
 
     def run(trainer, epoch: int = 1) -> None:
         real_save = ckpt.save_checkpoint

@@ -122,7 +122,7 @@ def test_analyze_command(tmp_path, capsys):
 
 
 def test_dead_experts_by_layer_names_the_starved_experts():
-    from vitmoe.training.trainer import dead_experts_by_layer
+    from vitmoe.moe.collect import dead_experts_by_layer
 
     load = {"blocks.0.mlp": [100.0, 100.0, 100.0, 2.0], "blocks.1.mlp": [90.0, 110.0, 100.0, 100.0],
             "blocks.2.mlp": [5.0]}

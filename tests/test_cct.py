@@ -325,7 +325,7 @@ def test_info_command_takes_a_cct_preset_by_flag(capsys):
 
 def test_run_labels_name_the_cct_family():
     from vitmoe.models import model_config
-    from vitmoe.training.model_spec import model_label
+    from vitmoe.training.config.model import model_label
 
     assert model_label(model_config("cct_2_3x2")) == "cct"
     assert model_label(model_config("cct_2_3x2_switch")) == "switch-cct"

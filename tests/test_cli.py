@@ -3,6 +3,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from vitmoe.training.config import resolve
 import torch
 
 import vitmoe
@@ -24,26 +26,26 @@ def _config(argv):
 
 def test_readme_command_lines_resolve_like_the_source():
     cfg = _config(README_SWITCH)
-    m = cfg.resolved_model_config()
+    m = resolve(cfg).model
     assert (cfg.batch_size, cfg.epochs, cfg.nproc, cfg.model, cfg.dataset) == (256, 500, 4, "switch_vit", "cifar10")
     assert cfg.out == "vit_model_rtx_4_dmodel_300_experts_64_batch_256_cifar10"
     assert (m.embed_dim, m.num_experts, m.moe.router, m.moe_block_indices()) == (300, 64, "switch", list(range(12)))
     assert (m.img_size, m.num_classes, m.patch_size) == (32, 10, 4)
 
     cfg = _config(README_DENSE)
-    m = cfg.resolved_model_config()
+    m = resolve(cfg).model
     assert (cfg.batch_size, cfg.epochs, cfg.nproc, cfg.model, cfg.dataset) == (256, 500, 4, "vit", "cifar10")
     assert cfg.out == "vit_noswitch_model_rtx_4_dmodel_300_batch_256_cifar10"
     assert m.embed_dim == 300 and m.moe_block_indices() == []
 
-    assert _config(["--cifar100"]).resolved_model_config().num_classes == 100
+    assert resolve(_config(["--cifar100"])).model.num_classes == 100
 
 
 def test_precedence_config_flags_set(tmp_path):
     conf = tmp_path / "run.yaml"
     conf.write_text("epochs: 7\nlr: 1e-3\nbatch_size: 64\nmodel_config:\n  depth: 3\n  embed_dim: 48\n  num_heads: 4\n")
     cfg = _config(["--config", str(conf), "--epochs", "9", "--set", "model.depth=5", "--dataset", "digits"])
-    m = cfg.resolved_model_config()
+    m = resolve(cfg).model
     assert (cfg.epochs, cfg.lr, cfg.batch_size) == (9, 1e-3, 64)
     assert (m.depth, m.embed_dim, m.img_size, m.in_chans) == (5, 48, 8, 1)
     assert _config(["--lr", "0.1", "--set", "lr=0.2"]).lr == 0.2
@@ -236,7 +238,7 @@ def test_training_option_flags_resolve(tmp_path):
                    "--time-budget", "30", "--set", "consistency_stopgrad=false"])
     assert (cfg.augment_policy, cfg.consistency_weight, cfg.time_budget_s, cfg.consistency_stopgrad) == \
         ("autoaugment", 1.0, 30.0, False)
-    assert cfg.forwards_per_step == 2 and cfg.run_label() == "random-vit+cr"
+    assert cfg.forwards_per_step == 2 and resolve(cfg).label == "random-vit+cr"
 
 
 @pytest.mark.parametrize("argv, needles", [

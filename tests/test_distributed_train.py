@@ -7,14 +7,16 @@ import time
 from pathlib import Path
 
 import pytest
+
+from vitmoe.training.config import resolve
 import torch
 from dist_utils import run_workers
 from safetensors.torch import load_file
 
 from vitmoe.data import ImageData, load_dataset
 from vitmoe.training.config import TrainConfig
-from vitmoe.training.dist import DistContext
-from vitmoe.training.trainer import Trainer
+from vitmoe.training.distributed.context import DistContext
+from vitmoe.training.loop.trainer import Trainer
 
 # Auxiliary losses are computed over each rank's own tokens (per device, as in Switch/GShard),
 # which is not the loss of the global batch; without them one step is the same computation.
@@ -98,7 +100,7 @@ def _weights_init(case):
 
     cfg = _cfg(case, "unused")
     torch.manual_seed(cfg.seed)
-    return vitmoe.models.VisionTransformer(cfg.resolved_model_config()).state_dict()
+    return vitmoe.models.VisionTransformer(resolve(cfg).model).state_dict()
 
 
 def _children(pid):

@@ -9,9 +9,9 @@ from torch import nn
 import vitmoe
 from vitmoe.models import ConfigError, merge_experts
 from vitmoe.training import TrainConfig, Trainer
-from vitmoe.training import checkpoint as ckpt
-from vitmoe.training.checkpoint import checkpoint_problem, latest_checkpoint, load_state
-from vitmoe.training.ema import ModelEMA
+from vitmoe.training.checkpoints import checkpoint as ckpt
+from vitmoe.training.checkpoints.checkpoint import checkpoint_problem, latest_checkpoint, load_state
+from vitmoe.training.recipe.ema import ModelEMA
 
 TINY_MC = dict(embed_dim=16, depth=2, num_heads=2, mlp_hidden=32, head_hidden=16, head="linear", num_experts=4)
 
@@ -165,7 +165,7 @@ def test_ema_decay_validation(tmp_path, value, needle):
 
 def test_eval_merge_and_analyze_read_the_ema_with_ema_flag(tmp_path, digits512, capsys):
     from vitmoe.cli.main import main
-    from vitmoe.training.checkpoint import CheckpointError, resolve_model_file
+    from vitmoe.training.checkpoints.checkpoint import CheckpointError, resolve_model_file
 
     tr, te = digits512  # te is the whole digits test split, what `vitmoe eval` reads for the run
     quiet = dict(log=lambda m: None, train_data=tr, test_data=te)

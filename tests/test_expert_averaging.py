@@ -7,8 +7,8 @@ import vitmoe
 from vitmoe.models import ConfigError
 from vitmoe.moe import seed_random_routers
 from vitmoe.training import TrainConfig, Trainer
-from vitmoe.training.checkpoint import latest_checkpoint, load_state
-from vitmoe.training.expert_averaging import ExpertAverager
+from vitmoe.training.checkpoints.checkpoint import latest_checkpoint, load_state
+from vitmoe.training.recipe.expert_averaging import ExpertAverager
 
 TINY = dict(img_size=8, in_chans=1, num_classes=10, embed_dim=16, depth=2, num_heads=2, mlp_hidden=32,
             head_hidden=16, head="linear", num_experts=4)

@@ -6,7 +6,7 @@ from dist_utils import run_workers
 
 from vitmoe.moe import MoEMlp, SoftMoE
 from vitmoe.moe.parallel import ExpertParallel, init_expert_parallel
-from vitmoe.training.expert_parallel import (
+from vitmoe.training.distributed.expert_parallel import (
     expert_param_names, full_state_dict, local_state_dict, reduce_expert_grads, shard_experts,
 )
 

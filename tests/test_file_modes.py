@@ -6,7 +6,7 @@ import pytest
 
 import vitmoe
 from vitmoe.fileio import atomic_write, atomic_write_text
-from vitmoe.training import checkpoint as ckpt
+from vitmoe.training.checkpoints import checkpoint as ckpt
 
 
 @pytest.fixture

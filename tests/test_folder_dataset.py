@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from vitmoe.training.config import resolve
 import yaml
 import torch
 import torch.nn.functional as F
@@ -209,13 +211,13 @@ def test_streaming_loader_gives_the_device_loaders_batches(tmp_path):
 
 
 def test_stream_threshold_field_picks_the_streaming_loader(tmp_path):
-    from vitmoe.training.data_spec import build_loaders
-    from vitmoe.training.dist import DistContext
+    from vitmoe.training.loop.loaders import build_loaders
+    from vitmoe.training.distributed.context import DistContext
 
     root = make_tree(tmp_path / "imgs")
     cfg = TrainConfig(model="vit", dataset=f"folder:{root}", img_size=16, stream_above_mb=0.001, batch_size=4,
                       model_config={"embed_dim": 16, "depth": 1, "num_heads": 2, "mlp_hidden": 32}).validate()
-    train, test = build_loaders(cfg, DistContext(device=torch.device("cpu")), torch.device("cpu"))
+    train, test = build_loaders(resolve(cfg), DistContext(device=torch.device("cpu")), torch.device("cpu"))
     assert isinstance(train, StreamingLoader) and isinstance(test, DeviceLoader)  # test: 6x3x16x16 < 1 kB
 
 
@@ -243,8 +245,8 @@ def test_loader_resize_matches_interpolate_of_the_batch():
 def test_img_size_field_sets_the_model_side_for_builtin_datasets():
     mc = dict(embed_dim=16, depth=1, num_heads=2, mlp_hidden=32)
     cfg = TrainConfig(model="vit", dataset="digits", img_size=16, model_config=mc).validate()
-    assert cfg.resolved_model_config().img_size == 16
-    assert TrainConfig(model="vit", dataset="digits", model_config=mc).validate().resolved_model_config().img_size == 8
+    assert resolve(cfg).model.img_size == 16
+    assert resolve(TrainConfig(model="vit", dataset="digits", model_config=mc)).model.img_size == 8
     with pytest.raises(ConfigError, match="img_size=16"):
         TrainConfig(model="vit", dataset="digits", model_config={**mc, "img_size": 16}).validate()
     with pytest.raises(ConfigError, match="folder_test_fraction"):
@@ -316,7 +318,7 @@ def test_folder_name_spellings(tmp_path):
     for spelling in (f"folder:{root}", f"imagefolder:{root}", f"ImageFolder:{root}/"):
         cfg = TrainConfig(model="vit", dataset=spelling, model_config={"embed_dim": 16, "depth": 1, "num_heads": 2,
                                                                       "mlp_hidden": 32}).validate()
-        assert cfg.dataset == f"folder:{root}" and cfg.resolved_model_config().num_classes == 3
+        assert cfg.dataset == f"folder:{root}" and resolve(cfg).model.num_classes == 3
     with pytest.raises(ConfigError, match="folder:PATH"):
         TrainConfig(dataset="nosuchset").validate()
 

@@ -3,6 +3,8 @@ take exactly the plain AdamW step."""
 import copy
 
 import pytest
+
+from vitmoe.training.config import resolve
 import torch
 import torch.nn.functional as F
 
@@ -10,8 +12,8 @@ import vitmoe
 from vitmoe.models import ConfigError, VisionTransformer
 from vitmoe.moe import seed_random_routers
 from vitmoe.training import TrainConfig, Trainer
-from vitmoe.training.checkpoint import latest_checkpoint, load_state
-from vitmoe.training.freeze import UnroutedFreeze
+from vitmoe.training.checkpoints.checkpoint import latest_checkpoint, load_state
+from vitmoe.training.recipe.freeze import UnroutedFreeze
 
 TINY = dict(img_size=8, in_chans=1, num_classes=10, embed_dim=16, depth=2, num_heads=2, mlp_hidden=32,
             head_hidden=16, head="linear", num_experts=4)
@@ -100,7 +102,7 @@ def test_trainer_leaves_never_routed_experts_at_their_initial_weights(tmp_path, 
         runs[name] = (vitmoe.load_model(ck / "model.safetensors").state_dict(), load_state(ck))
     cfg = _cfg(tmp_path, "x").validate()
     torch.manual_seed(cfg.seed)
-    init = VisionTransformer(cfg.resolved_model_config()).state_dict()
+    init = VisionTransformer(resolve(cfg).model).state_dict()
     weights, state = runs["frozen"]
     loads = state["history"][0]["expert_load"]
     unrouted = {name: [e for e, n in enumerate(load) if n == 0] for name, load in loads.items()}

@@ -140,9 +140,9 @@ def test_review_findings_stay_fixed(tmp_path):
 
     from vitmoe.data.folder import decode_image
     from vitmoe.models.upcycle import upcycled_config
-    from vitmoe.runlock import RunDirError, RunLock
-    from vitmoe.training.checkpoint import CheckpointError
-    from vitmoe.training.verify import read_manifest
+    from vitmoe.rundir import RunDirError, RunLock
+    from vitmoe.training.checkpoints.checkpoint import CheckpointError
+    from vitmoe.training.checkpoints.verify import read_manifest
 
     ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "g16.png")

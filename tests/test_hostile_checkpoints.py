@@ -18,8 +18,9 @@ import vitmoe
 from vitmoe import fileio
 from vitmoe.cli.main import main
 from vitmoe.models import ModelFileError
-from vitmoe.training import TrainConfig, Trainer, checkpoint as ckpt
-from vitmoe.training.checkpoint import (CheckpointError, latest_checkpoint, load_state, resolve_model_file,
+from vitmoe.training import TrainConfig, Trainer
+from vitmoe.training.checkpoints import checkpoint as ckpt
+from vitmoe.training.checkpoints.checkpoint import (CheckpointError, latest_checkpoint, load_state, resolve_model_file,
                                         save_checkpoint, verify_checkpoint)
 
 TINY_SETS = ["--set", "model.embed_dim=16", "--set", "model.depth=2", "--set", "model.num_heads=2",
@@ -328,7 +329,7 @@ def test_checkpoint_of_other_model_is_one_error(run, capsys):
 
 
 def test_fit_check_compares_every_expert_when_experts_are_sharded(tmp_path):
-    from vitmoe.training.restore import check_fits
+    from vitmoe.training.checkpoints.restore import check_fits
 
     model = vitmoe.create_model("switch_vit", img_size=8, in_chans=1, embed_dim=16, depth=1, num_heads=2,
                                 mlp_hidden=32, num_experts=4)

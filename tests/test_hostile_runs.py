@@ -14,7 +14,7 @@ import pytest
 
 from vitmoe import rundir
 from vitmoe.cli.main import main
-from vitmoe.runlock import RunDirError, RunLock, check_run_dir, lock_holder
+from vitmoe.rundir import RunDirError, RunLock, check_run_dir, lock_holder
 
 TINY = ["--set", "model.embed_dim=16", "--set", "model.depth=2", "--set", "model.num_heads=2",
         "--set", "model.mlp_hidden=32", "--set", "model.head=linear", "--set", "log_every=0"]
@@ -29,7 +29,7 @@ def _one_error_line(err: str) -> str:
 
 def _hold_lock(run: Path) -> subprocess.Popen:
     """A process holding `run`'s lock until it is killed."""
-    code = "import sys, time; from vitmoe.runlock import RunLock; l = RunLock(sys.argv[1]).acquire(); " \
+    code = "import sys, time; from vitmoe.rundir import RunLock; l = RunLock(sys.argv[1]).acquire(); " \
            "print('locked', flush=True); time.sleep(300)"
     proc = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
@@ -181,7 +181,7 @@ def test_which_folders_out_accepts(tmp_path, monkeypatch):
     assert rundir.is_run_dir(killed) and not rundir.is_run_dir(empty)
     check_run_dir(killed)
     # `vitmoe train --out /` stops before anything is loaded or written.
-    from vitmoe.training.trainer import Trainer
+    from vitmoe.training.loop.trainer import Trainer
 
     monkeypatch.setattr(Trainer, "setup", lambda self: pytest.fail("setup reached with --out /"))
     assert main(["train", *DIGITS, "--epochs", "1", "--out", "/", "--force"]) == 2
@@ -212,8 +212,8 @@ FAULT_HOOK = textwrap.dedent('''
     import json, os, time
     _spec = os.environ.get("VITMOE_TEST_FAULT")  # "RANK:CALL:nan|raise|sleep=S"
     if _spec:
-        import vitmoe.training.step as _step
-        from vitmoe.runlock import lock_holder
+        import vitmoe.training.loop.step as _step
+        from vitmoe.rundir import lock_holder
         _rank, _call, _action = _spec.split(":")
         _orig = _step.TrainStep.__call__
 

@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 
 from vitmoe.data.mix import BatchMixer, MixDraw, cut_box, mix_batch, soft_targets
 from vitmoe.training import TrainConfig, Trainer
-from vitmoe.training.checkpoint import latest_checkpoint
-from vitmoe.training.losses import soft_cross_entropy
-from vitmoe.training.step import TrainStep
+from vitmoe.training.checkpoints.checkpoint import latest_checkpoint
+from vitmoe.training.loop.losses import soft_cross_entropy
+from vitmoe.training.loop.step import TrainStep
 
 
 def _flat_batch(b=6, c=2, h=8, w=8):

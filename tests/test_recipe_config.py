@@ -4,6 +4,8 @@ import math
 
 import pytest
 
+from vitmoe.training.config import resolve
+
 from vitmoe.cli.main import build_parser, main
 from vitmoe.cli.train import build_config
 from vitmoe.models import ConfigError
@@ -79,7 +81,7 @@ def test_flags_that_take_a_number_refuse_words(capsys):
 def test_resume_may_turn_on_ema_but_not_change_mixing(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    TrainConfig(**{"model": "random_vit", "dataset": "digits", "out": str(run)}).validate().save_yaml(
+    resolve(TrainConfig(**{"model": "random_vit", "dataset": "digits", "out": str(run)})).save_yaml(
         run / "config.yaml")
     assert _config(["--resume", str(run), "--ema-decay", "0.99"]).ema_decay == 0.99
     with pytest.raises(Exception, match="mixup_alpha"):

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from vitmoe.data import ImageData, load_dataset
 from vitmoe.training.config import TrainConfig
-from vitmoe.training.dist import DistContext
-from vitmoe.training.trainer import Trainer
+from vitmoe.training.distributed.context import DistContext
+from vitmoe.training.loop.trainer import Trainer
 
 MC = {"embed_dim": 16, "depth": 2, "num_heads": 2, "mlp_hidden": 24, "head_hidden": 16, "num_experts": 4,
       "expert_init": "independent"}

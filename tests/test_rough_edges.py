@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vitmoe.training.config import resolve
+
 import vitmoe
 from vitmoe.cli.main import build_parser, main
 from vitmoe.cli.train import build_config, size_warning
@@ -53,9 +55,9 @@ def write_fmnist(directory: Path, n_train=8, n_test=4, bad_label=None):
 
 # -- 1. --heads --------------------------------------------------------------------------------
 def test_heads_flag_sets_num_heads(capsys):
-    m = _config(["--dataset", "digits", "--dmodel", "96", "--heads", "6"]).resolved_model_config()
+    m = resolve(_config(["--dataset", "digits", "--dmodel", "96", "--heads", "6"])).model
     assert (m.embed_dim, m.num_heads) == (96, 6)
-    assert _config(["--dataset", "digits", "--heads", "4", "--noswitch"]).resolved_model_config().num_heads == 4
+    assert resolve(_config(["--dataset", "digits", "--heads", "4", "--noswitch"])).model.num_heads == 4
     assert main(["train", "--dataset", "digits", "--dmodel", "96", "--heads", "5"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("vitmoe: error: ") and "num_heads" in err
@@ -94,7 +96,7 @@ def test_multiprocess_missing_data_fails_before_spawning(tmp_path, offline, no_w
 
 
 def test_multiprocess_run_dir_in_use_fails_before_spawning(tmp_path, no_workers, capfd):
-    from vitmoe.training import checkpoint
+    from vitmoe.training.checkpoints import checkpoint
 
     run = tmp_path / "run"
     model = vitmoe.create_model("vit", embed_dim=8, depth=1, num_heads=2, mlp_hidden=8, head="linear")
@@ -179,7 +181,7 @@ def test_digits_default_model_warns_with_its_size(monkeypatch, capsys):
     monkeypatch.setattr(training, "train", stop)
     assert main(["train", "--dataset", "digits"]) == 2
     err = capsys.readouterr().err.splitlines()
-    n = vitmoe.model_info(_config(["--dataset", "digits"]).resolved_model_config()).total_params
+    n = vitmoe.model_info(resolve(_config(["--dataset", "digits"])).model).total_params
     assert n > 200_000_000
     assert err == [
         f"vitmoe: warning: model switch_vit has {n:,} parameters (~{n * 12 / 1e9:.1f} GB per checkpoint), far "
@@ -189,9 +191,9 @@ def test_digits_default_model_warns_with_its_size(monkeypatch, capsys):
     # The suggested flags give a small model: no warning.
     small = _config(["--dataset", "digits", *"--dmodel 64 --heads 4 --set model.depth=4 --set model.mlp_hidden=128 "
                      "--experts 8".split()])
-    assert size_warning(small) is None
-    assert vitmoe.model_info(small.resolved_model_config()).total_params < 1_000_000
-    assert size_warning(_config(["--dataset", "cifar10"])) is None  # the source recipe's own size
+    assert size_warning(resolve(small)) is None
+    assert vitmoe.model_info(resolve(small).model).total_params < 1_000_000
+    assert size_warning(resolve(_config(["--dataset", "cifar10"]))) is None  # the source recipe's own size
 
 
 # -- 9. every router; one --set spelling ---------------------------------------------------------------
@@ -201,9 +203,9 @@ def test_router_choices_are_every_layer_router():
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     router = next(a for a in train._actions if a.dest == "router")
     assert list(router.choices) == list(LAYER_ROUTERS) and "soft" in router.choices
-    m = _config(["--dataset", "digits", "--router", "soft"]).resolved_model_config()
+    m = resolve(_config(["--dataset", "digits", "--router", "soft"])).model
     assert m.moe.router == "soft"
-    m = _config(["--dataset", "digits", "--router", "topk", "--top-k", "2"]).resolved_model_config()
+    m = resolve(_config(["--dataset", "digits", "--router", "topk", "--top-k", "2"])).model
     assert (m.moe.router, m.moe.top_k) == ("topk", 2)
 
 

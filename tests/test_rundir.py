@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,7 +11,7 @@ from vitmoe.data import ImageData, load_dataset
 from vitmoe.report import load_run, results_table
 from vitmoe.report import runs as report_runs
 from vitmoe.training import TrainConfig, Trainer
-from vitmoe.training import trainer as trainer_module
+from vitmoe.training.loop import trainer as trainer_module
 
 TINY_MC = dict(embed_dim=16, depth=2, num_heads=2, mlp_hidden=32, head_hidden=16, head="linear", num_experts=4)
 
@@ -30,11 +31,14 @@ def test_trainer_and_report_share_the_names_and_the_threshold_rule():
 
 
 def test_rundir_imports_without_torch(monkeypatch, tmp_path):
-    # Read a run with torch unimportable: the module itself must not need it.
+    # Read a run with torch unimportable: the package itself (layout, records) must not need it.
     monkeypatch.setitem(sys.modules, "torch", None)
-    spec = importlib.util.spec_from_file_location("rundir_alone", rundir.__file__)
+    spec = importlib.util.spec_from_file_location("rundir_alone", rundir.__file__,
+                                                  submodule_search_locations=[str(Path(rundir.__file__).parent)])
     alone = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "rundir_alone", alone)
     spec.loader.exec_module(alone)
+    assert alone.records.__name__ == "rundir_alone.records"  # the copy, not the package imported with torch
     (tmp_path / alone.METRICS_FILE).write_text('{"epoch": 1, "test_acc": 50.0}\n{"epoch": 2, "test_acc": 76')
     warned = []
     assert alone.read_metrics(tmp_path / alone.METRICS_FILE, warned.append) == [{"epoch": 1, "test_acc": 50.0}]

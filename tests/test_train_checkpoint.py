@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import vitmoe
-from vitmoe.training import NonFiniteLossError, TrainConfig, Trainer, checkpoint as ckpt
-from vitmoe.training.checkpoint import latest_checkpoint, load_state, save_checkpoint
+from vitmoe.training import NonFiniteLossError, TrainConfig, Trainer
+from vitmoe.training.checkpoints import checkpoint as ckpt
+from vitmoe.training.checkpoints.checkpoint import latest_checkpoint, load_state, save_checkpoint
 
 TINY_MC = dict(embed_dim=16, depth=2, num_heads=2, mlp_hidden=32, head_hidden=16, head="linear", num_experts=4)
 
@@ -126,7 +127,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good(tmp_path, digits):
             def forward(x, **kw):
                 out = inner(x, **kw)
                 # the 17th step (epoch 2)
-                return out._replace(logits=out.logits * float("nan")) if self.step == 16 else out
+                return out._replace(logits=out.logits * float("nan")) if self.state.step == 16 else out
 
             self.train_step.forward = forward
 

@@ -5,9 +5,11 @@ import warnings
 
 import pytest
 
+from vitmoe.training.config import resolve
+
 from vitmoe.models import ConfigError
 from vitmoe.training import TrainConfig, Trainer
-from vitmoe.training.config import DATASET_NAMES, EVAL_MODES
+from vitmoe.training.config.train_config import DATASET_NAMES, EVAL_MODES
 
 TINY_MC = dict(embed_dim=16, depth=2, num_heads=2, mlp_hidden=32, head_hidden=16, head="linear", num_experts=4)
 
@@ -22,7 +24,7 @@ def test_validate_returns_a_new_checked_object_and_leaves_the_input_alone():
     assert (cfg.dataset, cfg.lr, cfg.epochs, cfg.betas, cfg.grad_clip, cfg.norm_std) == \
         ("fashion-mnist", 1e-3, 3, (0.8, 0.9), None, [0.5])
     assert cfg.model_config is not raw.model_config and cfg.model_config["moe"] is not raw.model_config["moe"]
-    assert cfg.resolved_model_config().depth == 2
+    assert resolve(cfg).model.depth == 2
     # Validating again gives another copy; a changed copy (updated) must be validated again.
     again = cfg.validate()
     assert again is not cfg and again == cfg and again.validated
@@ -36,7 +38,7 @@ def test_validate_puts_old_flat_model_names_in_the_nested_spelling():
     assert cfg.model_config == {"moe": {"router": "topk", "top_k": 2}, "depth": 2}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the validated copy no longer warns each time it is resolved
-        assert cfg.resolved_model_config().moe.top_k == 2 and cfg.run_label() == "top2-vit"
+        assert resolve(cfg).model.moe.top_k == 2 and resolve(cfg).label == "top2-vit"
 
 
 def test_trainer_does_not_revalidate_a_validated_config(tmp_path, monkeypatch):
@@ -99,9 +101,9 @@ def test_a_run_saved_with_aux_loss_weight_one_resumes(tmp_path):
                       model_config=dict(TINY_MC)).validate()
     run = tmp_path / "run"
     run.mkdir()
-    cfg.save_yaml(run / "config.yaml")
+    resolve(cfg).save_yaml(run / "config.yaml")
     text = (run / "config.yaml").read_text()
     (run / "config.yaml").write_text(text.replace("consistency_weight:", "aux_loss_weight: 1.0\nconsistency_weight:"))
     with pytest.warns(FutureWarning, match="aux_loss_weight"):
         resumed = build_config(build_parser().parse_args(["train", "--resume", str(run), "--epochs", "3"]))
-    assert resumed.epochs == 3 and resumed.resolved_model_config() == cfg.resolved_model_config()
+    assert resumed.epochs == 3 and resolve(resumed).model == resolve(cfg).model

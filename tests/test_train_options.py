@@ -2,13 +2,15 @@
 import json
 
 import pytest
+
+from vitmoe.training.config import resolve
 import torch
 
 import vitmoe
 from vitmoe.models import ConfigError
 from vitmoe.training import TrainConfig, Trainer
-from vitmoe.training.checkpoint import latest_checkpoint
-from vitmoe.training.schedule import lr_factor
+from vitmoe.training.checkpoints.checkpoint import latest_checkpoint
+from vitmoe.training.loop.schedule import lr_factor
 
 TINY_MC = dict(embed_dim=16, depth=2, num_heads=2, mlp_hidden=32, head_hidden=16, head="linear", num_experts=4)
 
@@ -38,9 +40,9 @@ def test_option_validation(tmp_path, kw, needles):
 def test_normalization_override_and_policy_reach_the_loaders(tmp_path, digits):
     cfg = _cfg(tmp_path, augment_policy="RandAugment", norm_mean=0.5, norm_std="[0.25]").validate()
     assert (cfg.augment_policy, cfg.norm_mean, cfg.norm_std) == ("randaugment", [0.5], [0.25])
-    assert cfg.normalization() == ((0.5,), (0.25,))
+    assert resolve(cfg).normalization == ((0.5,), (0.25,))
     cifar = TrainConfig(dataset="cifar10", norm_std=0.5).validate()
-    assert cifar.norm_std == [0.5, 0.5, 0.5] and cifar.normalization()[0] == (0.4914, 0.4822, 0.4465)
+    assert cifar.norm_std == [0.5, 0.5, 0.5] and resolve(cifar).normalization[0] == (0.4914, 0.4822, 0.4465)
     t = Trainer(cfg, log=lambda m: None, train_data=digits[0], test_data=digits[1])
     t.setup()
     assert t.train_loader.augment_policy == "randaugment" and t.test_loader.augment_policy == "none"

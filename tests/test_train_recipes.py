@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from vitmoe.training.config import resolve
+
 import vitmoe
 from vitmoe.cli.main import build_parser, main
 from vitmoe.cli.train import build_config
@@ -26,8 +28,8 @@ def test_source_recipes(name, model):
     assert (cfg.model, cfg.dataset, cfg.epochs, cfg.batch_size, cfg.optimizer, cfg.lr, cfg.weight_decay) == \
         (model, "cifar10", 350, 256, "adam", 2.5e-4, 1e-4)
     assert (cfg.schedule, cfg.augment, cfg.augment_policy, cfg.consistency_weight) == ("cosine", True, "none", 0.0)
-    assert cfg.normalization() == ((0.5,) * 3, (0.5,) * 3)  # the source's Normalize((0.5,), (0.5,))
-    m = cfg.resolved_model_config()
+    assert resolve(cfg).normalization == ((0.5,) * 3, (0.5,) * 3)  # the source's Normalize((0.5,), (0.5,))
+    m = resolve(cfg).model
     assert (m.embed_dim, m.depth, m.num_heads, m.mlp_hidden, m.patch_size) == (300, 12, 12, 1024, 4)
 
 
@@ -39,8 +41,8 @@ def test_colossalai_recipes(name):
     assert (cfg.dataset, cfg.epochs, cfg.batch_size, cfg.warmup_epochs) == ("cifar10", 200, 512, 40.0)
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.schedule) == ("adamw", 2e-3, 3e-2, "cosine")
     assert (cfg.grad_clip, cfg.label_smoothing, cfg.augment, cfg.augment_policy) == (1.0, 0.1, True, "autoaugment")
-    assert cfg.normalization() == ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
-    m = cfg.resolved_model_config()
+    assert resolve(cfg).normalization == ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+    m = resolve(cfg).model
     if m.moe_block_indices():
         # "aux-loss weight 0.01" on the balance loss: one weight per term, in the model's MoE settings.
         assert m.moe.balance_loss_weight == pytest.approx(0.01)
@@ -90,7 +92,7 @@ def test_old_recipe_with_aux_loss_weight_one_loads_and_ignores_it(tmp_path):
     path.write_text(OLD_RECIPE.format(weight=1.0))
     with pytest.warns(FutureWarning, match="aux_loss_weight is deprecated and ignored"):
         cfg = _config("--config", str(path))
-    m = cfg.resolved_model_config()
+    m = resolve(cfg).model
     assert (m.moe.balance_loss_weight, m.moe.z_loss_weight) == (0.02, model_preset_z("pr_moe_lite6"))
     assert "aux_loss_weight" not in cfg.to_dict()
 
@@ -100,15 +102,15 @@ def test_old_recipe_with_another_aux_loss_weight_folds_it_into_the_terms(tmp_pat
     path.write_text(OLD_RECIPE.format(weight=0.5))
     with pytest.warns(FutureWarning, match="folded"):
         cfg = _config("--config", str(path))
-    m = cfg.resolved_model_config()
+    m = resolve(cfg).model
     # balance: the recipe's 0.02 x 0.5; z: the preset's weight x 0.5 (the old total times 0.5).
     assert m.moe.balance_loss_weight == pytest.approx(0.01)
     assert m.moe.z_loss_weight == pytest.approx(0.5 * model_preset_z("pr_moe_lite6"))
     assert cfg.model_config["moe"]["balance_loss_weight"] == pytest.approx(0.01)
     # Saved runs keep the folded weights and no aux_loss_weight: resuming does not fold twice.
-    cfg.save_yaml(tmp_path / "config.yaml")
+    resolve(cfg).save_yaml(tmp_path / "config.yaml")
     again = TrainConfig.from_yaml(tmp_path / "config.yaml").validate()
-    assert again.resolved_model_config().moe == m.moe and "aux_loss_weight" not in again.to_dict()
+    assert resolve(again).model.moe == m.moe and "aux_loss_weight" not in again.to_dict()
 
 
 @pytest.mark.parametrize("value", ["heavy", -1.0, float("nan")])

@@ -4,6 +4,8 @@ weights back, Drop-Upcycling re-initialises exactly what it says, and --init err
 import copy
 
 import pytest
+
+from vitmoe.training.config import resolve
 import torch
 
 import vitmoe
@@ -251,7 +253,7 @@ def test_init_adapts_image_size_and_class_count_while_upcycling(dense_run):
     """A dense 8x8, 10-class digits run as the start of a 16x16, 5-class top-2 MoE model: the
     positional table is interpolated (CLS row kept), the head replaced by zeros, the MLPs upcycled."""
     from vitmoe.models.surgery import resize_pos_embed
-    from vitmoe.training.init import init_from
+    from vitmoe.training.checkpoints.warm_start import init_from
 
     dense = vitmoe.load_model(next(dense_run.glob("checkpoints/epoch-*/model.safetensors")))
     cfg = dense.config.replace(img_size=16, num_classes=5, moe_layers="all", num_experts=4,
@@ -303,7 +305,7 @@ def test_train_init_of_an_moe_source_with_another_layout(dense_run, tmp_path, ca
 def test_transformers_directory_as_source(dense_run, tmp_path, capsys):
     """A transformers ViT directory (vitmoe export --format hf) works as SRC of upcycle and train --init."""
     from vitmoe.models.upcycle import upcycled_config
-    from vitmoe.training.init import init_from
+    from vitmoe.training.checkpoints.warm_start import init_from
 
     hf = tmp_path / "hf"
     assert main(["export", str(dense_run), str(hf), "--format", "hf"]) == 0
@@ -322,7 +324,7 @@ def test_transformers_directory_as_source(dense_run, tmp_path, capsys):
 def test_init_of_a_dense_run_from_an_moe_file_merges_it(dense_run, tmp_path, capsys):
     """An MoE SRC for a dense run is merged: an untrained upcycled file gives back the dense weights;
     building models inside init does not move the global RNG."""
-    from vitmoe.training.init import init_from
+    from vitmoe.training.checkpoints.warm_start import init_from
 
     up = tmp_path / "up.safetensors"
     assert main(["upcycle", str(dense_run), str(up), "--experts", "4", "--router", "random"]) == 0
@@ -358,7 +360,7 @@ def test_init_takes_the_sources_shape_unless_set(tmp_path, capsys):
     shape = dict(embed_dim=20, depth=3, num_heads=5, mlp_hidden=24, head="linear", pool="mean", norm_eps=1e-6)
     vitmoe.save_model(vitmoe.create_model("vit", img_size=8, in_chans=1, **shape), src)
     argv = ["train", "--dataset", "digits", "--model", "switch_vit", "--init", str(src), "--out", str(tmp_path / "r")]
-    m = build_config(build_parser().parse_args(argv)).resolved_model_config()
+    m = resolve(build_config(build_parser().parse_args(argv))).model
     assert {k: getattr(m, k) for k in shape} == shape  # not the switch_vit preset's d 300, 12 layers
     assert m.is_moe and m.num_experts == 32
     assert main([*argv, "--set", "model.depth=2"]) == 2  # an explicit field wins, and must fit SRC

@@ -14,9 +14,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ..data import DatasetError
     from ..fileio import DiskFullError
     from ..models import ConfigError, ModelFileError
-    from ..training.checkpoint import CheckpointError
+    from ..training.checkpoints.checkpoint import CheckpointError
     from ..training.launch import WorkerUserError
-    from ..training.trainer import RunDirError
+    from ..rundir import RunDirError
 
     return (CLIError, ConfigError, DatasetError, RunDirError, CheckpointError, FileNotFoundError, WorkerUserError,
             ModelFileError, DiskFullError)

@@ -8,7 +8,7 @@ from .common import CLIError, HelpFormatter, add_checkpoint_args, echo, model_fi
 
 
 def add_parser(sub) -> None:
-    from ..training.config import DATASET_NAMES, EVAL_MODES
+    from ..training.config.train_config import DATASET_NAMES, EVAL_MODES
     from .train import dataset_arg, dataset_metavar
 
     p = sub.add_parser(
@@ -59,7 +59,7 @@ def saved_config(checkpoint, model_file) -> dict:
 
     import yaml
 
-    from ..training.checkpoint import CHECKPOINT_DIR
+    from ..rundir import CHECKPOINT_DIR
 
     model_file = Path(model_file)
     candidates = [Path(checkpoint)] if Path(checkpoint).is_dir() else []

@@ -10,7 +10,7 @@ from .common import CLIError, HelpFormatter, echo, warn
 
 def add_parser(sub) -> None:
     from ..models import list_models
-    from ..training.config import DATASET_NAMES
+    from ..training.config.train_config import DATASET_NAMES
 
     p = sub.add_parser(
         "info", help="parameters and FLOPs of a model preset", formatter_class=HelpFormatter,
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..models import list_models, model_config, model_info
     from ..models.hf import config_from_hf, is_hf_dir, read_hf_config
-    from ..training.config import TrainConfig
+    from ..training.config import TrainConfig, resolve
 
     if (args.preset is None) == (args.model is None):
         raise CLIError("give the model once: vitmoe info PRESET or vitmoe info --model PRESET")
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"unknown model preset {args.preset!r}; choose one of: {', '.join(list_models())}")
     elif args.dataset:
         overrides = model_overrides(args.set, args.preset)
-        cfg = TrainConfig(model=args.preset, dataset=args.dataset, model_config=overrides).validate().resolved_model_config()
+        cfg = resolve(TrainConfig(model=args.preset, dataset=args.dataset, model_config=overrides)).model
     else:
         cfg = model_config(args.preset, **model_overrides(args.set, args.preset))
     info = model_info(cfg)

@@ -70,7 +70,7 @@ def _run(args: argparse.Namespace) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 - only the NaN stop and a failed worker are expected here
         from ..training.launch import WorkerFailedError
-        from ..training.trainer import NonFiniteLossError
+        from ..training.loop.trainer import NonFiniteLossError
 
         if isinstance(e, NonFiniteLossError):
             print(f"vitmoe: error: {e}", file=sys.stderr, flush=True)

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..models import load_model, merge_experts, read_metadata, save_model
-    from ..training.checkpoint import STATE_FILE, load_state, verify_checkpoint
+    from ..training.checkpoints.checkpoint import STATE_FILE, load_state, verify_checkpoint
 
     path = model_file(args.checkpoint, args.which, args.ema)
     check_output(Path(args.out), path)
@@ -76,7 +76,7 @@ def check_output(out, source, made: str = "merged") -> None:
     `made`: what the command makes of its input ("merged", "upcycled"), for the messages."""
     from pathlib import Path
 
-    from ..training.checkpoint import CHECKPOINT_DIR
+    from ..rundir import CHECKPOINT_DIR
 
     out = Path(out)
     if out.is_dir():

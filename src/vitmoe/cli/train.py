@@ -47,7 +47,7 @@ the added epochs a fresh warm-up and cosine.
 
 def add_parser(sub) -> None:
     from ..models import list_models
-    from ..training.config import AMP_MODES, AUGMENT_POLICIES, DATASET_NAMES, EVAL_MODES
+    from ..training.config.train_config import AMP_MODES, AUGMENT_POLICIES, DATASET_NAMES, EVAL_MODES
 
     p = sub.add_parser("train", help="train a model (the source project's vit.py flags)", description=DESCRIPTION,
                        formatter_class=HelpFormatter)
@@ -223,19 +223,19 @@ LARGE_MODEL_PARAMS = {"digits": 5_000_000}
 SMALL_MODEL_FLAGS = "--dmodel 64 --heads 4 --set model.depth=4 --set model.mlp_hidden=128 --experts 8"
 
 
-def size_warning(cfg) -> str | None:
+def size_warning(spec) -> str | None:
     """One line when the model is far too large for the dataset (e.g. the default switch_vit on 8x8
-    digits), computed from `vitmoe.models.model_info`; None otherwise."""
+    digits), computed from `vitmoe.models.model_info`; None otherwise (`spec`: the RunSpec)."""
     from ..models import model_info
 
+    cfg, model_cfg = spec.config, spec.model
     limit = LARGE_MODEL_PARAMS.get(cfg.dataset)
     if limit is None:
         return None
-    model_cfg = cfg.resolved_model_config()
     info = model_info(model_cfg)
     if info.total_params <= limit:
         return None
-    side = cfg.dataset_info().img_size
+    side = spec.dataset.img_size
     flags = SMALL_MODEL_FLAGS if model_cfg.moe_block_indices() else SMALL_MODEL_FLAGS.rsplit(" --experts", 1)[0]
     # float32 weights + Adam's two moments: 12 bytes per parameter in every checkpoint
     return (f"model {cfg.model} has {info.total_params:,} parameters (~{info.total_params * 12 / 1e9:.1f} GB per "
@@ -245,6 +245,7 @@ def size_warning(cfg) -> str | None:
 
 def build_config(args: argparse.Namespace):
     """The resolved, validated TrainConfig of a `vitmoe train` command line (no data is touched)."""
+    from ..rundir import CONFIG_FILE
     from ..training.config import TrainConfig, parse_set
 
     flags = flag_overrides(args)
@@ -254,9 +255,9 @@ def build_config(args: argparse.Namespace):
             raise CLIError(f"--init cannot be combined with --resume: a resumed run continues from its own checkpoint "
                            f"(start a new run with --init {args.init} instead)")
         run_dir = Path(args.resume)
-        saved_path = run_dir / "config.yaml"
+        saved_path = run_dir / CONFIG_FILE
         if not saved_path.is_file():
-            raise CLIError(f"--resume {run_dir}: no config.yaml there (not a vitmoe run directory)")
+            raise CLIError(f"--resume {run_dir}: no {CONFIG_FILE} there (not a vitmoe run directory)")
         saved = TrainConfig.from_yaml(saved_path).validate()
         cfg = saved
         if args.config:
@@ -275,11 +276,11 @@ def build_config(args: argparse.Namespace):
         cfg = TrainConfig.from_yaml(args.config, cfg)
     cfg = cfg.updated(flags).updated(sets)
     if cfg.init is not None:  # SRC's shape, where the command line and config file leave it open
-        from ..training.init import adopt_architecture
+        from ..training.checkpoints.warm_start import adopt_architecture
 
         cfg = cfg.updated({"model_config": adopt_architecture(cfg.model_config, cfg.init)})
     cfg = cfg.validate()
-    model_cfg = cfg.resolved_model_config()
+    model_cfg = cfg.checked_model
     if not model_cfg.moe_block_indices():
         given = [f for f, v in (("--experts", args.experts if not args.noswitch else None), ("--router", args.router),
                                 ("--top-k", args.top_k)) if v is not None]
@@ -287,34 +288,38 @@ def build_config(args: argparse.Namespace):
             raise CLIError(f"{', '.join(given)} apply to MoE models, but model {cfg.model!r} is dense "
                            f"(use --model switch_vit or random_vit)")
     if cfg.init is not None:  # SRC exists and fits the run's model, before any data is loaded
-        from ..training.init import check_init
+        from ..training.checkpoints.warm_start import check_init
 
         check_init(cfg.init, model_cfg)
     return cfg
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..rundir import SUMMARY_FILE
+    from ..training.config.spec import resolve
+    from ..training.launch import launch, run_worker, under_torchrun
+
     cfg = build_config(args)
     if args.noswitch and args.experts is not None:
         warn(f"--experts {args.experts} is ignored with --noswitch (dense vit), as in the source project")
+    spec = resolve(cfg)  # once in this process (the model config validate() built is reused)
     if not args.resume and int(os.environ.get("RANK", 0)) == 0:
-        msg = size_warning(cfg)
+        msg = size_warning(spec)
         if msg:
             warn(msg)
-    from ..training.launch import launch, run_worker, under_torchrun
-
-    if under_torchrun():  # torchrun started this process as one worker
-        s = run_worker(cfg, resume=bool(args.resume), log=echo, force=args.force)
+    if under_torchrun():  # torchrun started this process as one worker: rank 0's run directory is used
+        result = run_worker(spec.config, resume=bool(args.resume), log=echo, force=args.force)
         if int(os.environ.get("RANK", 0)) == 0:
-            echo(f"summary: {Path(cfg.out) / 'summary.json'} (best {s['best_acc']:.2f}% at epoch {s['best_epoch']})")
+            s = result.summary
+            echo(f"summary: {result.run_dir / SUMMARY_FILE} (best {s['best_acc']:.2f}% at epoch {s['best_epoch']})")
         return 0
     if cfg.nproc > 1:
-        s = launch(cfg, resume=bool(args.resume), force=args.force, verbose=args.verbose)
-        echo(f"summary: {Path(cfg.out) / 'summary.json'} (best {s['best_acc']:.2f}% at epoch {s['best_epoch']})")
+        s = launch(spec.config, resume=bool(args.resume), force=args.force, verbose=args.verbose)
+        echo(f"summary: {spec.run_dir / SUMMARY_FILE} (best {s['best_acc']:.2f}% at epoch {s['best_epoch']})")
         return 0
     from ..training import train
 
-    result = train(cfg, resume=bool(args.resume), log=echo, force=args.force)
+    result = train(spec, resume=bool(args.resume), log=echo, force=args.force)
     s = result.summary
-    echo(f"summary: {result.run_dir / 'summary.json'} (best {s['best_acc']:.2f}% at epoch {s['best_epoch']})")
+    echo(f"summary: {result.run_dir / SUMMARY_FILE} (best {s['best_acc']:.2f}% at epoch {s['best_epoch']})")
     return 0

@@ -9,6 +9,9 @@ The losses come out of the `with` block as values; no layer keeps them afterward
 called several times in one forward (WideNet's shared layer) contributes every call: its loss
 counts each block's routing, its load sums over calls and its rates average over them.
 VisionTransformer's `forward(x, return_aux=True)` returns these in a ModelOutput.
+
+`dead_experts` reads those load statistics (a layer's per-expert load): the experts routing left
+(nearly) unused, which the trainer warns about each epoch and `vitmoe analyze` reports.
 """
 from __future__ import annotations
 
@@ -97,3 +100,21 @@ def collect_moe_outputs(model: nn.Module, record: bool = False) -> Iterator[MoEC
     finally:
         for _, m in layers:
             m._collectors.remove(collector)
+
+
+DEAD_THRESHOLD = 0.1
+"""An expert is dead when its share of a layer's load is below this times the uniform share 1/E."""
+
+
+def dead_experts(load, dead_threshold: float = DEAD_THRESHOLD) -> list[int]:
+    """Experts whose share of a layer's load is below `dead_threshold` x the uniform share 1/E."""
+    load = torch.as_tensor(load, dtype=torch.float64)
+    share = load / load.sum().clamp_min(1)
+    return [int(i) for i in torch.nonzero(share < dead_threshold / load.numel()).flatten()]
+
+
+def dead_experts_by_layer(expert_load: dict | None) -> dict[str, list[int]]:
+    """Per MoE layer, the experts an epoch's routing left (nearly) unused (`expert_load`: the
+    metrics row's per-layer loads)."""
+    found = {name: dead_experts(load) for name, load in (expert_load or {}).items() if len(load) > 1}
+    return {name: experts for name, experts in found.items() if experts}

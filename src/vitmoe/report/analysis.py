@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from ..moe import MoEMlp, collect_moe_outputs, find_moe_layers
+from ..moe.collect import DEAD_THRESHOLD, dead_experts
 from ..moe.routers.random import RandomRouter
 
-DEAD_THRESHOLD = 0.1
 
 
 class RoutingCounts:
@@ -99,13 +99,6 @@ def record_routing(model: nn.Module, loader, classes: int, keep_images: int = 0)
             "kept_routes": {k: torch.cat(v) for k, v in kept_routes.items()}}
 
 
-def dead_experts(load, dead_threshold: float = DEAD_THRESHOLD) -> list[int]:
-    """Experts whose share of a layer's load is below `dead_threshold` x the uniform share 1/E."""
-    load = torch.as_tensor(load, dtype=torch.float64)
-    share = load / load.sum().clamp_min(1)
-    return [int(i) for i in torch.nonzero(share < dead_threshold / load.numel()).flatten()]
-
-
 def layer_summary(c: RoutingCounts, dead_threshold: float = DEAD_THRESHOLD) -> dict:
     """Numbers of one layer: load shares, balance (coefficient of variation and max/mean of the
     load), mean router entropy, mean dropped fraction, and dead experts."""
@@ -141,7 +134,7 @@ def routed_as(model: nn.Module, eval_mode: str, fixed_expert: int | None = None)
 
 
 def accuracy(model: nn.Module, loader) -> float:
-    from ..training.evaluate import evaluate
+    from ..training.evaluation.evaluate import evaluate
 
     return evaluate(model, loader, next(model.parameters()).device)["acc"]
 

@@ -6,7 +6,7 @@
   each one sees RANK/WORLD_SIZE/LOCAL_RANK in its environment and trains directly.
 
 Every worker builds a DistContext and runs the same Trainer; only rank 0 writes the run
-directory (holding its lock, vitmoe.runlock) and prints. A worker that dies makes the launcher
+directory (holding its lock, vitmoe.rundir) and prints. A worker that dies makes the launcher
 stop the others; a worker stuck in a collective fails after `dist_timeout_s` instead of hanging.
 
 `launch` first checks in this process what can fail early (the dataset's files, the run
@@ -45,8 +45,10 @@ import torch
 
 from ..models import ConfigError
 from ..rundir import LAUNCHER_LOG
-from ..runlock import RunDirError, RunLock, check_run_dir
-from .config import TrainConfig, check_ep_size
+from ..rundir import RunDirError, RunLock, check_run_dir
+from .config.model import check_ep_size
+from .config.spec import default_out, resolve
+from .config.train_config import TrainConfig
 
 
 # Messages of collectives whose peer is gone (gloo, NCCL, the c10d store).
@@ -67,7 +69,7 @@ class WorkerUserError(ValueError):
 
 def _resume_hint(out: str | None) -> str:
     """`Resume ... with: vitmoe train --resume OUT` when OUT holds a complete checkpoint, else ''."""
-    from .checkpoint import latest_checkpoint
+    from .checkpoints.checkpoint import latest_checkpoint
 
     if not out:
         return ""
@@ -90,17 +92,17 @@ def _free_port() -> int:
 
 def _position(trainer) -> str:
     """Where a worker was when it failed: 'in epoch 2 after step 14'."""
-    step = getattr(trainer, "step", 0)
-    if not step:
+    state = getattr(trainer, "state", None)
+    if state is None or not state.step:
         return "before its first training step"
-    return f"in epoch {min(trainer.epoch + 1, trainer.cfg.epochs)} after step {step}"
+    return f"in epoch {min(state.epoch + 1, trainer.cfg.epochs)} after step {state.step}"
 
 
 def _lost_peers(e: BaseException) -> bool:
     """A collective failed because a peer is gone or silent (not an error of this rank's own)."""
     import torch.distributed as dist
 
-    from .trainer import NonFiniteLossError
+    from .loop.trainer import NonFiniteLossError
 
     if isinstance(e, (NonFiniteLossError, WorkerFailedError, *_user_error_types())):
         return False
@@ -112,34 +114,34 @@ def _timed_out(message: str) -> bool:
     return "timed out" in message.lower() or "timeout" in message.lower()
 
 
-def run_worker(cfg: TrainConfig, resume: bool, log=None, force: bool = False) -> dict:
-    """Join the process group described by the environment and train (this process is one rank)."""
+def run_worker(cfg: TrainConfig, resume: bool, log=None, force: bool = False):
+    """Join the process group described by the environment and train (this process is one rank).
+    `cfg` is checked (`validate()`); its run directory and process count are set here, from rank 0
+    and the world, before the run is resolved. Returns this rank's TrainResult."""
     import torch.distributed as dist
 
-    from .dist import DistContext
-    from .trainer import Trainer
+    from .distributed.context import DistContext, resolve_device
+    from .loop.trainer import Trainer
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = resolve_device(cfg.device, local_rank)
+    use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
     else:
-        device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world,
                             timeout=timedelta(seconds=cfg.dist_timeout_s))
     try:
         ctx = DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device, is_main=rank == 0)
         # One run directory for all ranks: rank 0's choice (a default name holds a timestamp).
-        cfg.out = ctx.broadcast_object(cfg.out or cfg.default_out())
-        cfg.nproc = world
+        cfg = cfg.with_run(out=ctx.broadcast_object(cfg.out or default_out(cfg)), nproc=world)
         trainer = None
         try:
-            trainer = Trainer(cfg, ctx, resume=resume, log=log or (lambda m: print(m, flush=True)), force=force)
-            return trainer.fit().summary
+            trainer = Trainer(resolve(cfg), ctx, resume=resume, log=log or (lambda m: print(m, flush=True)), force=force)
+            return trainer.fit()
         except Exception as e:
             if not _lost_peers(e):
                 raise
@@ -157,7 +159,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from ..data import DatasetError
     from ..fileio import DiskFullError
     from ..models import ModelFileError
-    from .checkpoint import CheckpointError
+    from .checkpoints.checkpoint import CheckpointError
 
     return (ConfigError, DatasetError, RunDirError, CheckpointError, FileNotFoundError, ModelFileError, DiskFullError)
 
@@ -165,7 +167,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 def _record_failure(error_dir: str, e: BaseException) -> None:
     """Leave this worker's error as one JSON record for the parent (see `_root_cause`)."""
     from ..fileio import atomic_write_text
-    from .trainer import NonFiniteLossError
+    from .loop.trainer import NonFiniteLossError
 
     if isinstance(e, FileNotFoundError) and e.filename:
         message = f"{e.strerror}: {e.filename}"
@@ -192,7 +194,7 @@ def _record_failure(error_dir: str, e: BaseException) -> None:
 
 def _elastic_entry(cfg_dict: dict, resume: bool, error_dir: str | None = None, force: bool = False) -> dict:
     try:
-        return run_worker(TrainConfig.from_dict(cfg_dict).validate(), resume, force=force)
+        return run_worker(TrainConfig.from_dict(cfg_dict).validate(), resume, force=force).summary
     except BaseException as e:
         if error_dir:
             _record_failure(error_dir, e)
@@ -243,12 +245,12 @@ def _launcher_logging(buffer: io.StringIO, verbose: bool):
 
 def preflight(cfg: TrainConfig, resume: bool = False, force: bool = False) -> None:
     """Check in this process what would otherwise fail in every worker: the run directory (in use
-    by another process, a run not resumed, a folder vitmoe did not make: `runlock.check_run_dir`)
+    by another process, a run not resumed, a folder vitmoe did not make: `rundir.check_run_dir`)
     and the dataset's files (found, or downloaded once here; presence, headers and sizes verified)."""
     from ..data import check_dataset
-    from .data_spec import folder_options
+    from .config.data import folder_options
 
-    out = Path(cfg.out or cfg.default_out())
+    out = Path(cfg.out or default_out(cfg))
     check_run_dir(out, resume, force)
     parent = out
     while not parent.exists() and parent != parent.parent:
@@ -291,7 +293,7 @@ def _failure_report(cfg: TrainConfig, records: dict[int, dict], launcher_text: s
 def _raise_worker_failure(cfg: TrainConfig, records: dict[int, dict], failures: dict, log_path) -> None:
     """Turn a failed launch into one exception: the root-cause worker's own error when it left one,
     else the rank that died or stalled (not the healthy ranks that lost it)."""
-    from .trainer import NonFiniteLossError
+    from .loop.trainer import NonFiniteLossError
 
     root = _root_cause(records)
     hint = _resume_hint(cfg.out)
@@ -330,8 +332,9 @@ def _raise_worker_failure(cfg: TrainConfig, records: dict[int, dict], failures: 
 
 
 def launch(cfg: TrainConfig, resume: bool = False, force: bool = False, verbose: bool = False) -> dict:
-    """Start `cfg.nproc` workers on this machine and wait for them; returns rank 0's summary.
-    `force`: see `runlock.check_run_dir`; `verbose`: the launcher's logging and the workers'
+    """Start `cfg.nproc` workers on this machine and wait for them; returns rank 0's summary. `cfg`
+    is checked (`validate()`); without `out` the run directory gets its default name here.
+    `force`: see `rundir.check_run_dir`; `verbose`: the launcher's logging and the workers'
     tracebacks on screen too (they always go to the launcher log when a worker fails)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -343,7 +346,7 @@ def launch(cfg: TrainConfig, resume: bool = False, force: bool = False, verbose:
     if cfg.batch_size < n:
         raise ConfigError(f"batch_size={cfg.batch_size} is not allowed: the global batch must be >= nproc={n}")
     check_ep_size(cfg.ep_size, n)
-    cfg.out = cfg.out or cfg.default_out()  # one run directory for every worker
+    cfg = cfg.with_run(out=cfg.out or default_out(cfg))  # one run directory for every worker
     preflight(cfg, resume, force)
     lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()),
                       rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,

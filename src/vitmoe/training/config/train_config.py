@@ -6,9 +6,9 @@ Precedence (lowest first): TrainConfig defaults (the source project's recipe, sw
 < config file < explicit command-line flags < `--set` overrides.
 
 Model fields live in `model_config` (ViTConfig overrides on top of the `model` preset, MoE
-settings nested under `moe`); `model_spec.resolve_model_config` turns them into the model's
+settings nested under `moe`); `model.resolve_model_config` turns them into the model's
 ViTConfig. The dataset fixes `in_chans` and `num_classes`, and `img_size` unless the field is set (see
-`data_spec`: folder datasets, on-device resize); when `patch_size` is not
+`config.data`: folder datasets, on-device resize); when `patch_size` is not
 given and the preset's patch does not divide the image size, the largest divisor below it is used.
 """
 from __future__ import annotations
@@ -16,27 +16,27 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from ..data import DATASETS
-from ..models import ViTConfig
-from ..models.registry import list_models
-from ..moe import EVAL_MODES
-from ..rundir import DEFAULT_THRESHOLD
-from ..validation import ConfigError, Fields
-from .model_spec import (check_ep_size, experts_of, fold_aux_loss_weight, model_label, resolve_model_config,
-                         set_model_field)
-from .data_spec import check_data_fields, dataset_info
-from .recipe_spec import check_recipe_fields, check_recipe_model
-from .schedule import RESUME_SCHEDULES
+from ...data import DATASETS
+from ...models import ViTConfig
+from ...models.registry import list_models
+from ...moe import EVAL_MODES
+from ...rundir import DEFAULT_THRESHOLD
+from ...validation import ConfigError, Fields
+from .model import (check_ep_size, experts_of, fold_aux_loss_weight, model_label, resolve_model_config,
+                    set_model_field)
+from .data import check_data_fields
+from .recipe import check_recipe_fields, check_recipe_model
 
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("cosine", "constant")
+# How the lr schedule follows a new `epochs` on --resume (see loop.schedule.extend_cycles).
+RESUME_SCHEDULES = ("stretch", "restart")
 AMP_MODES = ("off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 DATASET_NAMES = tuple(DATASETS)
@@ -185,6 +185,7 @@ class TrainConfig:
     (after a "restart" resume, the decay of the last cycle does)."""
 
     _validated = False  # True on the copy validate() returns (a class default, not a field)
+    _model = None  # the ViTConfig validate() built, on that copy only
 
     # ------------------------------------------------------------------------------------
     @classmethod
@@ -254,7 +255,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """A checked copy; `self` is left as it was. Values are coerced to the fields' types
         (YAML/CLI strings), model overrides put in today's nested spelling, and the model config
-        is built (`resolved_model_config`) so bad model fields fail here too. Raises ConfigError
+        is built (kept for `resolve`, which reads it as `RunSpec.model`) so bad model fields fail here too. Raises ConfigError
         naming the field. The Trainer takes a validated copy as it is (`validated`): change one
         through `updated()` (an unvalidated copy) and validate again rather than assigning fields."""
         new = copy.deepcopy(self)
@@ -325,7 +326,7 @@ class TrainConfig:
         for key, value in self.model_config.items():
             set_model_field(nested, str(key), value)
         self.model_config = nested
-        mc = self.resolved_model_config()
+        mc = self._model = resolve_model_config(self)  # the one build of the run's model config
         if self.ep_size > 1:
             experts = mc.experts_per_moe_block()
             f.need(bool(experts), "ep_size", "1 for a dense model (expert parallelism needs MoE layers)")
@@ -339,35 +340,26 @@ class TrainConfig:
         """2 with consistency regularisation (a second pass with fresh routes), else 1."""
         return 2 if self.consistency_weight > 0 else 1
 
-    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """(mean, std) the loader normalises with: the overrides, else the dataset's statistics."""
-        info = self.dataset_info()
-        return (tuple(self.norm_mean) if self.norm_mean is not None else tuple(info.mean),
-                tuple(self.norm_std) if self.norm_std is not None else tuple(info.std))
+    @property
+    def checked_model(self) -> ViTConfig:
+        """The model config `validate()` built (read it through `resolve(cfg).model`)."""
+        if not self._validated:
+            raise ConfigError("the model config of an unchecked TrainConfig: validate() or resolve() it first")
+        return self._model
 
-    def dataset_info(self):
-        """The dataset's DatasetInfo (a folder dataset's: scanned and read from its cache)."""
-        return dataset_info(self)
-
-    def resolved_model_config(self) -> ViTConfig:
-        """The model's validated ViTConfig (see `model_spec.resolve_model_config`)."""
-        return resolve_model_config(self)
-
-    def run_label(self) -> str:
-        """Display name: vit, switch-vit, top2-vit, random-vit, ... (from the resolved model);
-        "+cr" marks consistency regularisation."""
-        return model_label(self.resolved_model_config()) + ("+cr" if self.consistency_weight > 0 else "")
-
-    def default_out(self) -> str:
-        return os.path.join("runs", f"{self.model}-{self.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-
-    def save_yaml(self, path: str | os.PathLike) -> None:
-        from ..fileio import atomic_write_text
-
-        data = self.to_dict()
-        data["resolved_model_config"] = self.resolved_model_config().to_dict()
-        data["name"] = self.run_label()
-        atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+    def with_run(self, out: str | None = None, nproc: int | None = None) -> "TrainConfig":
+        """A checked copy naming its run directory and process count (set before `resolve`, never on a
+        resolved run): neither changes the model or the data, so the copy keeps the checked model."""
+        if not self._validated:
+            raise ConfigError("with_run() takes a checked TrainConfig: validate() it first")
+        new = copy.deepcopy(self)
+        if out is not None:
+            new.out = str(out)
+        if nproc is not None:
+            if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+                raise ConfigError(f"nproc={nproc!r} is not allowed: an integer >= 1")
+            new.nproc = nproc
+        return new
 
     def structural_diff(self, other: "TrainConfig") -> list[str]:
         """Fields of `other` that differ from self and may not change on resume."""

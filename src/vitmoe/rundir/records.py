@@ -1,17 +1,6 @@
-"""The run directory: its file names, their writers and readers, and the numbers derived from them.
-
-One module owns the contract between the trainer (which writes a run) and `vitmoe.report` (which
-reads it), so both use the same names, the same threshold rule and the same 60,000-image times::
-
-    RUN/config.yaml      the resolved TrainConfig (TrainConfig.save_yaml)
-    RUN/metrics.jsonl    one JSON object per epoch (`epoch` and `test_acc` required)
-    RUN/summary.json     the run's final numbers (`summarize` + what the trainer knows)
-    RUN/checkpoints/     see vitmoe.training.checkpoint
-    RUN/.vitmoe.lock     held (flock) by the process writing the run; see vitmoe.runlock
-    RUN/launcher.log     launcher and worker tracebacks of a failed multi-process run
-
-Importing this module does not import torch (the report reads runs without it).
-"""
+"""A run's records: writing and reading metrics.jsonl, summary.json and config.yaml, and the
+numbers derived from them (best accuracy, epochs to the threshold, the 60,000-image times), so the
+trainer and `vitmoe.report` use the same threshold rule and the same times."""
 from __future__ import annotations
 
 import json
@@ -21,15 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-CHECKPOINT_DIR = "checkpoints"
-TENSORBOARD_DIR = "tensorboard"
-LOCK_FILE = ".vitmoe.lock"
-LAUNCHER_LOG = "launcher.log"
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CHECKPOINT_DIR, TENSORBOARD_DIR, LOCK_FILE, LAUNCHER_LOG)
-"""Every name vitmoe writes in a run directory."""
+from .layout import METRICS_FILE, SUMMARY_FILE
 
 IMAGES_60K = 60_000
 """The source project's tables report seconds per 60,000 images (its training-set size)."""
@@ -103,24 +84,9 @@ def summarize(metrics: list[dict[str, Any]], threshold: float = DEFAULT_THRESHOL
     }
 
 
-def is_run_dir(path: str | os.PathLike) -> bool:
-    """Whether `path` holds a vitmoe run: a config.yaml with a `model:` key (small enough to be
-    ours) beside a checkpoints/ folder or a metrics.jsonl."""
-    path = Path(path)
-    config = path / CONFIG_FILE
-    try:
-        if not config.is_file() or config.stat().st_size > 1_000_000:
-            return False
-    except OSError:
-        return False
-    if not ((path / CHECKPOINT_DIR).is_dir() or (path / METRICS_FILE).is_file()):
-        return False
-    return "model" in read_config(config)
-
-
 # -- writers ---------------------------------------------------------------------------------
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
-    from .fileio import atomic_write_text
+    from ..fileio import atomic_write_text
 
     return atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
@@ -131,7 +97,7 @@ def write_summary(run_dir: str | os.PathLike, summary: dict[str, Any]) -> Path:
 
 def write_metrics(run_dir: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Path:
     """Replace metrics.jsonl with `rows` (atomically: a resumed run rewrites what its checkpoint holds)."""
-    from .fileio import atomic_write_text
+    from ..fileio import atomic_write_text
 
     return atomic_write_text(Path(run_dir) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
@@ -216,10 +182,3 @@ def read_config(path: str | os.PathLike, warn: Callable[[str], None] = lambda ms
     return data
 
 
-__all__ = [
-    "CONFIG_FILE", "METRICS_FILE", "SUMMARY_FILE", "CHECKPOINT_DIR", "TENSORBOARD_DIR", "LOCK_FILE", "LAUNCHER_LOG",
-    "RUN_FILES", "is_run_dir", "IMAGES_60K", "DEFAULT_THRESHOLD", "THRESHOLD_EPS",
-    "RunFormatError", "finite", "finite_int", "reached", "epochs_to_threshold", "time_for_60k", "summarize",
-    "write_json", "write_summary", "write_metrics", "append_metrics", "read_metrics", "read_summary",
-    "read_config",
-]

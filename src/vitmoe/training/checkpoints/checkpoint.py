@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import uuid
 from pathlib import Path
@@ -35,16 +34,16 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ..fileio import atomic_write_text, dir_mode, disk_full_message, is_disk_full
-from ..models import save_model
+from ...fileio import atomic_write_text, dir_mode, disk_full_message, is_disk_full
+from ...models import save_model
+from ...rundir.layout import (BEST, CHECKPOINT_DIR, EPOCH_DIR_RE, LATEST, all_epoch_dirs, epoch_dir_name,  # noqa: F401
+                              has_checkpoint)
 from .safe_state import (STATE_FILE, CheckpointError, first_line, load_state, plain_state, rng_state,  # noqa: F401
                          set_rng_state)
 from .verify import (CHECKPOINT_FILES, EMA_FILE, MANIFEST_FILE, MANIFEST_FORMAT, MODEL_FILE,  # noqa: F401
                      OPTIONAL_FILES, HashingFile, check_entry, check_safetensors, checkpoint_problem, file_digest,
                      read_manifest, verify_checkpoint)
 
-CHECKPOINT_DIR = "checkpoints"
-_EPOCH_RE = re.compile(r"^epoch-(\d+)$")
 # Entries a training state must have for `vitmoe train --resume`.
 RESUME_KEYS = ("epoch", "step", "best_acc", "best_epoch", "optimizer", "scheduler", "rng")
 
@@ -89,30 +88,18 @@ def _complete(d: Path) -> bool:
     return (d / MODEL_FILE).is_file() and (d / STATE_FILE).is_file()
 
 
-def _all_epoch_dirs(ckdir: Path) -> list[Path]:
-    if not ckdir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in ckdir.iterdir() if (m := _EPOCH_RE.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
 def epoch_dirs(run_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoint directories (both files present, not verified), oldest first."""
-    return [p for p in _all_epoch_dirs(Path(run_dir) / CHECKPOINT_DIR) if _complete(p)]
-
-
-def has_checkpoint(run_dir: str | os.PathLike) -> bool:
-    """The run directory holds a checkpoint directory, usable or not (a run lives there)."""
-    return bool(_all_epoch_dirs(Path(run_dir) / CHECKPOINT_DIR))
+    return [p for p in all_epoch_dirs(run_dir) if _complete(p)]
 
 
 def candidates(run_dir: str | os.PathLike, which: str = "latest") -> list[Path]:
     """Checkpoint directories in the order readers try them: the one `latest` (or `best`) names,
     then every other from the newest."""
     ckdir = Path(run_dir) / CHECKPOINT_DIR
-    dirs = _all_epoch_dirs(ckdir)
+    dirs = all_epoch_dirs(run_dir)
     target = _read_pointer(ckdir, which)
-    first = [ckdir / target] if target and _EPOCH_RE.match(target) and (ckdir / target).is_dir() else []
+    first = [ckdir / target] if target and EPOCH_DIR_RE.match(target) and (ckdir / target).is_dir() else []
     return first + [p for p in reversed(dirs) if p not in first]
 
 
@@ -183,14 +170,14 @@ def save_checkpoint(
     A full disk is a CheckpointError naming the directory, the free space and the size needed;
     the temporary files are removed and `latest` still names the previous checkpoint."""
     ckdir = Path(run_dir) / CHECKPOINT_DIR
-    name = f"epoch-{epoch:04d}"
-    previous = _read_pointer(ckdir, "latest")
+    name = epoch_dir_name(epoch)
+    previous = _read_pointer(ckdir, LATEST)
     try:
         ckdir.mkdir(parents=True, exist_ok=True)
         final = _write_checkpoint(ckdir, name, model, plain_state(state), metadata, model_state, extra_models or {})
-        _write_pointer(ckdir, "latest", name)
+        _write_pointer(ckdir, LATEST, name)
         if is_best:
-            _write_pointer(ckdir, "best", name)
+            _write_pointer(ckdir, BEST, name)
     except BaseException as e:
         if not is_disk_full(e):
             raise
@@ -249,13 +236,13 @@ def _write_checkpoint(ckdir: Path, name: str, model: torch.nn.Module, state: dic
 def prune(run_dir: str | os.PathLike, keep: int = 1) -> None:
     """Remove all but the newest `keep` checkpoints (and the one `best` names) and stale temp dirs."""
     ckdir = Path(run_dir) / CHECKPOINT_DIR
-    protect = {_read_pointer(ckdir, "latest"), _read_pointer(ckdir, "best")}
+    protect = {_read_pointer(ckdir, LATEST), _read_pointer(ckdir, BEST)}
     dirs = epoch_dirs(run_dir)
     protect.update(p.name for p in dirs[-keep:])
     for p in ckdir.iterdir():
         if p.name.startswith(".tmp-") and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
-        elif _EPOCH_RE.match(p.name) and p.is_dir() and p.name not in protect:
+        elif EPOCH_DIR_RE.match(p.name) and p.is_dir() and p.name not in protect:
             shutil.rmtree(p, ignore_errors=True)
 
 

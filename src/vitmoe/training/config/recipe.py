@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..moe import ROUTERS, router_class
-from ..validation import Fields
+from ...moe import ROUTERS, router_class
+from ...validation import Fields
 
 if TYPE_CHECKING:
-    from ..models import ViTConfig
-    from .config import TrainConfig
+    from ...models import ViTConfig
+    from .train_config import TrainConfig
 
 
 def check_recipe_fields(cfg: "TrainConfig", f: Fields) -> None:

@@ -1,4 +1,15 @@
-"""One writer per run directory, and `--out` never takes over a folder vitmoe did not make.
+"""What a run directory is and who may write it: the names of its files and checkpoint folders,
+the lock of the one process writing it, and whether `--out` may take a folder.
+
+* **The names.** Every name vitmoe writes in a run directory::
+
+      RUN/config.yaml      the resolved TrainConfig (RunSpec.save_yaml)
+      RUN/metrics.jsonl    one JSON object per epoch (`epoch` and `test_acc` required)
+      RUN/summary.json     the run's final numbers (rewritten every epoch)
+      RUN/checkpoints/     epoch-NNNN/ folders and the `latest` / `best` pointers
+                           (vitmoe.training.checkpoints writes and verifies them)
+      RUN/.vitmoe.lock     held (flock) by the process writing the run
+      RUN/launcher.log     launcher and worker tracebacks of a failed multi-process run
 
 * **The lock.** The process that writes a run (rank 0 of a multi-process run) holds
   `flock(LOCK_EX)` on `RUN/.vitmoe.lock` from before its first write until the run ends; the file
@@ -9,11 +20,13 @@
   `vitmoe report`) take no lock: every file of a run is written atomically or appended to.
   flock locks belong to an open file description: two opens in one process exclude each other too.
 * **The folder.** `check_run_dir` accepts a directory that does not exist, is empty (or holds only
-  vitmoe's lock file and launcher.log), or is a vitmoe run (`rundir.is_run_dir`, or a checkpoint);
+  vitmoe's lock file and launcher.log), or is a vitmoe run (`is_run_dir`, or a checkpoint);
   a fresh run refuses a run that has a checkpoint (resume it instead). Anything else is somebody's
   folder: refused, unless `force`, and even then vitmoe never replaces a file it did not write
   (config.yaml, metrics.jsonl, summary.json, checkpoints/, tensorboard/ must be absent; its
   lock file and launcher.log are only ever added to). The filesystem root is always refused.
+
+Importing this module does not import torch (the report reads runs without it).
 """
 from __future__ import annotations
 
@@ -21,13 +34,67 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import socket
 import stat
 import time
 from datetime import datetime
 from pathlib import Path
 
-from .rundir import LAUNCHER_LOG, LOCK_FILE, RUN_FILES, is_run_dir
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
+LOCK_FILE = ".vitmoe.lock"
+LAUNCHER_LOG = "launcher.log"
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CHECKPOINT_DIR, TENSORBOARD_DIR, LOCK_FILE, LAUNCHER_LOG)
+"""Every name vitmoe writes in a run directory."""
+LATEST, BEST = "latest", "best"
+"""The pointer files in checkpoints/ naming the newest complete checkpoint and the best one."""
+POINTERS = (LATEST, BEST)
+EPOCH_DIR_RE = re.compile(r"^epoch-(\d+)$")
+
+
+def epoch_dir_name(epoch: int) -> str:
+    """The checkpoint folder of `epoch`: epoch-0005 (zero-padded so names sort by epoch)."""
+    return f"epoch-{epoch:04d}"
+
+
+def all_epoch_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """Every checkpoint folder of a run (complete or not), oldest first."""
+    ckdir = Path(run_dir) / CHECKPOINT_DIR
+    if not ckdir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckdir.iterdir() if (m := EPOCH_DIR_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def has_checkpoint(run_dir: str | os.PathLike) -> bool:
+    """The run directory holds a checkpoint folder, usable or not (a run lives there)."""
+    return bool(all_epoch_dirs(run_dir))
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a vitmoe run: a config.yaml with a `model:` key (small enough to be
+    ours) beside a checkpoints/ folder or a metrics.jsonl."""
+    path = Path(path)
+    config = path / CONFIG_FILE
+    try:
+        if not config.is_file() or config.stat().st_size > 1_000_000:
+            return False
+    except OSError:
+        return False
+    if not ((path / CHECKPOINT_DIR).is_dir() or (path / METRICS_FILE).is_file()):
+        return False
+    try:
+        import yaml
+
+        data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - unreadable: not a run of ours
+        return False
+    return isinstance(data, dict) and "model" in data
 
 _LEFTOVERS = {LOCK_FILE, LAUNCHER_LOG}  # what a run that never started may leave: the folder is still empty
 _HOLDER_WAIT_S = 1.0  # a lock just taken is written within microseconds; a momentary probe is gone as fast
@@ -179,8 +246,6 @@ def check_run_dir(run_dir: str | os.PathLike, resume: bool = False, force: bool 
                   check_lock: bool = True) -> None:
     """Raise RunDirError unless `run_dir` may receive this run (see the module docstring).
     `check_lock=False` when the caller holds the lock itself."""
-    from .training.checkpoint import has_checkpoint
-
     out = Path(run_dir)
     if out.exists() and not out.is_dir():
         raise RunDirError(f"run directory {out} is a file, not a directory; choose another --out")
@@ -224,4 +289,7 @@ def lock_run_dir(run_dir: str | os.PathLike, resume: bool = False, force: bool =
     return lock
 
 
-__all__ = ["RunDirError", "RunLock", "lock_holder", "describe_holder", "check_run_dir", "lock_run_dir"]
+__all__ = ["CONFIG_FILE", "METRICS_FILE", "SUMMARY_FILE", "CHECKPOINT_DIR", "TENSORBOARD_DIR", "LOCK_FILE",
+           "LAUNCHER_LOG", "RUN_FILES", "LATEST", "BEST", "POINTERS", "EPOCH_DIR_RE", "epoch_dir_name",
+           "all_epoch_dirs", "has_checkpoint", "is_run_dir", "RunDirError", "RunLock", "lock_holder",
+           "describe_holder", "check_run_dir", "lock_run_dir"]

@@ -1,21 +1,13 @@
 """Evaluation: test loss and accuracy over a loader, summed on the device and reduced over ranks."""
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
 import torch.nn.functional as F
 
-from .dist import DistContext, synchronize
-
-
-def autocast_context(amp: str, device: torch.device):
-    """The autocast region of an `amp` mode: "off" (fp32), "bf16" or "fp16"."""
-    if amp == "off":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+from ..distributed.context import DistContext, synchronize
+from .precision import autocast_context
 
 
 @torch.no_grad()

@@ -62,7 +62,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            from ..models import ConfigError
+            from ...models import ConfigError
 
             raise ConfigError("device='cuda' is not allowed: no CUDA device is available (use auto or cpu)")
         return torch.device("cuda", local_rank)

@@ -8,56 +8,58 @@ traceback."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from .. import rundir
-from ..models import VisionTransformer
-from ..models.io import ModelFileError, check_tensors
+from ... import rundir
+from ...models import VisionTransformer
+from ...models.io import ModelFileError, check_tensors
 from . import checkpoint as ckpt
-from . import expert_parallel
+from ..distributed import expert_parallel
+from .state import TrainState
 
 
-def restore_checkpoint(trainer) -> tuple[Path, dict[str, Any]] | None:
-    """Load the newest usable checkpoint of `trainer.run_dir` into the trainer; (its directory, its
-    training state), or None when the run has no checkpoint yet."""
-    t = trainer
-    found = ckpt.load_for_resume(t.run_dir, t.device, log=t.log)
+def restore_checkpoint(run_dir: Path, model_cfg, device: torch.device, model: torch.nn.Module,
+                       optimizer: torch.optim.Optimizer, scheduler, route_generators: dict, train_step, ema,
+                       sharded: bool, log: Callable[[str], None]) -> tuple[TrainState, dict[str, Any]] | None:
+    """Load the newest usable checkpoint of `run_dir` into the run's parts (the model of config
+    `model_cfg`, its optimizer, lr scheduler, route generators, training step and EMA or None;
+    `sharded`: this rank holds a slice of the experts). Returns the TrainState it recorded (its
+    `last_good` the checkpoint's directory) and its whole saved state, or None when the run has no
+    checkpoint yet."""
+    found = ckpt.load_for_resume(run_dir, device, log=log)
     if found is None:
         return None
     ck, weights, state = found
-    check_fits(ck / ckpt.MODEL_FILE, t.model, t.model_cfg, t.ep is not None, weights)
+    check_fits(ck / ckpt.MODEL_FILE, model, model_cfg, sharded, weights)
     ema_weights = None
-    if t.ema is not None and (ck / ckpt.EMA_FILE).is_file():
-        ema_weights = ckpt.read_weights(ck, t.device, ckpt.EMA_FILE)
-        check_fits(ck / ckpt.EMA_FILE, t.model, t.model_cfg, t.ep is not None, ema_weights)
+    if ema is not None and (ck / ckpt.EMA_FILE).is_file():
+        ema_weights = ckpt.read_weights(ck, device, ckpt.EMA_FILE)
+        check_fits(ck / ckpt.EMA_FILE, model, model_cfg, sharded, ema_weights)
     try:
         # Checkpoints hold every expert: slice this rank's share, whatever world size wrote them.
-        t.model.load_state_dict(expert_parallel.local_state_dict(t.model, weights), strict=True)
-        t.optimizer.load_state_dict(expert_parallel.local_optimizer_state(state["optimizer"], t.optimizer, t.model))
-        for name, g in t.route_generators.items():
+        model.load_state_dict(expert_parallel.local_state_dict(model, weights), strict=True)
+        optimizer.load_state_dict(expert_parallel.local_optimizer_state(state["optimizer"], optimizer, model))
+        for name, g in route_generators.items():
             if name in state.get("route_rng", {}):
                 g.set_state(state["route_rng"][name].cpu())
-        t.scheduler.load_state_dict(state["scheduler"])
-        t.train_step.load_state_dict(state)
-        t.epoch, t.step = int(state["epoch"]), int(state["step"])
-        t.best_acc, t.best_epoch = float(state["best_acc"]), state["best_epoch"]
-        t.best_model = str(state.get("best_model", "model"))
+        scheduler.load_state_dict(state["scheduler"])
+        train_step.load_state_dict(state)
+        progress = TrainState.from_checkpoint(state, last_good=ck)
         if ema_weights is not None:
-            t.ema.load(ema_weights, state.get("ema"))
-        elif t.ema is not None:
-            t.ema.copy_from_model()
-            t.log(f"resume: {ck.name} holds no EMA of the weights; the EMA starts from the resumed weights")
-        t.history = list(state.get("history", []))
-        for name, m in t.model.moe_modules():
+            ema.load(ema_weights, state.get("ema"))
+        elif ema is not None:
+            ema.copy_from_model()
+            log(f"resume: {ck.name} holds no EMA of the weights; the EMA starts from the resumed weights")
+        for name, m in model.moe_modules():
             if name in state.get("usage", {}):
-                m.usage.copy_(state["usage"][name].to(t.device))
+                m.usage.copy_(state["usage"][name].to(device))
         ckpt.set_rng_state(state["rng"])
     except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as e:
         raise ckpt.CheckpointError(f"{ck / ckpt.STATE_FILE} does not fit this run: {type(e).__name__}: "
                                    f"{ckpt.first_line(e)}") from None
-    return ck, state
+    return progress, state
 
 
 def check_fits(model_file: Path, model: torch.nn.Module, model_cfg, sharded: bool,

@@ -23,19 +23,20 @@ from typing import Callable
 
 import torch
 
-from ..models import ViTConfig, VisionTransformer, load_model, merge_experts, read_metadata
-from ..models.io import ModelFileError
-from ..models.surgery import load_adapted
-from ..models.upcycle import ARCH_FIELDS, architecture_diff, load_upcycled
-from ..moe import router_class
-from ..validation import ConfigError
+from ...models import ViTConfig, VisionTransformer, load_model, merge_experts, read_metadata
+from ...models.io import ModelFileError
+from ...models.surgery import load_adapted
+from ...models.upcycle import ARCH_FIELDS, architecture_diff, load_upcycled
+from ...moe import router_class
+from ...rundir import has_checkpoint
+from ...validation import ConfigError
 from . import checkpoint as ckpt
 
 
 def _hf():
     """vitmoe.models.hf when it is there (the transformers layout), else None."""
     try:
-        from ..models import hf
+        from ...models import hf
     except ImportError:
         return None
     return hf
@@ -154,11 +155,11 @@ def _init_from(model: VisionTransformer, src: str, log: Callable[[str], None]) -
     return notes
 
 
-def apply_init(trainer) -> None:
-    """The Trainer's init step: SRC's weights into the freshly built model, unless the run resumes
-    from a checkpoint of its own (then those weights win and SRC is not read)."""
-    t = trainer
-    if not t.cfg.init or (t.resume and ckpt.has_checkpoint(t.run_dir)):
+def apply_init(model: VisionTransformer, src: str | None, resume: bool, run_dir: Path,
+               log: Callable[[str], None]) -> None:
+    """The run's init step: SRC's weights into its freshly built `model`, unless the run resumes
+    from a checkpoint of its own in `run_dir` (then those weights win and SRC is not read)."""
+    if not src or (resume and has_checkpoint(run_dir)):
         return
-    notes = init_from(t.model, t.cfg.init, log=t.log)
-    t.log(f"init from {t.cfg.init}" + "".join(f"; {n}" for n in notes))
+    notes = init_from(model, src, log=log)
+    log(f"init from {src}" + "".join(f"; {n}" for n in notes))

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..moe import MoEMlp, SoftMoE, find_moe_layers
-from ..moe.parallel import EXPERT_PARAMS, ExpertParallel, gather_experts
+from ...moe import MoEMlp, SoftMoE, find_moe_layers
+from ...moe.parallel import EXPERT_PARAMS, ExpertParallel, gather_experts
 
 
 def _sharded_layers(model: nn.Module, every_name: bool = False):

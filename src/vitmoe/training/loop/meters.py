@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .dist import DistContext
+from ..distributed.context import DistContext
 from .step import StepOutput
 
 

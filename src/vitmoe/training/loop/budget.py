@@ -2,14 +2,13 @@
 epochs and resumes, checked after every step on the host clock (no device sync)."""
 from __future__ import annotations
 
-from .dist import DistContext
+from ..distributed.context import DistContext
 
 
 class TimeBudget:
     def __init__(self, limit_s: float | None, dist: DistContext, log_every: int):
         self.limit_s, self.dist, self.log_every = limit_s, dist, log_every
         self.used_s = 0.0
-        self.stopped = False
         self._before = 0.0
 
     def fraction(self) -> float:
@@ -35,7 +34,7 @@ class TimeBudget:
         self.used_s = self._before + elapsed
         return self.used_s >= self.limit_s
 
-    def end_epoch(self, train_time_s: float) -> None:
+    def end_epoch(self, train_time_s: float) -> bool:
+        """Count the epoch's training time (the ranks' mean); True when that used the budget up."""
         self.used_s = self._before + self.dist.mean_over_ranks(train_time_s)
-        if self.exhausted():
-            self.stopped = True
+        return self.exhausted()

@@ -1,7 +1,13 @@
-"""Learning-rate schedule: linear warm-up, then cosine (or constant), stepped per iteration."""
+"""Learning-rate schedule: linear warm-up, then cosine (or constant), stepped per iteration; its
+cycles after a resume that changed the epochs; `LRSchedule`, the run's multiplier per step."""
 from __future__ import annotations
 
 import math
+from typing import Callable
+
+import torch
+
+from ..config.train_config import RESUME_SCHEDULES, TrainConfig
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine", min_ratio: float = 0.0,
@@ -22,7 +28,6 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "c
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-RESUME_SCHEDULES = ("stretch", "restart")
 
 
 def extend_cycles(cycles: list[int], total_steps: int, mode: str) -> list[int]:
@@ -55,3 +60,47 @@ def cyclic_lr_factor(step: int, cycles: list[int], warmup_steps: int, schedule: 
     last = i == len(cycles) - 2
     return lr_factor(step - start, end - start, warmup_steps, schedule, min_ratio,
                      min_progress=min_progress if last else 0.0)
+
+
+class LRSchedule:
+    """The lr multiplier per optimizer step: warm-up then cosine (or constant) over each cycle of
+    `cycles` (one cycle [0, total_steps] unless a resume restarted it, see `schedule.extend_cycles`).
+    `budget_fraction()` is the time budget's share used (0 without a budget): the cosine of the
+    last cycle follows it when it is ahead of the steps."""
+
+    def __init__(self, cfg: TrainConfig, total_steps: int, warmup_steps: int, budget_fraction: Callable[[], float]):
+        self.total_steps = total_steps
+        self.cycles = [0, total_steps]
+        self.warmup_steps = warmup_steps
+        self.schedule = cfg.schedule
+        self.min_ratio = cfg.min_lr / cfg.lr
+        self.budget_fraction = budget_fraction
+
+    def __call__(self, step: int) -> float:
+        return cyclic_lr_factor(step, self.cycles, self.warmup_steps, self.schedule, self.min_ratio,
+                                min_progress=self.budget_fraction())
+
+    def resume(self, saved_cycles: list[int], mode: str, scheduler: torch.optim.lr_scheduler.LambdaLR,
+               step: int) -> bool:
+        """Continue a checkpoint's cycles under this run's total steps (`extend_cycles`, `mode` is
+        TrainConfig.resume_schedule). True when the plan changed: the optimizer's lr is then set to
+        the new plan's at `step` (it holds the old plan's, which the next step would otherwise use)."""
+        self.cycles = extend_cycles(list(saved_cycles), self.total_steps, mode)
+        if self.cycles == list(saved_cycles):
+            return False
+        reset_lr(scheduler, step)
+        return True
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: LRSchedule) -> torch.optim.lr_scheduler.LambdaLR:
+    # A plain function: LambdaLR would save a callable object's attributes in its state_dict.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))
+
+
+def reset_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Set every group's lr to the schedule's value at `step` (after the schedule changed on resume,
+    so the next step does not use the lr the old schedule left in the optimizer)."""
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports

@@ -6,21 +6,22 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING, Any, Mapping
 
-from ..models import ViTConfig, list_models, model_config
-from ..models.config import normalize_keys
-from ..moe import MoEConfig, router_class
-from ..validation import ConfigError, Fields
+from ...models import ViTConfig, list_models, model_config
+from ...models.config import normalize_keys
+from ...moe import MoEConfig, router_class
+from ...validation import ConfigError, Fields
+from .data import dataset_info
 
 if TYPE_CHECKING:
-    from .config import TrainConfig
+    from .train_config import TrainConfig
 
 
 def resolve_model_config(cfg: "TrainConfig") -> ViTConfig:
     """The model's validated ViTConfig: the `cfg.model` preset < the dataset's image shape and
-    classes (the side: `cfg.img_size` when set, see `data_spec`) < `cfg.model_config` overrides
+    classes (the side: `cfg.img_size` when set, see `config.data`) < `cfg.model_config` overrides
     (< `cfg.eval_mode`). Without a `patch_size` override the preset's patch is used, or the largest
     size below it that divides the image side."""
-    info = cfg.dataset_info()
+    info = dataset_info(cfg)
     side = int(cfg.img_size) if cfg.img_size is not None else info.img_size
     overrides: dict[str, Any] = {k: (dict(v) if k == "moe" else v) for k, v in cfg.model_config.items()}
     for key, value in (("img_size", side), ("in_chans", info.in_chans), ("num_classes", info.num_classes)):

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models import ModelOutput
-from . import expert_parallel
-from .config import TrainConfig
-from .evaluate import autocast_context
-from .freeze import UnroutedFreeze
+from ...models import ModelOutput
+from ..distributed import expert_parallel
+from ..config.train_config import TrainConfig
+from ..evaluation.evaluate import autocast_context
+from ..recipe.freeze import UnroutedFreeze
 from .losses import soft_cross_entropy, symmetric_kl
 
 

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import rundir
-from ..data.seeding import derive_seed
-from ..moe import find_moe_layers, seed_random_routers
-from . import expert_parallel
-from .evaluate import evaluate
+from ... import rundir
+from ...data.seeding import derive_seed
+from ...moe import find_moe_layers, seed_random_routers
+from ..distributed import expert_parallel
+from ..evaluation.evaluate import evaluate
 
 # Random eval routes of the copy are drawn from (seed, epoch, this stream): the same after a resume.
 _EVAL_STREAM = 7

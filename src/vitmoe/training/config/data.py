@@ -1,5 +1,6 @@
 """The data a TrainConfig trains on: its dataset's info (built-in, or a `folder:PATH` of your own images,
-see `vitmoe.data.folder`), the image side the model sees, the checks of the data fields, and the loaders.
+see `vitmoe.data.folder`), the image side the model sees and the checks of the data fields (the
+loaders are built from the resolved RunSpec: loop.loaders).
 
 `img_size` (a TrainConfig field) is the side of the images the model sees. For a folder dataset it is
 the size the images are decoded and cached at (default 32). For a built-in dataset None keeps the
@@ -13,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from ..data import DATASETS, DatasetError, DatasetInfo, canonical_name, get_info, is_folder
-from ..validation import Fields
+from ...data import DATASETS, DatasetError, DatasetInfo, canonical_name, get_info, is_folder
+from ...validation import Fields
 
 if TYPE_CHECKING:
-    from .config import TrainConfig
+    from .train_config import TrainConfig
 
 DATASET_CHOICES = ", ".join(DATASETS) + ", folder:PATH"
 # Largest image side accepted (a typo such as 22400 would otherwise allocate gigabytes per batch).
@@ -82,47 +83,3 @@ def check_channels(cfg: "TrainConfig", f: Fields, name: str, positive: bool) -> 
     f.need(ok, name, f"null (the dataset's) or {in_chans} {'positive ' if positive else ''}number(s), one "
                      f"per channel of {cfg.dataset} (or one for all channels)")
     setattr(cfg, name, v)
-
-
-def load_split(cfg: "TrainConfig", split: str):
-    from ..data import load_dataset
-
-    return load_dataset(cfg.dataset, split, cfg.data_dir, **folder_options(cfg))
-
-
-def build_loaders(cfg: "TrainConfig", dist, device, train=None, test=None):
-    """(train loader, test loader): the splits (given, or loaded), normalised with the run's statistics
-    (the overrides, else the training split's), resized to the model's side when it differs from the
-    data's, on the device, or streamed from host memory when the split is above `stream_above_mb`."""
-    from ..data import make_loader
-
-    train = train if train is not None else load_split(cfg, "train")
-    test = test if test is not None else load_split(cfg, "test")
-    mean, std = cfg.normalization()
-    limit = float(cfg.stream_above_mb) * 1e6
-    common = dict(seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, mean=mean, std=std,
-                  resize_to=cfg.resolved_model_config().img_size, stream_above_bytes=limit)
-    train_loader = make_loader(train, cfg.batch_size, device, train=True, augment=cfg.augment,
-                               augment_policy=cfg.augment_policy if cfg.augment else "none", **common)
-    test_loader = make_loader(test, cfg.eval_batch_size or cfg.batch_size, device, train=False, augment=False,
-                              **common)
-    return train_loader, test_loader
-
-
-def class_metadata(cfg: "TrainConfig") -> dict[str, Any]:
-    """A folder dataset's class names (label order), saved in checkpoints and the summary for
-    `vitmoe eval` and `vitmoe report`; {} for a built-in dataset (its names are in `DATASETS`)."""
-    return {"classes": list(dataset_info(cfg).classes)} if is_folder(cfg.dataset) else {}
-
-
-def data_notes(loader) -> list[str]:
-    """What the run log says about how the training images reach the model (empty when nothing unusual)."""
-    from ..data import StreamingLoader
-
-    notes = []
-    if loader.resize_to is not None:
-        side = loader.info.img_size
-        notes.append(f"images resized {side}x{side} -> {loader.resize_to}x{loader.resize_to} on the device")
-    if isinstance(loader, StreamingLoader):
-        notes.append("training images streamed from host memory (above stream_above_mb)")
-    return notes

@@ -30,9 +30,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..models import ModelOutput
-from ..moe import MoEMlp, find_moe_layers
-from ..moe.parallel import EXPERT_PARAMS
+from ...models import ModelOutput
+from ...moe import MoEMlp, find_moe_layers
+from ...moe.parallel import EXPERT_PARAMS
 
 
 @dataclass

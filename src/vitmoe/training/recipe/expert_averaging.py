@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..moe import MoEMlp, find_moe_layers
-from ..moe.parallel import EXPERT_PARAMS
+from ...moe import MoEMlp, find_moe_layers
+from ...moe.parallel import EXPERT_PARAMS
 
 
 class ExpertAverager:
