@@ -107,3 +107,22 @@ def test_a_run_saved_with_aux_loss_weight_one_resumes(tmp_path):
     with pytest.warns(FutureWarning, match="aux_loss_weight"):
         resumed = build_config(build_parser().parse_args(["train", "--resume", str(run), "--epochs", "3"]))
     assert resumed.epochs == 3 and resolve(resumed).model == resolve(cfg).model
+
+
+def test_a_training_run_builds_its_model_config_once(tmp_path, monkeypatch, digits):
+    """`vitmoe train` resolves the run once: the model config validate() builds is the one the
+    trainer, the loaders, the summary and the checkpoints read (counted at its one builder)."""
+    import vitmoe.training.config.train_config as train_config
+    from vitmoe.cli.main import main
+
+    built = []
+    real = train_config.resolve_model_config
+    monkeypatch.setattr(train_config, "resolve_model_config", lambda cfg: built.append(cfg.model) or real(cfg))
+    argv = ["train", "--dataset", "digits", "--epochs", "2", "--device", "cpu", "--out", str(tmp_path / "run"),
+            "--router", "topk", "--top-k", "2", "--set", "model.embed_dim=16", "--set", "model.depth=2",
+            "--set", "model.num_heads=2", "--set", "model.mlp_hidden=32", "--set", "model.num_experts=4",
+            "--set", "log_every=0", "--set", "progress=false"]
+    assert main(argv) == 0
+    assert built == ["switch_vit"]
+    saved = resolve(TrainConfig.from_yaml(tmp_path / "run" / "config.yaml"))
+    assert saved.model.moe.top_k == 2 and saved.label == "top2-vit" and len(built) == 2

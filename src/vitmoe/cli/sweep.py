@@ -96,19 +96,34 @@ def plan(args: argparse.Namespace) -> tuple[dict, list[tuple[dict[str, str], int
     return recorded, members
 
 
-def _check_members(args, members) -> None:
-    """Build every member's TrainConfig (no data touched): bad input fails before any training."""
-    from . import train
+def member_overrides(args: argparse.Namespace, cell: dict[str, str], seed: int, out: Path) -> dict:
+    """The TrainConfig overrides of one member, applied to --config (what `member_argv` spells as flags)."""
+    from ..training.config import parse_set
 
-    parser = argparse.ArgumentParser(prog="vitmoe")
-    train.add_parser(parser.add_subparsers(dest="command"))
-    build_config = train.build_config
+    o: dict = {}
+    for key, value in (("dataset", args.dataset), ("data_dir", args.data_dir), ("epochs", args.epochs),
+                       ("time_budget_s", args.time_budget)):
+        if value is not None:
+            o[key] = value
+    o.update(parse_set(args.set))
+    o.update(parse_set([f"{key}={value}" for key, value in cell.items()]))
+    return {**o, "seed": seed, "out": str(out)}
+
+
+def _check_members(args, members) -> None:
+    """Build and check every member's TrainConfig (no data touched): bad input fails before any training."""
+    from ..training.checkpoints.warm_start import adopt_architecture, check_init
+    from ..training.config import load_config
+
     for cell, seed, out in members:
         try:
-            build_config(parser.parse_args(["train", *member_argv(args, cell, seed, out)]))
-        except SystemExit:
-            raise CLIError(f"sweep member {cell_name(cell)}: its train command line is invalid (see above)") from None
-        except Exception as e:  # ConfigError, CLIError: name the member, keep the message
+            cfg = load_config(args.config, member_overrides(args, cell, seed, out))
+            if cfg.init is not None:  # as `vitmoe train --init`: SRC's shape where the member leaves it open
+                cfg = cfg.updated({"model_config": adopt_architecture(cfg.model_config, cfg.init)})
+            cfg = cfg.validate()
+            if cfg.init is not None:
+                check_init(cfg.init, cfg.checked_model)
+        except Exception as e:  # ConfigError: name the member, keep the message
             raise CLIError(f"sweep member {cell_name(cell)}: {e}") from None
 
 
