@@ -100,3 +100,30 @@ def test_lr_schedule_follows_the_budget():
     assert lr_factor(100, 1000, 0, "cosine", 0.0) == lr_factor(100, 1000, 0, "cosine", 0.0, min_progress=0.05)
     assert lr_factor(5, 1000, 10, "cosine", 0.0, min_progress=0.9) == pytest.approx(6 / 11)  # warm-up in steps
     assert lr_factor(100, 1000, 0, "constant", 0.0, min_progress=0.9) == 1.0
+
+
+def test_a_new_train_config_field_becomes_a_train_flag_without_editing_the_cli(monkeypatch):
+    """The `vitmoe train` flags are made from the TrainConfig fields: a field added to the config
+    (here in a subclass standing for an edit of train_config.py) is a flag, with its docstring's
+    first sentence and its default in --help, and reaches the config when given."""
+    import dataclasses
+
+    import vitmoe.training.config.train_config as train_config
+    from vitmoe.cli.main import build_parser
+    from vitmoe.cli.train import flag_overrides
+
+    @dataclasses.dataclass
+    class Extended(train_config.TrainConfig):
+        # --- optimisation ---
+        warmup_power: float = 1.0
+        """Exponent of the warm-up ramp. A second sentence that --help leaves out."""
+
+    monkeypatch.setattr(train_config, "TrainConfig", Extended)
+    parser = build_parser()
+    train_parser = parser._subparsers._group_actions[0].choices["train"]
+    text = " ".join(train_parser.format_help().split())
+    assert "--warmup-power WARMUP_POWER Exponent of the warm-up ramp (default 1)" in text
+    assert "second sentence" not in text
+    args = parser.parse_args(["train", "--warmup-power", "2.5", "--lr", "0.01"])
+    assert flag_overrides(args) == {"warmup_power": 2.5, "lr": 0.01}
+    assert flag_overrides(parser.parse_args(["train"])) == {}

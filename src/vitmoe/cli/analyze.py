@@ -5,7 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import CLIError, HelpFormatter, add_checkpoint_args, echo
+from .common import CLIError, HelpFormatter, echo
+from .options import add_checkpoint_options, add_data_dir_option, add_dataset_option, add_device_option
 
 
 def add_parser(sub) -> None:
@@ -18,16 +19,16 @@ def add_parser(sub) -> None:
                     "randomly routed models also each expert's accuracy, merged / ensemble / random accuracy and "
                     "how far the experts drifted apart (what decides whether merging works).")
     p.add_argument("run", metavar="RUN", help="run directory (or a model .safetensors file)")
-    add_checkpoint_args(p, default="best")
-    p.add_argument("--dataset", default=None, help="test set (default: the run's)")
-    p.add_argument("--data-dir", default=None, help="dataset directory (default: the run's, then $DATA, ./data)")
+    add_checkpoint_options(p, default="best")
+    add_dataset_option(p, help="test set (default: the run's)")
+    add_data_dir_option(p, help="dataset directory (default: the run's, then $DATA, ./data)")
     p.add_argument("--images", type=int, default=16, help="test images in the tinted grid (default 16)")
     p.add_argument("--layers", nargs="+", default=None, metavar="NAME",
                    help="MoE layers to draw (default all; names as in analysis.json, e.g. blocks.1.mlp)")
     p.add_argument("--dead-threshold", type=float, default=0.1, metavar="F",
                    help="an expert is dead when its load share is below F / E (default 0.1)")
     p.add_argument("--batch", type=int, default=500, help="evaluation batch size")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_device_option(p)
     p.add_argument("--seed", type=int, default=0, help="seed of random routes (random-routing accuracy)")
     p.add_argument("--out", default=None, help="output folder (default RUN/analysis)")
     p.set_defaults(func=run)

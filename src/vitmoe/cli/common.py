@@ -35,18 +35,9 @@ def warn(msg: str) -> None:
     print(f"vitmoe: warning: {msg}", file=sys.stderr, flush=True)
 
 
-def add_checkpoint_args(p: argparse.ArgumentParser, default: str = "latest") -> None:
-    """--checkpoint and --ema: which model file of a run directory a command reads."""
-    p.add_argument("--checkpoint", dest="which", choices=["best", "latest"], default=default,
-                   help=f"which checkpoint of a run directory (default {default})")
-    p.add_argument("--ema", action="store_true",
-                   help="the checkpoint's EMA of the weights (ema.safetensors, runs trained with --ema-decay) "
-                        "instead of the trained weights")
-
-
 def model_file(source, which: str = "latest", ema: bool = False):
-    """The model file `source` (a file, run or checkpoint directory) means, as add_checkpoint_args
-    chose; says so when a run's best accuracy was its EMA's and the raw weights are read."""
+    """The model file `source` (a file, run or checkpoint directory) means, as
+    add_checkpoint_options chose; says so when a run's best accuracy was its EMA's and the raw weights are read."""
     import json
     from pathlib import Path
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..fileio import atomic_write_text
 from .common import CLIError, HelpFormatter, echo
+from .options import add_data_dir_option, add_dataset_option, add_device_option
 
 MODELS = ("vit", "switch_vit", "random_vit")
 # How long `make demo` / `vitmoe demo` takes (measured; README's quick start states the same words).
@@ -113,8 +114,8 @@ def add_parser(sub) -> None:
                     "without --time-budget and --models, gets the recipe demo instead: the recipe's model and its "
                     "switch and random-routing MoE variants, each trained with the recipe for its budget "
                     "(fashion-mnist: CCT-2/3x2, 10 minutes each).")
-    p.add_argument("--dataset", choices=list(DATASET_NAMES), default="digits", help="dataset")
-    p.add_argument("--data-dir", default=None, help="dataset directory (default $DATA, then ./data)")
+    add_dataset_option(p, help="dataset (default digits)", default="digits")
+    add_data_dir_option(p, help="dataset directory (default $DATA, then ./data)")
     p.add_argument("--out", default=None,
                    help="directory of the runs and the report (default demo_runs, or compare_runs with --time-budget)")
     p.add_argument("--epochs", type=int, default=None,
@@ -127,7 +128,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--threshold", type=float, default=None,
                    help="accuracy for the 'epochs to' column (default 75, or the recipe's)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device")
+    add_device_option(p)
     p.add_argument("--force", action="store_true",
                    help="replace the runs in OUT even when OUT was not made by vitmoe demo")
     p.set_defaults(func=run)

@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import CLIError, HelpFormatter, add_checkpoint_args, echo, model_file, warn
+from .common import CLIError, HelpFormatter, echo, model_file, warn
+from .options import add_checkpoint_options, add_data_dir_option, add_dataset_option, add_device_option
 
 
 def add_parser(sub) -> None:
-    from ..training.config.train_config import DATASET_NAMES, EVAL_MODES
-    from .train import dataset_arg, dataset_metavar
+    from ..training.config.train_config import EVAL_MODES
 
     p = sub.add_parser(
         "eval", help="evaluate a checkpoint on a test set", formatter_class=HelpFormatter,
@@ -17,17 +17,15 @@ def add_parser(sub) -> None:
                     "trained weights or their EMA), on the "
                     "test split. The dataset defaults to the one the checkpoint was trained on.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="model .safetensors file or run directory")
-    add_checkpoint_args(p)
+    add_checkpoint_options(p)
     p.add_argument("--mode", choices=list(EVAL_MODES), default=None,
                    help="eval mode of randomly routed layers (default: the checkpoint's, normally merged)")
-    p.add_argument("--dataset", type=dataset_arg, default=None, metavar=dataset_metavar(DATASET_NAMES),
-                   help="test set (default: the checkpoint's training dataset; a folder:PATH run's folder is read "
+    add_dataset_option(p, help="test set (default: the checkpoint's training dataset; a folder:PATH run's folder is read "
                         "with the run's img_size / folder_test_fraction / skip_bad_images from its config.yaml)")
-    p.add_argument("--data-dir", default=None,
-                   help="dataset directory (default: the run's own data_dir from its config.yaml, then $DATA, "
+    add_data_dir_option(p, help="dataset directory (default: the run's own data_dir from its config.yaml, then $DATA, "
                         "then ./data)")
     p.add_argument("--batch", type=int, default=500, help="evaluation batch size")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device")
+    add_device_option(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the random draws in --mode random")
     p.add_argument("--per-class", action="store_true",
                    help="also the accuracy of each class, by name (always shown for folder:PATH datasets)")

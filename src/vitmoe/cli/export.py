@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import warnings
 
-from .common import CLIError, HelpFormatter, add_checkpoint_args, echo, model_file, warn
+from .common import CLIError, HelpFormatter, echo, model_file, warn
+from .options import add_checkpoint_options
 
 FORMATS = ("hf",)
 
@@ -19,7 +20,7 @@ def add_parser(sub) -> None:
                     "merging their experts (--merge, or `vitmoe merge` first). Class names go into id2label when "
                     "the checkpoint records its dataset. `vitmoe.load_pretrained(OUT)` reads the result back.")
     p.add_argument("checkpoint", metavar="RUN_OR_FILE", help="model .safetensors file or run directory")
-    add_checkpoint_args(p)
+    add_checkpoint_options(p)
     p.add_argument("out", metavar="OUT", help="output directory (created if missing)")
     p.add_argument("--format", choices=FORMATS, default="hf", help="hf: the transformers ViT layout (default)")
     p.add_argument("--merge", action="store_true",

@@ -6,6 +6,7 @@ import json
 import os
 
 from .common import CLIError, HelpFormatter, echo, warn
+from .options import add_dataset_option
 
 
 def add_parser(sub) -> None:
@@ -24,8 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="model.FIELD=VALUE",
                    help="model field override (repeatable), spelled as in vitmoe train, e.g. "
                         "--set model.num_experts=64 --set model.embed_dim=256 --set model.moe.top_k=2")
-    p.add_argument("--dataset", choices=list(DATASET_NAMES), default=None,
-                   help="take image size, channels and classes from a dataset (default: the preset's, CIFAR-10 shape)")
+    add_dataset_option(p, help="take image size, channels and classes from a dataset (default: the preset's, CIFAR-10 shape)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 

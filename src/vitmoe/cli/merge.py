@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import warnings
 
-from .common import CLIError, HelpFormatter, add_checkpoint_args, echo, model_file, warn
+from .common import CLIError, HelpFormatter, echo, model_file, warn
+from .options import add_checkpoint_options
 
 
 def add_parser(sub) -> None:
@@ -16,7 +17,7 @@ def add_parser(sub) -> None:
                     "what the MoE model computes in merged eval mode.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="MoE model .safetensors file or run directory")
     p.add_argument("out", metavar="OUT", help="output .safetensors file")
-    add_checkpoint_args(p)
+    add_checkpoint_options(p)
     p.add_argument("--weighting", choices=["uniform", "usage"], default="uniform",
                    help="uniform average, or weighted by the tokens each expert received in training "
                         "(recorded in the run's checkpoint state)")

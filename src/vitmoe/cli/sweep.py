@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .common import CLIError, HelpFormatter, echo, warn
+from .options import add_data_dir_option, add_dataset_option
 
 PLAN_FILE = "sweep.json"
 
@@ -40,8 +41,8 @@ def add_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fixed override of every member")
     p.add_argument("--epochs", type=int, default=None, help="epochs per member")
     p.add_argument("--time-budget", type=float, default=None, metavar="S", help="training seconds per member")
-    p.add_argument("--dataset", default=None, help="dataset of every member")
-    p.add_argument("--data-dir", default=None, help="dataset directory")
+    add_dataset_option(p, help="dataset of every member")
+    add_data_dir_option(p, help="dataset directory")
     p.add_argument("--dry-run", action="store_true", help="check every member and print the plan; train nothing")
     p.set_defaults(func=run)
 

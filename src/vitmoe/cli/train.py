@@ -45,106 +45,52 @@ the added epochs a fresh warm-up and cosine.
 """
 
 
+# The source project's spellings (vit.py), written by hand: they are not TrainConfig fields, or not
+# by these names. Every TrainConfig field also gets its own flag, made from the field (see
+# vitmoe.cli.options.add_field_flags): a new field is a flag without an edit here.
+SOURCE_FLAG_FIELDS = {"nproc", "batch_size"}  # --gpu, --batch
+FLAG_ALIASES = {"time_budget_s": ["--time-budget"], "dist_timeout_s": ["--dist-timeout"], "mixup_alpha": ["--mixup"],
+                "cutmix_alpha": ["--cutmix"]}
+"""Older spellings of generated flags, kept working."""
+FLAG_METAVARS = {"time_budget_s": "S", "dist_timeout_s": "S", "mixup_alpha": "ALPHA", "cutmix_alpha": "ALPHA",
+                 "ema_decay": "D", "merge_every": "N", "consistency_weight": "W", "img_size": "N", "ep_size": "K",
+                 "init": "SRC", "out": "RUN_DIR", "folder_test_fraction": "F"}
+
+
 def add_parser(sub) -> None:
     from ..models import list_models
-    from ..training.config.train_config import AMP_MODES, AUGMENT_POLICIES, DATASET_NAMES, EVAL_MODES
+    from ..moe import LAYER_ROUTERS
+    from ..training.config.train_config import FIELD_CHOICES, TrainConfig
+    from .options import add_field_flags
 
     p = sub.add_parser("train", help="train a model (the source project's vit.py flags)", description=DESCRIPTION,
                        formatter_class=HelpFormatter)
     src = p.add_argument_group("source project flags (vit.py)")
     src.add_argument("--gpu", type=int, default=None, metavar="N",
-                     help="number of processes (GPUs) to train on; 1 trains in this process (default 1)")
-    src.add_argument("--epochs", type=int, default=None, help="number of epochs (default 350)")
+                     help="number of processes (GPUs) to train on; 1 trains in this process (field nproc; default 1)")
     src.add_argument("--experts", type=int, default=None, help="experts per MoE layer (model field num_experts; "
                      "switch_vit preset: 32); ignored with --noswitch")
-    src.add_argument("--batch", type=int, default=None, help="global (effective) batch size over all processes (default 256)")
+    src.add_argument("--batch", type=int, default=None,
+                     help="global (effective) batch size over all processes (field batch_size; default 256)")
     src.add_argument("--noswitch", action="store_true", default=None, help="train the dense ViT (model vit)")
     src.add_argument("--cifar100", action="store_true", default=None, help="use CIFAR-100 (same as --dataset cifar100)")
-    src.add_argument("--out", default=None, help="run directory (default runs/MODEL-DATASET-TIMESTAMP)")
     src.add_argument("--dmodel", type=int, default=None, help="embedding width d_model (model field embed_dim; default 300)")
     src.add_argument("--heads", type=int, default=None, metavar="H",
                      help="attention heads (model field num_heads); must divide --dmodel (default: the preset's, "
                           "12 for vit/switch_vit; --dmodel alone keeps the preset's head width)")
 
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", choices=list_models(), default=None,
-                   help="model preset (default switch_vit, or vit with --noswitch)")
-    from ..moe import LAYER_ROUTERS
-
+    g = p.add_argument_group("model fields")
     g.add_argument("--router", choices=list(LAYER_ROUTERS), default=None,
                    help="router of the MoE layers (model field moe.router)")
     g.add_argument("--top-k", type=int, default=None,
                    help="experts per token for --router topk (model field moe.top_k)")
-    g.add_argument("--dataset", type=dataset_arg, default=None, metavar=dataset_metavar(DATASET_NAMES),
-                   help="dataset (default cifar10 as in the source; digits works offline); folder:PATH (alias "
-                        "imagefolder:PATH) trains on your own images, PATH/train/CLASS/*.png|jpg|jpeg|bmp|webp "
-                        "and PATH/test/CLASS/... (or val/; without it a seeded split per class, "
-                        "--folder-test-fraction), decoded once into PATH/.vitmoe-cache/")
-    g.add_argument("--img-size", type=int, default=None, metavar="N",
-                   help="image side the model sees (field img_size): folder datasets are decoded at N (default 32); "
-                        "for a built-in dataset the batches are resized on the device (e.g. 224 on CIFAR's 32x32)")
-    g.add_argument("--folder-test-fraction", type=float, default=None, metavar="F",
-                   help="folder:PATH without test/ or val/: fraction of each class held out as test (default 0.2)")
-    g.add_argument("--skip-bad-images", action="store_true", default=None,
-                   help="folder:PATH: skip unreadable images (their count is reported) instead of stopping at the first")
-    g.add_argument("--data-dir", default=None, help="where datasets are found/downloaded (default $DATA, then ./data)")
-    g.add_argument("--augment-policy", choices=list(AUGMENT_POLICIES), default=None,
-                   help="augmentation after the random crop: AutoAugment (CIFAR-10 policy) or RandAugment "
-                        "(field augment_policy; default none)")
-    g.add_argument("--consistency-weight", type=float, default=None, metavar="W",
-                   help="AdaMix consistency regularisation of randomly routed models: a second forward pass with "
-                        "fresh routes and W * symmetric KL of the two predictions (AdaMix: 1; default 0: off; "
-                        "field consistency_weight, stop-gradient target: consistency_stopgrad)")
-
-    g = p.add_argument_group("training recipe")
-    g.add_argument("--mixup", type=float, default=None, metavar="ALPHA",
-                   help="mixup of each batch with itself reversed, lambda ~ Beta(ALPHA, ALPHA), soft targets "
-                        "(field mixup_alpha; default 0: off; e.g. 0.8)")
-    g.add_argument("--cutmix", type=float, default=None, metavar="ALPHA",
-                   help="CutMix: one box of the reversed batch pasted in, lambda = kept area (field cutmix_alpha; "
-                        "default 0: off; e.g. 1.0). With both on, --set mix_switch_prob=P picks CutMix (default "
-                        "0.5); --set mix_prob=P mixes only that share of batches (default 1)")
-    g.add_argument("--ema-decay", type=float, default=None, metavar="D",
-                   help="keep an EMA of the weights (e.g. 0.999), evaluated every epoch (ema_test_acc) and saved "
-                        "as ema.safetensors in the checkpoints (field ema_decay; default 0: off)")
-    g.add_argument("--merge-every", type=int, default=None, metavar="N",
-                   help="randomly routed models: set each layer's experts and their Adam moments to their mean "
-                        "every N optimizer steps (field merge_every; default 0: off)")
-    g.add_argument("--freeze-unrouted", action="store_true", default=None,
-                   help="MoE models: an expert that got no token in a step keeps its weights and optimizer "
-                        "moments through that step (field freeze_unrouted)")
 
     g = p.add_argument_group("configuration")
     g.add_argument("--config", default=None, metavar="FILE", help="YAML file of TrainConfig fields (see configs/)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field after flags and config (repeatable); model fields as model.FIELD")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2.5e-4)")
-    g.add_argument("--seed", type=int, default=None, help="random seed: weights, data order, augmentation (default 0)")
-    g.add_argument("--time-budget", type=float, default=None, metavar="S", dest="time_budget",
-                   help="stop once S seconds of training (steps, not evaluation) are used: the epoch ends early "
-                        "and is evaluated; the cosine decay ends with the budget (field time_budget_s)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue a run from its latest checkpoint with its saved config")
-    g.add_argument("--init", default=None, metavar="SRC",
-                   help="start a new run from SRC's weights (field init): a vitmoe model file, run or checkpoint "
-                        "directory, or a transformers ViT directory. A dense SRC is upcycled when the run's model is "
-                        "MoE (experts copied from its MLPs, routers at zero); another image size or class count "
-                        "is adapted (positional table interpolated, new zero head); optimizer and schedule start "
-                        "fresh. Width, depth, heads, MLP width, patch and head type must match")
-
-    g = p.add_argument_group("execution")
-    g.add_argument("--amp", choices=list(AMP_MODES), default=None,
-                   help="mixed precision: bf16 autocast, or fp16 with a GradScaler (CUDA only) (default off)")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    g.add_argument("--eval-mode", choices=list(EVAL_MODES), default=None,
-                   help="how randomly routed layers are evaluated each epoch (default: the model's, merged)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="device (default auto)")
-    g.add_argument("--ep-size", type=int, default=None, metavar="K",
-                   help="expert parallelism: split each MoE layer's experts over K ranks (K divides the "
-                        "number of processes and every expert count; default 1: every rank holds all experts)")
-    g.add_argument("--dist-timeout", type=float, default=None, metavar="S", dest="dist_timeout",
-                   help="seconds a rank waits for its peers before the job fails with an error, naming the "
-                        "rank that stalled (default 300)")
     g.add_argument("--force", action="store_true",
                    help="train in an --out folder that is not empty and not a vitmoe run, adding the run's files "
                         "beside what is there; even then vitmoe never replaces a file it did not write (a "
@@ -153,12 +99,18 @@ def add_parser(sub) -> None:
     g.add_argument("--verbose", action="store_true",
                    help="multi-process runs: show the launcher's logging and the failed workers' tracebacks on "
                         "screen (a failure always writes them to RUN/launcher.log, named in the error line)")
-    p.set_defaults(func=run)
+
+    choices = {**FIELD_CHOICES, "model": list_models()}
+    fields = add_field_flags(p, TrainConfig, skip={"model_config", *SOURCE_FLAG_FIELDS}, choices=choices,
+                             aliases=FLAG_ALIASES, metavars=FLAG_METAVARS)
+    p.set_defaults(func=run, field_flags=fields)
 
 
 def flag_overrides(args: argparse.Namespace) -> dict:
     """TrainConfig updates from the flags that were given explicitly."""
-    o: dict = {}
+    from .options import field_overrides
+
+    o: dict = field_overrides(args, [f for f in args.field_flags if f not in ("model", "dataset")])
     if args.noswitch:
         if args.model not in (None, "vit"):
             raise CLIError(f"--noswitch trains the dense vit; it conflicts with --model {args.model}")
@@ -171,18 +123,9 @@ def flag_overrides(args: argparse.Namespace) -> dict:
         o["dataset"] = "cifar100"
     elif args.dataset is not None:
         o["dataset"] = args.dataset
-    for flag, key in (("gpu", "nproc"), ("epochs", "epochs"), ("batch", "batch_size"), ("out", "out"),
-                      ("lr", "lr"), ("seed", "seed"), ("amp", "amp"), ("compile", "compile"),
-                      ("eval_mode", "eval_mode"), ("data_dir", "data_dir"), ("device", "device"),
-                      ("ep_size", "ep_size"), ("dist_timeout", "dist_timeout_s"),
-                      ("augment_policy", "augment_policy"), ("consistency_weight", "consistency_weight"),
-                      ("time_budget", "time_budget_s"), ("init", "init"), ("img_size", "img_size"),
-                      ("folder_test_fraction", "folder_test_fraction"), ("skip_bad_images", "skip_bad_images"),
-                      ("mixup", "mixup_alpha"), ("cutmix", "cutmix_alpha"), ("ema_decay", "ema_decay"),
-                      ("merge_every", "merge_every"), ("freeze_unrouted", "freeze_unrouted")):
-        value = getattr(args, flag)
-        if value is not None:
-            o[key] = value
+    for flag, key in (("gpu", "nproc"), ("batch", "batch_size")):
+        if getattr(args, flag) is not None:
+            o[key] = getattr(args, flag)
     if args.dmodel is not None:
         o["model.embed_dim"] = args.dmodel
     if args.heads is not None:
@@ -194,20 +137,6 @@ def flag_overrides(args: argparse.Namespace) -> dict:
     if args.top_k is not None:
         o[moe_key("top_k")] = args.top_k
     return o
-
-
-def dataset_metavar(names) -> str:
-    return "{" + ",".join(names) + ",folder:PATH}"
-
-
-def dataset_arg(value: str) -> str:
-    """--dataset: a built-in name or folder:PATH (argparse shows the message on a bad one)."""
-    from ..data import DatasetError, canonical_name
-
-    try:
-        return canonical_name(value)
-    except DatasetError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def moe_key(name: str) -> str:

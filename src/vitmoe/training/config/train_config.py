@@ -42,6 +42,9 @@ DEVICES = ("auto", "cpu", "cuda")
 DATASET_NAMES = tuple(DATASETS)
 # Augmentation policies applied after the random crop (see vitmoe.data.autoaugment.POLICIES).
 AUGMENT_POLICIES = ("none", "autoaugment", "randaugment")
+# The allowed values of the fields that take one of a few names (the checks and the flags read them).
+FIELD_CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES, "device": DEVICES,
+                 "augment_policy": AUGMENT_POLICIES, "resume_schedule": RESUME_SCHEDULES, "eval_mode": EVAL_MODES}
 # Fields that may differ when resuming a run (they do not change what is being trained).
 RESUMABLE_FIELDS = frozenset({
     "epochs", "log_every", "tensorboard", "compile", "amp", "device", "nproc", "keep_checkpoints",
@@ -55,31 +58,40 @@ _DERIVED_KEYS = ("resolved_model_config", "name")
 
 __all__ = ["TrainConfig", "parse_set", "model_label", "experts_of", "check_ep_size", "OPTIMIZERS", "SCHEDULES",
            "AMP_MODES", "DEVICES", "DATASET_NAMES", "EVAL_MODES", "AUGMENT_POLICIES", "RESUME_SCHEDULES",
-           "RESUMABLE_FIELDS"]
+           "RESUMABLE_FIELDS", "FIELD_CHOICES"]
 
 
 @dataclass
 class TrainConfig:
     # --- what to train ---
     model: str = "switch_vit"
-    """Model preset (see `vitmoe.list_models()`); the source trains switch_vit unless --noswitch."""
+    """Model preset (`vitmoe.list_models()`; the source trains switch_vit, or vit with --noswitch)."""
     model_config: dict[str, Any] = field(default_factory=dict)
     """ViTConfig overrides on top of the preset, e.g. {embed_dim: 300, num_experts: 64, moe: {top_k: 2}}.
     Each auxiliary loss has one weight, set here: moe.balance_loss_weight, moe.z_loss_weight (an
     old config's `aux_loss_weight` is read with a FutureWarning and multiplied into both)."""
     init: str | None = None
-    """Start from these weights (--init: model file, run, or transformers ViT dir; see training/init.py)."""
+    """Start a new run from SRC's weights: a vitmoe model file, run or checkpoint directory, or a
+    transformers ViT directory. A dense SRC is upcycled when the run's model is MoE (experts copied
+    from its MLPs, routers at zero); another image size or class count is adapted; optimizer and
+    schedule start fresh; width, depth, heads, MLP width, patch and head type must match (see
+    training.checkpoints.warm_start)."""
     dataset: str = "cifar10"
+    """Dataset: a built-in name (digits works offline) or folder:PATH, your own images in
+    PATH/train/CLASS/*.png|jpg|... and PATH/test/CLASS/... (or val/; without it a seeded split per
+    class, folder_test_fraction), decoded once into PATH/.vitmoe-cache/."""
     data_dir: str | None = None
+    """Where datasets are found or downloaded (None: $DATA, then ./data)."""
     augment: bool = True
     """Random crop (+ horizontal flip where it preserves the label) on the device, per the dataset."""
     augment_policy: str = "none"
     """"none", "autoaugment" (the CIFAR-10 AutoAugment policy, as in the ColossalAI recipe) or
     "randaugment" (2 ops, magnitude 9), applied between the crop and the flip; needs augment=true."""
     img_size: int | None = None
-    """Side of the images the model sees. folder:PATH datasets are decoded at this size (default 32);
+    """Image side the model sees: folder datasets are decoded at it, built-in ones resized on the device.
+    folder:PATH datasets are decoded at this size (default 32);
     for a built-in dataset None keeps its size and another value resizes each batch on the device
-    (bilinear, antialiased), e.g. 224 for a pretrained ViT on CIFAR (see training.data_spec)."""
+    (bilinear, antialiased), e.g. 224 for a pretrained ViT on CIFAR (see training.config.data)."""
     folder_test_fraction: float = 0.2
     """folder:PATH without a test/ (or val/) folder: the fraction of each class split off (seeded) as test."""
     skip_bad_images: bool = False
@@ -96,6 +108,7 @@ class TrainConfig:
 
     # --- optimisation (source recipe: Adam, lr 2.5e-4, wd 1e-4, cosine) ---
     epochs: int = 350
+    """Number of epochs."""
     resume_schedule: str = "stretch"
     """How the lr schedule follows a new `epochs` on --resume (e.g. extending a finished run).
     "stretch": one warm-up + cosine over the new total (the lr continues from where that longer
@@ -106,23 +119,32 @@ class TrainConfig:
     batch_size: int = 256
     """Global (effective) batch size, split over processes."""
     eval_batch_size: int | None = None
+    """Evaluation batch size (None: batch_size)."""
     optimizer: str = "adam"
+    """Adam (decay added to the gradient, as the source) or AdamW (decoupled weight decay)."""
     lr: float = 2.5e-4
+    """Peak learning rate."""
     weight_decay: float = 1e-4
+    """Weight decay (not on 1-d parameters unless no_decay_1d is off)."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's betas, e.g. [0.9, 0.999]."""
     no_decay_1d: bool = True
     """No weight decay on biases, norms, positional embedding and class token."""
     schedule: str = "cosine"
     """"cosine" (stepped per iteration, after linear warm-up) or "constant"."""
     warmup_epochs: float = 0.0
+    """Linear lr warm-up, in epochs."""
     warmup_steps: int | None = None
-    """Overrides warmup_epochs when set."""
+    """Linear lr warm-up in optimizer steps; overrides warmup_epochs when set."""
     min_lr: float = 0.0
+    """The lr the cosine decays to."""
     label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy."""
     grad_clip: float | None = None
     """Max global gradient norm; None or 0 turns clipping off."""
     consistency_weight: float = 0.0
-    """AdaMix / THOR consistency regularisation of randomly routed models (0: off; AdaMix uses 1).
+    """AdaMix consistency regularisation of randomly routed models: W * symmetric KL of two passes with fresh routes (AdaMix: 1; 0: off).
+    AdaMix / THOR consistency regularisation of randomly routed models (0: off; AdaMix uses 1).
     Each step runs a second forward pass of the same batch with fresh random routes and adds
     weight * 0.5 * (KL(p1 || p2) + KL(p2 || p1)) of the two softmax predictions (fp32, mean over
     images); the cross-entropy is then the mean of both passes' cross-entropies (THOR's choice).
@@ -140,44 +162,54 @@ class TrainConfig:
     mix_switch_prob: float = 0.5
     """Probability of CutMix rather than mixup for a mixed batch when both are on."""
     ema_decay: float = 0.0
-    """EMA of the weights (0: off; e.g. 0.999), updated after every optimizer step, evaluated each
-    epoch (ema_test_acc) and saved as ema.safetensors in the checkpoints (see training.ema)."""
+    """Keep an EMA of the weights (e.g. 0.999; 0: off), evaluated every epoch and saved as ema.safetensors.
+    EMA of the weights (0: off; e.g. 0.999), updated after every optimizer step, evaluated each
+    epoch (ema_test_acc) and saved as ema.safetensors in the checkpoints (see training.recipe.ema)."""
     merge_every: int = 0
-    """Set every randomly routed layer's experts (and their Adam moments) to their mean every N
-    optimizer steps (0: off; see training.expert_averaging). Needs router 'random'."""
+    """Randomly routed models: set each layer's experts (and their Adam moments) to their mean every N
+    optimizer steps (0: off; see training.recipe.expert_averaging). Needs router 'random'."""
     freeze_unrouted: bool = False
     """Leave an expert that got no token in a step exactly as it was (weights and optimizer moments),
-    instead of moving it by stale momentum and weight decay (see training.freeze)."""
+    instead of moving it by stale momentum and weight decay (see training.recipe.freeze)."""
 
     # --- execution ---
     amp: str = "off"
+    """Mixed precision: bf16 autocast, or fp16 with a GradScaler (CUDA only)."""
     compile: bool = False
+    """torch.compile the model."""
     device: str = "auto"
+    """Device (auto: CUDA when available)."""
     nproc: int = 1
     """Processes on this machine (the source's --gpu): 1 trains in this process. Under torchrun the
     world comes from the environment instead."""
     ep_size: int = 1
-    """Expert-parallel group size: each MoE layer's experts are split over this many ranks
-    (must divide the world size and every layer's expert count)."""
+    """Expert parallelism: each MoE layer's experts are split over this many ranks (a divisor of the
+    number of processes and of every expert count; 1: every rank holds all experts)."""
     dist_timeout_s: float = 300.0
-    """Seconds a rank waits in a collective before failing (a dead peer ends the job, not a hang)."""
+    """Seconds a rank waits for its peers before the job fails naming the rank that stalled (a dead peer ends the job, not a hang)."""
     seed: int = 0
+    """Random seed: weights, data order, augmentation."""
     deterministic: bool = True
+    """Deterministic algorithms (torch.use_deterministic_algorithms, warn only)."""
     eval_mode: str | None = None
-    """Eval mode of randomly routed layers (merged/random/ensemble); None keeps the model config's."""
+    """How randomly routed layers are evaluated each epoch (merged/random/ensemble); None keeps the model's (merged)."""
 
     # --- bookkeeping ---
     threshold: float = DEFAULT_THRESHOLD
+    """Test accuracy (percent) whose first epoch the summary reports (epochs_to_threshold)."""
     out: str | None = None
+    """Run directory (None: runs/MODEL-DATASET-TIMESTAMP)."""
     log_every: int = 50
     """Steps between finite-loss checks, progress-bar updates and TensorBoard points (0: per epoch)."""
     tensorboard: bool = False
+    """Write TensorBoard scalars to RUN/tensorboard/."""
     keep_checkpoints: int = 1
     """Epoch checkpoints kept besides the best one."""
     progress: bool = True
     """tqdm bar per epoch (only shown when stdout is a terminal)."""
     time_budget_s: float | None = None
-    """Training-time budget in seconds (None: none). Checked after every step: once the training
+    """Stop once this many seconds of training (steps, not evaluation) are used: the epoch ends early and is evaluated, and the cosine decay ends with the budget.
+    Training-time budget in seconds (None: none). Checked after every step: once the training
     time (the steps' wall clock, summed over epochs and resumes; evaluation and checkpointing not
     counted) reaches it, the epoch ends early, is evaluated and checkpointed, and the run stops
     (summary: stopped_by_budget). With the cosine schedule the decay then follows
@@ -273,16 +305,16 @@ class TrainConfig:
         f.need(self.init is None or (isinstance(self.init, (str, os.PathLike)) and str(self.init)), "init", "null or a path")
         self.init = None if self.init is None else str(self.init)
         f.boolean("augment")
-        f.choice("augment_policy", AUGMENT_POLICIES)
+        f.choice("augment_policy", FIELD_CHOICES["augment_policy"])
         f.need(self.augment_policy == "none" or self.augment, "augment_policy",
                f"'none' when augment=false (augment=false turns all training augmentation off; "
                f"set augment=true to use {self.augment_policy!r})")
         check_data_fields(self, f)
         f.integer("epochs", 1)
-        f.choice("resume_schedule", RESUME_SCHEDULES)
+        f.choice("resume_schedule", FIELD_CHOICES["resume_schedule"])
         f.integer("batch_size", 1)
         f.integer("eval_batch_size", 1, optional=True)
-        f.choice("optimizer", OPTIMIZERS)
+        f.choice("optimizer", FIELD_CHOICES["optimizer"])
         f.number("lr", 0.0, strict_lo=True)
         f.number("weight_decay", 0.0)
         try:
@@ -293,7 +325,7 @@ class TrainConfig:
         f.need(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), "betas", "two numbers in [0, 1), e.g. [0.9, 0.999]")
         self.betas = betas
         f.boolean("no_decay_1d")
-        f.choice("schedule", SCHEDULES)
+        f.choice("schedule", FIELD_CHOICES["schedule"])
         f.number("warmup_epochs", 0.0)
         f.integer("warmup_steps", 0, optional=True)
         f.number("min_lr", 0.0)
@@ -303,16 +335,16 @@ class TrainConfig:
         if self.grad_clip == 0.0:
             self.grad_clip = None
         check_recipe_fields(self, f)
-        f.choice("amp", AMP_MODES)
+        f.choice("amp", FIELD_CHOICES["amp"])
         f.boolean("compile")
-        f.choice("device", DEVICES)
+        f.choice("device", FIELD_CHOICES["device"])
         f.integer("nproc", 1)
         f.integer("ep_size", 1)
         f.number("dist_timeout_s", 1.0, MAX_DIST_TIMEOUT_S)
         f.integer("seed", 0, 2**63 - 1)
         f.boolean("deterministic")
         if self.eval_mode is not None:
-            f.choice("eval_mode", EVAL_MODES)
+            f.choice("eval_mode", FIELD_CHOICES["eval_mode"])
         f.number("threshold", 0.0, 100.0)
         if self.out is not None:
             self.out = str(self.out)
