@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import vitmoe.data
+
 from vitmoe import rundir
 from vitmoe.cli.main import main
 from vitmoe.rundir import RunDirError, RunLock, check_run_dir, lock_holder
@@ -71,7 +73,7 @@ def test_lock_names_its_holder_and_dies_with_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_second_writer_of_a_running_run_fails_at_once_naming_the_pid(tmp_path, capsys):
+def test_a_second_writer_of_a_running_run_fails_at_once_naming_the_pid(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     # keep_checkpoints: eval below must not meet a checkpoint pruned between finding and opening it
     # (a reader's race with prune, not the writer's lock).
@@ -89,12 +91,14 @@ def test_a_second_writer_of_a_running_run_fails_at_once_naming_the_pid(tmp_path,
         for argv in (["train", *DIGITS, "--epochs", "2", "--out", str(run)],  # a fresh run on its --out
                      ["train", "--resume", str(run)],  # resuming the running run
                      ["train", *DIGITS, "--epochs", "2", "--out", str(run), "--force"]):
-            t0 = time.perf_counter()
-            assert main(argv) == 2
+            loaded = []
+            with monkeypatch.context() as m:  # at once: before any data is loaded
+                m.setattr(vitmoe.data, "load_dataset", lambda *a, **k: loaded.append(a))
+                assert main(argv) == 2
             line = _one_error_line(capsys.readouterr().err)
             assert line.startswith(f"vitmoe: error: run directory {run} is in use by another vitmoe process "
                                    f"(pid {first.pid} on "), line
-            assert time.perf_counter() - t0 < 10  # at once: before any data is loaded
+            assert loaded == []
         assert (run / rundir.CONFIG_FILE).read_bytes() == config
         # Readers need no lock: report and eval of the running run read its files whole.
         assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
@@ -275,9 +279,10 @@ def test_multiprocess_nan_exits_3_naming_the_first_bad_step(tmp_path, fault, cap
 def test_a_stalled_rank_is_named_not_the_rank_that_waited_for_it(tmp_path, fault, capfd):
     run = tmp_path / "run"
     seen = fault("1:3:sleep=120", out=run)
-    t0 = time.perf_counter()
     assert main([*MP, "--epochs", "2", "--out", str(run), "--dist-timeout", "3"]) == 4
-    assert time.perf_counter() - t0 < 60
+    # The stalled rank was stopped in its 120 s sleep, not waited for: its process is gone.
+    with pytest.raises(ProcessLookupError):
+        os.kill(json.loads(seen.read_text())["pid"], 0)
     out, err = capfd.readouterr()
     log = run / rundir.LAUNCHER_LOG
     assert _one_error_line(err) == (
