@@ -92,7 +92,6 @@ def _available_families() -> list[str]:
 
 
 def add_parser(sub) -> None:
-    from ..training.config.train_config import DATASET_NAMES
 
     p = sub.add_parser(
         "demo", help="train vit, switch_vit and random_vit briefly and report (or compare families in a time budget)",

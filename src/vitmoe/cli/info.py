@@ -11,7 +11,6 @@ from .options import add_dataset_option
 
 def add_parser(sub) -> None:
     from ..models import list_models
-    from ..training.config.train_config import DATASET_NAMES
 
     p = sub.add_parser(
         "info", help="parameters and FLOPs of a model preset", formatter_class=HelpFormatter,

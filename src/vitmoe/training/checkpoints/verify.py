@@ -20,7 +20,7 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "vitmoe-checkpoint-1"
 CHECKPOINT_FILES = (MODEL_FILE, STATE_FILE)
 EMA_FILE = "ema.safetensors"
-# Files a checkpoint may hold besides CHECKPOINT_FILES (the weights' EMA, training.ema): a full
+# Files a checkpoint may hold besides CHECKPOINT_FILES (the weights' EMA, training.recipe.ema): a full
 # check verifies each one the manifest records or the directory holds, so a damaged EMA is never
 # resumed from; readers of the model file alone (eval, merge) do not need it.
 OPTIONAL_FILES = (EMA_FILE,)

@@ -4,7 +4,7 @@ optimizer and lr-scheduler step.
 With soft targets (a batch mixed by mixup / CutMix, vitmoe.data.mix) the cross-entropy is taken
 against them (fp32; the targets already carry the label smoothing), in both passes of consistency
 regularisation alike. With `freeze` (freeze_unrouted) experts that got no token keep their weights
-and optimizer moments through the optimizer step (training.freeze).
+and optimizer moments through the optimizer step (training.recipe.freeze).
 
 fp32, bf16 and fp16 take the same path: the GradScaler is enabled only for fp16 (loss scaling;
 disabled, its scale/unscale_/update do nothing and its step is the optimizer's step).
