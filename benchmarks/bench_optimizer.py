@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import torch
 
 from vitmoe import create_model
-from vitmoe.training.freeze import UnroutedFreeze
+from vitmoe.training.recipe.freeze import UnroutedFreeze
 
 
 def _fill_grads(model: torch.nn.Module) -> None:

@@ -137,7 +137,7 @@ def test_freeze_unrouted_validation(tmp_path, kw, needles):
 def _freeze_twins(model_name, num_experts, seed=0, ep=None):
     """Two identical models (route generators included), each with a fused AdamW and a freeze."""
     from vitmoe.training import adam_kwargs
-    from vitmoe.training.expert_parallel import shard_experts
+    from vitmoe.training.distributed.expert_parallel import shard_experts
 
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     out = []
@@ -190,7 +190,7 @@ def test_snapshot_holds_only_the_unrouted_rows_and_restores_what_the_full_copy_d
     """Bit for bit the result of the full copy, on the CPU's row path and on the masked path that
     accelerators take (forced here); the row snapshot's bytes are the unrouted rows' and nothing more."""
     if path == "mask":
-        monkeypatch.setattr("vitmoe.training.freeze._rows_are_free", lambda routed: False)
+        monkeypatch.setattr("vitmoe.training.recipe.freeze._rows_are_free", lambda routed: False)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(2, 1, 8, 8, generator=g), torch.randint(10, (2,), generator=g)) for _ in range(4)]
     sizes = []

@@ -1,4 +1,4 @@
-"""The trainer's optimizer: torch's fused Adam/AdamW where torch has the kernel (training.optim.
+"""The trainer's optimizer: torch's fused Adam/AdamW where torch has the kernel (training.loop.optim.
 adam_kwargs), equal to the reference for-loop within float32 rounding, under a GradScaler, and
 resumable from a checkpoint written by another implementation."""
 import copy
@@ -11,9 +11,9 @@ from torch.optim.optimizer import _default_to_fused_or_foreach
 
 import vitmoe
 from vitmoe.training import TrainConfig, Trainer, adam_kwargs, fastest_adam
-from vitmoe.training import trainer as trainer_mod
-from vitmoe.training.checkpoint import latest_checkpoint, load_state
-from vitmoe.training.optim import build_optimizer, keep_implementation_on_load, param_groups
+from vitmoe.training.loop import trainer as trainer_mod
+from vitmoe.training.checkpoints.checkpoint import latest_checkpoint, load_state
+from vitmoe.training.loop.optim import build_optimizer, keep_implementation_on_load, param_groups
 
 TINY = dict(img_size=8, in_chans=1, num_classes=10, embed_dim=16, depth=2, num_heads=2, mlp_hidden=32,
             head_hidden=16, head="linear", num_experts=4)
