@@ -2,7 +2,9 @@
 
 All models are built in one process and timed interleaved (round-robin, `--repeats` rounds, the
 median is reported), on synthetic CIFAR-shaped uint8 data held on the device, with the trainer's
-loss (cross-entropy + MoE aux loss), AdamW and the device-resident loader. The source size is
+loss (cross-entropy + MoE aux loss), the trainer's AdamW (`fastest_adam`: fused where torch has
+the kernel; `--optimizer default` times `torch.optim.AdamW`'s own default instead) and the
+device-resident loader. The source size is
 d 300 / MLP 1024 / depth 12 on 50,000 images; on a small CPU pick a subset, e.g.
 
     python benchmarks/bench_epoch.py --images 1024 --dmodel 192 --depth 6 --experts 4 16 64
@@ -11,7 +13,8 @@ Prints a markdown table: seconds per epoch (train) and per pass over the images 
 eval mode: random_vit merged), and both as ratios to the first model in the first --amp mode (`--amp off bf16`, the
 default on CPU, times every model in both; bf16 is autocast over fp32 weights, as `--amp bf16`
 trains). Nothing process-wide is changed: the library's own allocator choice (vitmoe.runtime)
-is part of what is measured. `--consistency` adds random_vit with
+is part of what is measured; start it under `LD_PRELOAD=<libtcmalloc_minimal.so.4>` to time what
+`vitmoe train` runs on when tcmalloc is installed (it re-executes itself on it). `--consistency` adds random_vit with
 AdaMix consistency regularisation (two forward passes per step + symmetric KL, as the trainer's
 `consistency_weight`); `--augment-policy` times the loader's AutoAugment / RandAugment too.
 """
@@ -28,7 +31,7 @@ from vitmoe import create_model, model_info
 from vitmoe.data import DATASETS, DeviceLoader, ImageData
 from vitmoe.training.loop.losses import symmetric_kl
 from vitmoe.training.evaluation.precision import autocast_context
-from vitmoe.training.loop.optim import param_groups
+from vitmoe.training.loop.optim import fastest_adam, param_groups
 
 
 def sync(device):
@@ -89,6 +92,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", nargs="+", choices=["off", "bf16", "fp16"], default=["off", "bf16"])
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--optimizer", choices=["trainer", "default"], default="trainer",
+                   help="trainer: vitmoe train's AdamW (fastest_adam); default: torch.optim.AdamW(params)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = p.parse_args()
     if args.threads:
@@ -117,7 +122,8 @@ def main() -> None:
     runs = []
     for (label, preset, extra, cw), amp in ((spec, amp) for spec in specs for amp in args.amp):
         model = create_model(preset, **width, **extra).to(device)
-        opt = torch.optim.AdamW(param_groups(model, 0.05, True), lr=1e-4)
+        groups = param_groups(model, 0.05, True)
+        opt = (fastest_adam(groups, lr=1e-4) if args.optimizer == "trainer" else torch.optim.AdamW(groups, lr=1e-4))
         fwd = torch.compile(model) if args.compile else model
         # Warm-up: one batch of training and inference (allocations, compilation).
         x, y = next(iter(train_loader))
