@@ -17,7 +17,7 @@ from vitmoe.models import model_config
 from vitmoe import ConfigError, MoEConfig
 from vitmoe.cli.main import main
 from vitmoe.moe import ROUTERS, Router, Routing, register_router
-from vitmoe.moe.options import Options
+from vitmoe.moe import Options
 from vitmoe.moe.routers import ScoringOptions
 from vitmoe.rundir import read_metrics
 from vitmoe.training import model_label, resolve_model_file

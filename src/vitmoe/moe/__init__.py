@@ -6,14 +6,14 @@ from .dispatch import Dispatch, combine, dispatch, dispatch_copies, dispatch_rou
 from .experts import DISPATCH_PATHS, EXPERT_INITS, GroupedExperts, grouped_mm_supported
 from .layer import MoEMlp
 from .routers import (
-    ROUTERS, SECOND_POLICIES, Copies, ExpertChoiceRouter, RandomRouter, Router, Routing, TopKRouter,
+    ROUTERS, SECOND_POLICIES, Copies, ExpertChoiceRouter, Options, RandomRouter, Router, Routing, TopKRouter,
     load_balancing_loss, register_router, router_class, router_z_loss, seed_random_routers,
 )
 from .soft import SoftMoE, SoftRouting
 
 __all__ = [
     "MoEConfig", "MoELayer", "MoEMlp", "SoftMoE", "GroupedExperts", "Router", "Routing", "Copies", "TopKRouter",
-    "RandomRouter", "ExpertChoiceRouter", "SoftRouting", "ROUTERS", "register_router", "router_class", "LAYER_ROUTERS", "SECOND_POLICIES", "dispatch",
+    "RandomRouter", "ExpertChoiceRouter", "SoftRouting", "ROUTERS", "register_router", "router_class", "LAYER_ROUTERS", "SECOND_POLICIES", "Options", "dispatch",
     "dispatch_copies", "dispatch_routing", "combine", "expert_capacity", "Dispatch", "load_balancing_loss",
     "router_z_loss", "EVAL_MODES", "EXPERT_INITS", "DISPATCH_PATHS", "grouped_mm_supported",
     "find_moe_layers", "collect_moe_outputs", "MoECollector", "seed_random_routers",

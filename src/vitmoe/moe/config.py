@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from ..validation import ConfigError, Fields
 from .experts import ExpertOptions
-from .options import Options
+from .routers.options import Options
 from .routers import OPTION_GROUPS, ROUTERS, on_new_option_group, router_class
 
 EVAL_MODES = ("merged", "random", "ensemble")

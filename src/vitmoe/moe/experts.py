@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..runtime import allocator_decided, before_large_cpu_tensors
 from ..validation import Fields
-from .options import Options
+from .routers.options import Options
 from .parallel import ExpertParallel, gather_experts
 
 EXPERT_INITS = ("shared", "independent")

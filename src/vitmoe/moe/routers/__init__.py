@@ -3,6 +3,7 @@
 Import order is registration order, which sets the order of MoEConfig's fields (to_dict,
 config.yaml): the shared scoring group and top-k's first, then random routing's.
 """
+from .options import Options
 from .base import (
     OPTION_GROUPS, ROUTERS, Copies, Router, Routing, join_option_group, on_new_option_group, register_router,
     router_class,
@@ -13,7 +14,7 @@ from .expert_choice import ExpertChoiceRouter
 from .scoring import NOISE_POLICIES, ScoringOptions, router_logits, router_z_loss
 
 __all__ = [
-    "ROUTERS", "OPTION_GROUPS", "Router", "Routing", "Copies", "register_router", "router_class",
+    "ROUTERS", "OPTION_GROUPS", "Options", "Router", "Routing", "Copies", "register_router", "router_class",
     "join_option_group", "on_new_option_group", "RandomRouter", "TopKRouter",
     "ExpertChoiceRouter", "GRANULARITIES", "NOISE_POLICIES", "SECOND_POLICIES", "load_balancing_loss",
     "router_z_loss", "router_logits", "seed_random_routers", "ScoringOptions", "TopKOptions", "RandomOptions",

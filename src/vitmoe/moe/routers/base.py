@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar, NamedTuple, Sequence
 from torch import Tensor, nn
 
 from ...validation import ConfigError, Fields
-from ..options import Options
+from .options import Options
 
 if TYPE_CHECKING:
     from ..config import MoEConfig
@@ -174,7 +174,7 @@ def register_router(*names: str):
 def join_option_group(group: type[Options]) -> None:
     """Add an option group to MoEConfig's fields (a router's `options` do this when it registers)."""
     if not (dataclasses.is_dataclass(group) and issubclass(group, Options)):
-        raise TypeError(f"option group {group!r} is not a dataclass subclassing vitmoe.moe.options.Options")
+        raise TypeError(f"option group {group!r} is not a dataclass subclassing vitmoe.moe.Options")
     OPTION_GROUPS.append(group)
     for listener in _group_listeners:  # MoEConfig, once it exists (vitmoe.moe.config)
         listener(group)

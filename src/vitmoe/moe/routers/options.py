@@ -3,12 +3,14 @@
 MoEConfig (vitmoe.moe.config) inherits every group, so a router's option is a field of the group
 in the router's own file, checked there, read there: adding one is a one-file change, and it is
 still spelled flat in YAML and on the command line (`model.moe.second_policy=sampling`).
+It sits here, below the routers that subclass it and the group registry in base.py, so that
+vitmoe.moe (MoEConfig, ExpertOptions in experts.py) imports the routers and never the reverse.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
-from ..validation import Fields
+from ...validation import Fields
 
 
 class Options:

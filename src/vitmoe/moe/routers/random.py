@@ -14,8 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ...validation import Fields
-from ..base_layer import find_moe_layers
-from ..options import Options
+from .options import Options
 from .base import Router, Routing, register_router
 
 if TYPE_CHECKING:
@@ -86,7 +85,9 @@ def seed_random_routers(model: nn.Module, seed: int, device: torch.device) -> di
     same routes (one expert per layer per forward for the whole global batch, as in one process).
     Returns the generators by router name (their states go into training checkpoints)."""
     gens = {}
-    layers = [(name, m) for name, m in find_moe_layers(model) if isinstance(getattr(m, "router", None), RandomRouter)]
+    # The MoE layers that hold a random router, in module order as find_moe_layers lists them (the
+    # seeds and checkpoint keys follow it), found without importing the layers the routers sit below.
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "router", None), RandomRouter)]
     for i, (name, layer) in enumerate(layers):
         g = torch.Generator(device=device)
         g.manual_seed(seed * 1000003 + i)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...validation import Fields
-from ..options import Options
+from .options import Options
 
 NOISE_POLICIES = ("none", "jitter", "gaussian")
 

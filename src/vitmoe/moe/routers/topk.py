@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ...validation import Fields
-from ..options import Options
+from .options import Options
 from .base import Router, Routing, register_router
 from .scoring import ScoringOptions, router_logits, router_z_loss
 
