@@ -32,9 +32,9 @@ def dataset_arg(value: str) -> str:
 
 
 def dataset_metavar() -> str:
-    from ..data import DATASETS
+    from ..data import dataset_choices
 
-    return "{" + ",".join(DATASETS) + ",folder:PATH}"
+    return "{" + dataset_choices(",") + "}"
 
 
 def add_dataset_option(p, help: str, default: str | None = None) -> None:

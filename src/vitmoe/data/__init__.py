@@ -13,12 +13,16 @@ import os
 from .augment import normalize, random_crop, random_hflip
 # The `autoaugment` function stays in its module: re-exporting it here would hide the submodule of that name.
 from .autoaugment import CIFAR10_POLICY, OpPlan, apply_plan, autoaugment_plan, randaugment, randaugment_plan
-from .info import DATASETS, DatasetError, DatasetInfo, ImageData, canonical_name, check_split, is_folder
+from .info import (
+    ALIASES, DATASETS, DatasetError, DatasetInfo, ImageData, builtin_name, canonical_name, check_split, dataset_choices,
+    is_folder,
+)
 from .info import get_info as _builtin_info
 from .loader import DeviceLoader, StreamingLoader, make_loader
 from .sources import resolve_data_dir, search_roots
 
 __all__ = [
+    "ALIASES",
     "CIFAR10_POLICY",
     "DATASETS",
     "DatasetError",
@@ -29,7 +33,10 @@ __all__ = [
     "OpPlan",
     "apply_plan",
     "autoaugment_plan",
+    "builtin_name",
+    "canonical_name",
     "check_dataset",
+    "dataset_choices",
     "get_info",
     "is_folder",
     "make_loader",

@@ -1,4 +1,7 @@
-"""Dataset metadata (`DatasetInfo`, `DATASETS`), the in-memory split (`ImageData`) and `DatasetError`."""
+"""The dataset registry (`DATASETS` by canonical name, their `ALIASES`, `canonical_name`,
+`builtin_name`, `dataset_choices`), dataset metadata (`DatasetInfo`), the in-memory split
+(`ImageData`) and `DatasetError`. Every place that names, parses or lists datasets (the config
+checks, the command-line flags, the report table) reads it from here."""
 
 from __future__ import annotations
 
@@ -104,6 +107,23 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
+ALIASES: dict[str, str] = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100"}
+"""Other spellings of the built-in datasets, matched after lower-casing and '_' -> '-' (so
+fashion_mnist, FashionMNIST and CIFAR_10 are accepted too)."""
+
+
+def builtin_name(name: str) -> str | None:
+    """The `DATASETS` key that `name` spells (case-insensitive, '_' for '-', `ALIASES`), or None."""
+    key = str(name).strip().lower().replace("_", "-")
+    key = ALIASES.get(key, key)
+    return key if key in DATASETS else None
+
+
+def dataset_choices(sep: str = ", ") -> str:
+    """The accepted dataset names, for messages and --help: every built-in one, then folder:PATH."""
+    return sep.join([*DATASETS, "folder:PATH"])
+
+
 def is_folder(name: str) -> bool:
     """Whether `name` is a `folder:PATH` dataset (your own images)."""
     return folder_path(name) is not None
@@ -140,10 +160,8 @@ def canonical_name(name: str) -> str:
     path = folder_path(name)
     if path is not None:
         return f"folder:{os.path.abspath(path)}"
-    key = str(name).strip().lower().replace("_", "-")
-    aliases = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100"}
-    key = aliases.get(key, key)
-    if key not in DATASETS:
+    key = builtin_name(name)
+    if key is None:
         raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}, or folder:PATH "
                            f"(your own images in PATH/train/CLASS/*.png|jpg)")
     return key

@@ -30,6 +30,7 @@ import os
 import warnings
 from typing import Iterable, Union
 
+from ..data import builtin_name
 from .runs import DEFAULT_THRESHOLD, METRICS_FILE, SUMMARY_FILE, ReportWarning, RunResult, load_run
 
 __all__ = ["results_table", "HEADER", "format_row", "column_notes", "datasets_of"]
@@ -42,18 +43,15 @@ INCOMPLETE = "(incomplete)"
 
 RunLike = Union[RunResult, str, os.PathLike]
 
-_DATASET_ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "cifar-10": "cifar10",
-                    "cifar-100": "cifar100"}
-
-
 def _dataset(run: RunResult) -> str | None:
-    """The run's dataset in its canonical spelling (fashion_mnist -> fashion-mnist), or None."""
+    """The run's dataset in its canonical spelling (fashion_mnist -> fashion-mnist), or None; a name
+    the dataset registry does not know (a run of another version) is kept, lower-cased."""
     if not run.dataset:
         return None
     if str(run.dataset).startswith("folder:"):  # your own images: the path is case-sensitive
         return str(run.dataset)
     key = str(run.dataset).strip().lower()
-    return _DATASET_ALIASES.get(key, key)
+    return builtin_name(key) or key
 
 
 def _dataset_label(run: RunResult) -> str | None:

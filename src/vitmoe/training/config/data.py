@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from ...data import DATASETS, DatasetError, DatasetInfo, canonical_name, get_info, is_folder
+from ...data import DatasetError, DatasetInfo, canonical_name, dataset_choices, get_info, is_folder
 from ...validation import Fields
 
 if TYPE_CHECKING:
     from .train_config import TrainConfig
 
-DATASET_CHOICES = ", ".join(DATASETS) + ", folder:PATH"
+DATASET_CHOICES = dataset_choices()
 # Largest image side accepted (a typo such as 22400 would otherwise allocate gigabytes per batch).
 MAX_IMG_SIZE = 4096
 
