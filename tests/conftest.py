@@ -9,6 +9,14 @@ def _seed():
 
 # A width every preset accepts, small enough that a forward/backward takes milliseconds.
 TINY = dict(embed_dim=24, depth=2, num_heads=2, mlp_hidden=32, head_hidden=16)
+# The model the training tests train on digits, as TrainConfig.model_config: an epoch takes about
+# a second, and 4 experts leave room for top-2 and expert parallelism over 2 ranks.
+TINY_MC = dict(embed_dim=16, depth=2, num_heads=2, mlp_hidden=32, head_hidden=16, head="linear", num_experts=4)
+# TINY_MC built directly (create_model) for digits' 8x8 gray images.
+TINY_DIGITS = dict(img_size=8, in_chans=1, num_classes=10) | TINY_MC
+# The width the command-line tests give `vitmoe train` (the preset's own expert count), without logs.
+TINY_SETS = ["--set", "model.embed_dim=16", "--set", "model.depth=2", "--set", "model.num_heads=2",
+             "--set", "model.mlp_hidden=32", "--set", "model.head=linear", "--set", "log_every=0"]
 
 
 def grads(m, x, fn):

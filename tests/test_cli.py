@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import TINY_SETS
 
 from vitmoe.training.config import resolve
 import torch
@@ -15,9 +16,6 @@ README_SWITCH = ("--batch 256 --experts 64 --epochs 500 --gpu 4 --dmodel 300 "
                  "--out vit_model_rtx_4_dmodel_300_experts_64_batch_256_cifar10").split()
 README_DENSE = ("--batch 256 --experts 64 --epochs 500 --gpu 4 --dmodel 300 --noswitch "
                 "--out vit_noswitch_model_rtx_4_dmodel_300_batch_256_cifar10").split()
-
-TINY_SETS = ["--set", "model.embed_dim=16", "--set", "model.depth=2", "--set", "model.num_heads=2",
-             "--set", "model.mlp_hidden=32", "--set", "model.head=linear", "--set", "log_every=0"]
 
 
 def _config(argv):

@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from conftest import TINY_MC
 
 import vitmoe
 from vitmoe.models import ConfigError, merge_experts
@@ -12,8 +13,6 @@ from vitmoe.training import TrainConfig, Trainer
 from vitmoe.training.checkpoints import checkpoint as ckpt
 from vitmoe.training.checkpoints.checkpoint import checkpoint_problem, latest_checkpoint, load_state
 from vitmoe.training.recipe.ema import ModelEMA
-
-TINY_MC = dict(embed_dim=16, depth=2, num_heads=2, mlp_hidden=32, head_hidden=16, head="linear", num_experts=4)
 
 
 class _Tiny(nn.Module):

@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_DIGITS, TINY_MC
 
 import vitmoe
 from vitmoe.models import ConfigError
@@ -10,14 +11,12 @@ from vitmoe.training import TrainConfig, Trainer
 from vitmoe.training.checkpoints.checkpoint import latest_checkpoint, load_state
 from vitmoe.training.recipe.expert_averaging import ExpertAverager
 
-TINY = dict(img_size=8, in_chans=1, num_classes=10, embed_dim=16, depth=2, num_heads=2, mlp_hidden=32,
-            head_hidden=16, head="linear", num_experts=4)
 EXPERT_KEYS = ("w1", "b1", "w2", "b2")
 
 
 def _trained_model(steps=3):
     torch.manual_seed(0)
-    model = vitmoe.create_model("random_vit", moe={"expert_init": "independent"}, **TINY)
+    model = vitmoe.create_model("random_vit", moe={"expert_init": "independent"}, **TINY_DIGITS)
     seed_random_routers(model, 0, torch.device("cpu"))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(10, (8,))
@@ -56,7 +55,7 @@ def test_averaging_sets_every_expert_and_its_moments_to_the_mean():
 
 
 def test_averager_refuses_a_model_without_random_routing():
-    model = vitmoe.create_model("switch_vit", **TINY)
+    model = vitmoe.create_model("switch_vit", **TINY_DIGITS)
     with pytest.raises(ValueError, match="random"):
         ExpertAverager(model, torch.optim.AdamW(model.parameters()), every=3)
     with pytest.raises(ValueError, match="every"):
@@ -64,7 +63,7 @@ def test_averager_refuses_a_model_without_random_routing():
 
 
 def _cfg(tmp_path, name, **kw):
-    mc = {k: v for k, v in TINY.items() if k not in ("img_size", "in_chans", "num_classes")}
+    mc = dict(TINY_MC)
     base = dict(model="random_vit", dataset="digits", epochs=1, batch_size=128, lr=2e-3, optimizer="adamw",
                 weight_decay=0.05, model_config=mc, out=str(tmp_path / name), log_every=0, progress=False)
     base.update(kw)

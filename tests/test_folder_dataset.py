@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_SETS
 
 from vitmoe.training.config import resolve
 import yaml
@@ -20,9 +21,6 @@ from vitmoe.data import folder as fd
 from vitmoe.data.augment import normalize
 from vitmoe.training.config import TrainConfig
 from vitmoe.validation import ConfigError
-
-TINY = ["--set", "model.embed_dim=16", "--set", "model.depth=2", "--set", "model.num_heads=2",
-        "--set", "model.mlp_hidden=32", "--set", "model.head=linear", "--set", "log_every=0"]
 
 
 @pytest.fixture(autouse=True)
@@ -138,7 +136,7 @@ def test_split_is_seeded_and_stratified(tmp_path):
 def _train_cli(path, tmp_path, *extra):
     out = tmp_path / "run"
     rc = main(["train", "--dataset", f"folder:{path}", "--epochs", "1", "--batch", "8", "--device", "cpu",
-               "--out", str(out), *TINY, *extra])
+               "--out", str(out), *TINY_SETS, *extra])
     return rc, out
 
 
@@ -293,7 +291,7 @@ def test_read_only_folder_caches_under_the_data_dir(tmp_path, monkeypatch):
 def test_builtin_dataset_trained_and_evaluated_at_another_size(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["train", "--dataset", "digits", "--img-size", "12", "--model", "vit", "--epochs", "1", "--batch", "256",
-               "--device", "cpu", "--out", str(out), *TINY])
+               "--device", "cpu", "--out", str(out), *TINY_SETS])
     assert rc == 0, capsys.readouterr().err
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["img_size"] == 12 and cfg["resolved_model_config"]["img_size"] == 12

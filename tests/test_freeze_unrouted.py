@@ -3,6 +3,7 @@ take exactly the plain AdamW step."""
 import copy
 
 import pytest
+from conftest import TINY_DIGITS, TINY_MC
 
 from vitmoe.training.config import resolve
 import torch
@@ -15,8 +16,6 @@ from vitmoe.training import TrainConfig, Trainer
 from vitmoe.training.checkpoints.checkpoint import latest_checkpoint, load_state
 from vitmoe.training.recipe.freeze import UnroutedFreeze
 
-TINY = dict(img_size=8, in_chans=1, num_classes=10, embed_dim=16, depth=2, num_heads=2, mlp_hidden=32,
-            head_hidden=16, head="linear", num_experts=4)
 EXPERT_KEYS = ("w1", "b1", "w2", "b2")
 
 
@@ -44,7 +43,7 @@ def _step(model, opt, x, y, freeze=None):
 
 def test_unrouted_experts_keep_weights_and_adam_state_bitwise_the_others_take_the_plain_step():
     torch.manual_seed(0)
-    model = vitmoe.create_model("random_vit", moe={"expert_init": "independent"}, **TINY)
+    model = vitmoe.create_model("random_vit", moe={"expert_init": "independent"}, **TINY_DIGITS)
     seed_random_routers(model, 0, torch.device("cpu"))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     freeze = UnroutedFreeze(model, opt)
@@ -85,7 +84,7 @@ def test_unrouted_experts_keep_weights_and_adam_state_bitwise_the_others_take_th
 
 
 def _cfg(tmp_path, name, **kw):
-    mc = {k: v for k, v in TINY.items() if k not in ("img_size", "in_chans", "num_classes")}
+    mc = dict(TINY_MC)
     base = dict(model="random_vit", dataset="digits", epochs=1, batch_size=128, lr=2e-3, optimizer="adamw",
                 weight_decay=0.05, model_config={**mc, "num_experts": 16}, out=str(tmp_path / name),
                 log_every=0, progress=False)
@@ -143,7 +142,7 @@ def _freeze_twins(model_name, num_experts, seed=0, ep=None):
     out = []
     for _ in range(2):
         torch.manual_seed(seed)
-        m = vitmoe.create_model(model_name, moe={"expert_init": "independent"}, **dict(TINY, num_experts=num_experts))
+        m = vitmoe.create_model(model_name, moe={"expert_init": "independent"}, **dict(TINY_DIGITS, num_experts=num_experts))
         if ep is not None:
             shard_experts(m, ep)
         seed_random_routers(m, 0, torch.device("cpu"))

@@ -13,6 +13,7 @@ from collections import namedtuple
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_SETS
 
 import vitmoe
 from vitmoe import fileio
@@ -23,8 +24,6 @@ from vitmoe.training.checkpoints import checkpoint as ckpt
 from vitmoe.training.checkpoints.checkpoint import (CheckpointError, latest_checkpoint, load_state, resolve_model_file,
                                         save_checkpoint, verify_checkpoint)
 
-TINY_SETS = ["--set", "model.embed_dim=16", "--set", "model.depth=2", "--set", "model.num_heads=2",
-             "--set", "model.mlp_hidden=32", "--set", "model.head=linear", "--set", "log_every=0"]
 STEPS_PER_EPOCH = 6  # 1,438 digits training images in batches of 256
 
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY_SETS
 
 import vitmoe.data
 
@@ -18,9 +19,7 @@ from vitmoe import rundir
 from vitmoe.cli.main import main
 from vitmoe.rundir import RunDirError, RunLock, check_run_dir, lock_holder
 
-TINY = ["--set", "model.embed_dim=16", "--set", "model.depth=2", "--set", "model.num_heads=2",
-        "--set", "model.mlp_hidden=32", "--set", "model.head=linear", "--set", "log_every=0"]
-DIGITS = ["--dataset", "digits", "--noswitch", "--batch", "128", *TINY]
+DIGITS = ["--dataset", "digits", "--noswitch", "--batch", "128", *TINY_SETS]
 
 
 def _one_error_line(err: str) -> str:

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import _default_to_fused_or_foreach
+from conftest import TINY_DIGITS, TINY_MC
 
 import vitmoe
 from vitmoe.training import TrainConfig, Trainer, adam_kwargs, fastest_adam
@@ -15,14 +16,12 @@ from vitmoe.training.loop import trainer as trainer_mod
 from vitmoe.training.checkpoints.checkpoint import latest_checkpoint, load_state
 from vitmoe.training.loop.optim import build_optimizer, keep_implementation_on_load, param_groups
 
-TINY = dict(img_size=8, in_chans=1, num_classes=10, embed_dim=16, depth=2, num_heads=2, mlp_hidden=32,
-            head_hidden=16, head="linear", num_experts=4)
 EPS32 = torch.finfo(torch.float32).eps
 LOOP = {"foreach": False, "fused": False}
 
 
 def _cfg(tmp_path=None, name="run", **kw):
-    mc = {k: v for k, v in TINY.items() if k not in ("img_size", "in_chans", "num_classes")}
+    mc = dict(TINY_MC)
     base = dict(model="switch_vit", dataset="digits", epochs=2, batch_size=128, lr=1e-2, optimizer="adamw",
                 weight_decay=0.1, model_config=mc, out=str(tmp_path / name) if tmp_path else "unused",
                 log_every=0, progress=False)
@@ -32,7 +31,7 @@ def _cfg(tmp_path=None, name="run", **kw):
 
 def _model():
     torch.manual_seed(0)
-    return vitmoe.create_model("switch_vit", **TINY)
+    return vitmoe.create_model("switch_vit", **TINY_DIGITS)
 
 
 def _grads(model, steps):
@@ -222,7 +221,7 @@ def test_a_fused_step_is_seen_by_the_merged_expert_cache():
     results = {}
     for name in ("fastest_adam", "plain fused"):
         torch.manual_seed(0)
-        model = vitmoe.create_model("random_vit", moe={"expert_init": "independent"}, **TINY)
+        model = vitmoe.create_model("random_vit", moe={"expert_init": "independent"}, **TINY_DIGITS)
         opt = (fastest_adam(model, lr=1e-2) if name == "fastest_adam"
                else torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True))
         assert opt.param_groups[0]["fused"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_SETS
 
 from vitmoe.training.config import resolve
 
@@ -14,9 +15,6 @@ import vitmoe
 from vitmoe.cli.main import build_parser, main
 from vitmoe.cli.train import build_config, size_warning
 from vitmoe.data import download, fashion_mnist
-
-TINY_SETS = ["--set", "model.embed_dim=16", "--set", "model.depth=2", "--set", "model.num_heads=2",
-             "--set", "model.mlp_hidden=32", "--set", "model.head=linear", "--set", "log_every=0"]
 
 
 def _config(argv):

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY_MC
 
 from vitmoe import rundir
 from vitmoe.data import ImageData, load_dataset
@@ -12,8 +13,6 @@ from vitmoe.report import load_run, results_table
 from vitmoe.report import runs as report_runs
 from vitmoe.training import TrainConfig, Trainer
 from vitmoe.training.loop import trainer as trainer_module
-
-TINY_MC = dict(embed_dim=16, depth=2, num_heads=2, mlp_hidden=32, head_hidden=16, head="linear", num_experts=4)
 
 
 def test_trainer_and_report_share_the_names_and_the_threshold_rule():

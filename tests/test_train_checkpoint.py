@@ -4,13 +4,12 @@ import os
 
 import pytest
 import torch
+from conftest import TINY_MC
 
 import vitmoe
 from vitmoe.training import NonFiniteLossError, TrainConfig, Trainer
 from vitmoe.training.checkpoints import checkpoint as ckpt
 from vitmoe.training.checkpoints.checkpoint import latest_checkpoint, load_state, save_checkpoint
-
-TINY_MC = dict(embed_dim=16, depth=2, num_heads=2, mlp_hidden=32, head_hidden=16, head="linear", num_experts=4)
 
 
 def tiny_cfg(tmp_path, name="run", model="switch_vit", **kw):

@@ -4,14 +4,13 @@ import math
 import warnings
 
 import pytest
+from conftest import TINY_MC
 
 from vitmoe.training.config import resolve
 
 from vitmoe.models import ConfigError
 from vitmoe.training import TrainConfig, Trainer
 from vitmoe.training.config.train_config import DATASET_NAMES, EVAL_MODES
-
-TINY_MC = dict(embed_dim=16, depth=2, num_heads=2, mlp_hidden=32, head_hidden=16, head="linear", num_experts=4)
 
 
 def test_validate_returns_a_new_checked_object_and_leaves_the_input_alone():

@@ -6,14 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from conftest import TINY_MC
 
 from vitmoe.data import ImageData, load_dataset
 from vitmoe.models import ConfigError
 from vitmoe.training import TrainConfig, Trainer
 from vitmoe.training.distributed.context import DistContext
 from vitmoe.training.loop.losses import symmetric_kl
-
-TINY_MC = dict(embed_dim=16, depth=2, num_heads=2, mlp_hidden=32, head_hidden=16, head="linear", num_experts=4)
 
 
 def _cfg(tmp_path, name="run", **kw):

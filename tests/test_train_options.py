@@ -2,6 +2,7 @@
 import json
 
 import pytest
+from conftest import TINY_MC
 
 from vitmoe.training.config import resolve
 import torch
@@ -11,8 +12,6 @@ from vitmoe.models import ConfigError
 from vitmoe.training import TrainConfig, Trainer
 from vitmoe.training.checkpoints.checkpoint import latest_checkpoint
 from vitmoe.training.loop.schedule import lr_factor
-
-TINY_MC = dict(embed_dim=16, depth=2, num_heads=2, mlp_hidden=32, head_hidden=16, head="linear", num_experts=4)
 
 
 def _cfg(tmp_path, name="run", **kw):

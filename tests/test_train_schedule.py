@@ -5,13 +5,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_MC
 
 from vitmoe.data import ImageData, load_dataset
 from vitmoe.models import ConfigError
 from vitmoe.training import TrainConfig, Trainer, fastest_adam
 from vitmoe.training.loop.schedule import cyclic_lr_factor, extend_cycles, lr_factor
 
-TINY_MC = dict(embed_dim=16, depth=2, num_heads=2, mlp_hidden=32, head_hidden=16, head="linear", num_experts=4)
 BATCH, IMAGES = 32, 96  # 3 steps per epoch
 WARMUP = 2
 

@@ -4,6 +4,7 @@ weights back, Drop-Upcycling re-initialises exactly what it says, and --init err
 import copy
 
 import pytest
+from conftest import TINY_SETS
 
 from vitmoe.training.config import resolve
 import torch
@@ -15,8 +16,6 @@ from vitmoe.models.upcycle import drop_upcycle_, upcycled_config
 from vitmoe.moe import MoEMlp
 
 TINY = dict(embed_dim=24, depth=2, num_heads=2, mlp_hidden=32, head_hidden=16, img_size=8, patch_size=4)
-TINY_SETS = ["--set", "model.embed_dim=16", "--set", "model.depth=2", "--set", "model.num_heads=2",
-             "--set", "model.mlp_hidden=32", "--set", "model.head=linear", "--set", "log_every=0"]
 
 
 @pytest.fixture
