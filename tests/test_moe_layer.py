@@ -297,6 +297,48 @@ def test_grouped_path_pads_unaligned_widths_and_matches_padded_path():
         torch.testing.assert_close(gg[name], gp[name], atol=3e-2, rtol=3e-2, msg=name)
 
 
+def test_bucket_sizes_are_few_and_waste_at_most_an_eighth():
+    from vitmoe.moe.experts import _bucket
+
+    sizes = [_bucket(r) for r in range(5000)]
+    assert sizes[0] == 0 and sizes[1] == 8 and sizes[16] == 16 and sizes[17] == 18 and sizes[800] == 832
+    assert all(b >= r for r, b in enumerate(sizes)) and sizes == sorted(sizes)
+    assert all(b - r <= r / 8 for r, b in enumerate(sizes) if r > 16)
+    # Whatever the routing gives an expert between 1 and 4,999 rows, its matmul takes one of 68
+    # shapes (8 per octave; a new shape is a new oneDNN primitive, built and JIT-compiled).
+    assert len(set(sizes[1:])) == 68
+
+
+@pytest.mark.parametrize("router,k,E", [("switch", 1, 16), ("topk", 2, 6), ("expert_choice", 1, 4)])
+def test_rounded_rows_change_nothing_but_the_shapes(router, k, E):
+    # bf16 on the CPU rounds each expert's rows up (zero rows, dropped after the matmuls): outputs
+    # and every gradient equal the unrounded computation bit for bit, experts with no row included.
+    torch.manual_seed(0)
+    m = MoEMlp(300, 96, num_experts=E, router=router, top_k=k, expert_init="independent",
+               **({"capacity_factor_train": 1.0, "capacity_factor_eval": 1.0} if router == "expert_choice" else {}))
+    with torch.no_grad():
+        m.experts.b1.normal_()
+        m.experts.b2.normal_()
+    plain = copy.deepcopy(m)
+    m.experts.bucket_rows, plain.experts.bucket_rows = None, False
+    x = torch.randn(1, 10, 300)  # 10 tokens: some of 16 experts get none
+    outs = []
+    for layer in (m, plain):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16), collect_moe_outputs(layer) as moe:
+            y = layer(xi)
+        y.float().square().sum().backward()
+        outs.append((y, xi.grad, {n: p.grad for n, p in layer.named_parameters()}, moe.stats()[""]["load"]))
+    (y1, g1, p1, load), (y2, g2, p2, _) = outs
+    assert m.experts._bucket_rows(y1.new_empty(0, dtype=torch.bfloat16))  # the default rounds here
+    if router == "switch":
+        assert (load == 0).any() and (load % 8 != 0).any()  # empty experts and uneven counts occur
+    assert torch.equal(y1, y2) and torch.equal(g1, g2)
+    assert p1.keys() == p2.keys()
+    for name in p1:
+        assert torch.equal(p1[name], p2[name]), name
+
+
 @pytest.mark.parametrize("dispatch_path", ["grouped", "padded"])
 def test_autocast_bf16_runs_the_experts_in_bf16_and_keeps_fp32_master_grads(dispatch_path):
     # _grouped_mm and bmm on stacked weights are not on autocast's cast lists: the layer casts
