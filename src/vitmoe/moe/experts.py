@@ -224,6 +224,8 @@ class GroupedExperts(nn.Module):
         # Dropless needs the largest queue as the padded length: a host sync, the price of
         # this fallback path (the grouped path has none).
         C = capacity if capacity is not None else max(int(counts_E.max()), 1)
+        if capacity is None and self._bucket_rows(x_SD):
+            C = _bucket(C)  # the largest queue changes every step: few bmm shapes (see _bucket)
         start_E = torch.cumsum(counts_E, 0) - counts_E
         row_S = torch.arange(S, device=x_SD.device)
         pos_S = row_S - start_E[expert_S]
