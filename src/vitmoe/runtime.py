@@ -25,7 +25,7 @@ training step of an MoE model mixes blocks of tens of MB with temporaries whose 
 routing, and the heap of a 16-expert d-300 ViT kept growing for ~20 steps (to 3.2 GB against
 1.2 GB for the dense ViT) while still faulting 50-85k pages a step. tcmalloc, the allocator
 PyTorch's CPU performance guide recommends, reuses freed memory per size class: the same step
-faulted under 2k pages and trained 10-20 % faster (BENCHMARKS.md s.2). An allocator can only be
+faulted under 2k pages and took 8-30 % less time (BENCHMARKS.md s.0). An allocator can only be
 chosen when a process starts, so `vitmoe`'s training commands re-execute themselves once with
 tcmalloc preloaded when the system has it (Debian/Ubuntu: libtcmalloc-minimal4; see
 `reexec_with_tcmalloc`); a user's own script can start under `LD_PRELOAD=<path of

@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if argv is None and sys.argv[1:2] and sys.argv[1] in LONG_RUNNING:
         # Started as a program (not called from Python): our own process, so we may pick its
-        # allocator; the training commands run 10-20 % faster on tcmalloc (vitmoe.runtime).
+        # allocator; the training commands run faster on tcmalloc (vitmoe.runtime).
         reexec_with_tcmalloc([sys.executable, "-m", "vitmoe", *sys.argv[1:]])
     keep_freed_memory()  # our own process only; see vitmoe.runtime
     parser = build_parser()
