@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_SETS
 
-from vitmoe.training.config import resolve
+from vitmoe.training.config import TrainConfig, resolve
 import torch
 
 import vitmoe
@@ -237,6 +237,14 @@ def test_training_option_flags_resolve(tmp_path):
     assert (cfg.augment_policy, cfg.consistency_weight, cfg.time_budget_s, cfg.consistency_stopgrad) == \
         ("autoaugment", 1.0, 30.0, False)
     assert cfg.forwards_per_step == 2 and resolve(cfg).label == "random-vit+cr"
+
+
+def test_a_field_named_as_a_negation_gets_a_positive_flag_not_a_double_negative():
+    assert _config(["--no-decay-1d"]).no_decay_1d is True
+    assert _config(["--decay-1d"]).no_decay_1d is False
+    assert _config([]).no_decay_1d is TrainConfig().no_decay_1d
+    with pytest.raises(SystemExit):
+        _config(["--no-no-decay-1d"])
 
 
 @pytest.mark.parametrize("argv, needles", [

@@ -166,7 +166,12 @@ def add_field_flags(parser: argparse.ArgumentParser, cls, skip: set[str], choice
             continue
         kind, how = _flag_type(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type)))
         kw: dict[str, Any] = dict(dest=f.name, default=None, help=help)
-        if how == "bool":
+        if how == "bool" and f.name.startswith("no_"):
+            # A field already named as a negation: --no-decay-1d / --decay-1d, not --no-no-decay-1d.
+            positive = f"--{f.name[3:].replace('_', '-')}"
+            group.add_argument(*flags, action="store_const", const=True, **(kw | {"help": f"{help}; {positive}: off"}))
+            group.add_argument(positive, action="store_const", const=False, dest=f.name, help=argparse.SUPPRESS)
+        elif how == "bool":
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         else:
             metavar = (metavars or {}).get(f.name) or ("YAML" if how == "yaml" else None)
