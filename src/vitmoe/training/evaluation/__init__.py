@@ -2,8 +2,10 @@
 
 * `precision`: the autocast region of an `amp` mode (shared with the training step).
 * `evaluate`: test loss and accuracy over a loader, summed on the device and reduced over ranks.
-* `prepare`: a saved model and the test loader it is evaluated on, as `vitmoe eval` reads them
-  (the run's dataset, normalisation and folder options from its checkpoint and config.yaml).
+
+Preparing a saved run for evaluation (its model, dataset, normalisation and folder options from
+its checkpoint and config.yaml) is still `vitmoe.cli.eval.prepare_eval`, which `vitmoe eval` and
+`vitmoe analyze` share; it raises the CLI's errors, which is why it has not moved here yet.
 """
 from .evaluate import evaluate
 from .precision import autocast_context
