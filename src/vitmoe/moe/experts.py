@@ -60,13 +60,12 @@ def _aligned(width: int, x: Tensor) -> int:
     return -(-width // per) * per
 
 
-def _bucket(rows: int) -> int:
-    """`rows` rounded up to one of 8 sizes per power of two (at most 12.5 % more; multiples of 8 up
-    to 16): few distinct matmul shapes, whatever the routing."""
-    if rows <= 16:
-        return -(-rows // 8) * 8
-    step = 1 << (rows.bit_length() - 4)
-    return -(-rows // step) * step
+def _bucket(rows: Tensor) -> Tensor:
+    """Each of `rows` (int64) rounded up to one of 8 sizes per power of two (at most 12.5 % more;
+    multiples of 8 up to 16): few distinct matmul shapes, whatever the routing."""
+    bits = torch.frexp(rows.double()).exponent.long()  # rows < 2**bits, the bit length
+    step = torch.where(rows <= 16, 8, torch.ones_like(rows) << (bits - 4).clamp_min(0))
+    return (rows + step - 1) // step * step
 
 
 def _cast_pad(t: Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
@@ -188,9 +187,8 @@ class GroupedExperts(nn.Module):
             # Each group's rows rounded up to a coarse size (zero rows, discarded after): oneDNN
             # builds and JIT-compiles a bf16 matmul per distinct shape and caches 1024 of them;
             # per-expert row counts change every step, so unrounded every step builds anew
-            # (2.1 against 1.25 ms a matmul at 800 rows, BENCHMARKS.md s.1).
-            counts = counts_E.tolist()
-            lengths_E = torch.tensor([_bucket(c) for c in counts], device=x_SD.device)
+            # (2.1 against 1.25 ms a matmul at 800 rows, BENCHMARKS.md s.0).
+            lengths_E = _bucket(counts_E)
             pad_start_E = torch.cumsum(lengths_E, 0) - lengths_E
             start_E = torch.cumsum(counts_E, 0) - counts_E
             dest_S = pad_start_E.index_select(0, expert_S) + torch.arange(n, device=x_SD.device) - start_E.index_select(0, expert_S)
@@ -225,7 +223,7 @@ class GroupedExperts(nn.Module):
         # this fallback path (the grouped path has none).
         C = capacity if capacity is not None else max(int(counts_E.max()), 1)
         if capacity is None and self._bucket_rows(x_SD):
-            C = _bucket(C)  # the largest queue changes every step: few bmm shapes (see _bucket)
+            C = int(_bucket(torch.tensor(C)))  # the largest queue changes every step: few bmm shapes
         start_E = torch.cumsum(counts_E, 0) - counts_E
         row_S = torch.arange(S, device=x_SD.device)
         pos_S = row_S - start_E[expert_S]
