@@ -20,12 +20,12 @@ are allocated matters too: with the weights in mmap'd blocks rather than the hea
 a reused gradient buffer cannot help the optimizer's temporaries, and `torch._grouped_mm` has
 no `out=` to write the gradient into one without an extra 78 MB copy per weight.
 
-That setting stops the page faults of the largest blocks but not glibc's fragmentation: a
-training step of an MoE model mixes blocks of tens of MB with temporaries whose sizes follow the
-routing, and the heap of a 16-expert d-300 ViT kept growing for ~20 steps (to 3.2 GB against
-1.2 GB for the dense ViT) while still faulting 50-85k pages a step. tcmalloc, the allocator
-PyTorch's CPU performance guide recommends, reuses freed memory per size class: the same step
-faulted under 2k pages and took 8-30 % less time (BENCHMARKS.md s.0). An allocator can only be
+That setting stops the page faults of the largest blocks but not all of glibc's: a training
+step of an MoE model mixes blocks of tens of MB with temporaries whose sizes follow the routing.
+A 16-expert d-300 bf16 step (benchmarks/bench_steps.py) still faulted 15k pages a step with 2.3
+GB resident (25k and 2.9 GB before the experts rounded their row counts); tcmalloc, the
+allocator PyTorch's CPU performance guide recommends, reuses freed memory per size class: under
+500 faults, 1.4 GB, and 4-5 % less time a step (BENCHMARKS.md s.0). An allocator can only be
 chosen when a process starts, so `vitmoe`'s training commands re-execute themselves once with
 tcmalloc preloaded when the system has it (Debian/Ubuntu: libtcmalloc-minimal4; see
 `reexec_with_tcmalloc`); a user's own script can start under `LD_PRELOAD=<path of
