@@ -209,8 +209,10 @@ class ViTConfig:
             f.need(len(set(experts)) <= 1, "num_experts", "one count with share_blocks=True (one shared expert set)")
         f.need(isinstance(self.moe, MoEConfig), "moe", "a MoEConfig")
         self.moe = self.moe.validate(experts, prefix="model field moe.")
-        Fields(self.moe, "model field moe.").need(not self.moe.residual or bool(blocks), "residual",
-                                                  "False when no block is MoE (moe_layers is 'none')")
+        moe_fields = Fields(self.moe, "model field moe.")
+        moe_fields.need(not self.moe.residual or bool(blocks), "residual", "False when no block is MoE (moe_layers is 'none')")
+        moe_fields.need(self.moe.image_pool != "cls" or self.pool == "cls", "image_pool",
+                        f"'mean' unless the model has a class token (pool is {self.pool!r}, not 'cls')")
 
     def mlp_layer(self, block: int) -> tuple[type[nn.Module], dict[str, Any]]:
         """Block `block`'s MLP class and keyword arguments: the one place where the config picks

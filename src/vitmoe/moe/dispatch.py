@@ -60,10 +60,23 @@ def dispatch(gates_TK: Tensor, experts_TK: Tensor, num_experts: int, capacity: i
 
 
 def dispatch_routing(routing: Routing, num_experts: int, capacity: int | None) -> Dispatch:
-    """Either routing layout: the router's flat copies, or its [T, K] choices."""
+    """Either routing layout: the router's flat copies, or its [T, K] choices. `capacity` counts
+    the router's rows (images for per-image routing); the result lists tokens."""
     if routing.copies is not None:
         return dispatch_copies(routing.copies, num_experts, capacity)
-    return dispatch(routing.gates_TK, routing.experts_TK, num_experts, capacity, routing.keep_TK, routing.priority_T)
+    d = dispatch(routing.gates_TK, routing.experts_TK, num_experts, capacity, routing.keep_TK, routing.priority_T)
+    return expand_rows(d, routing.tokens_per_row)
+
+
+def expand_rows(d: Dispatch, n: int) -> Dispatch:
+    """The dispatch of rows that each stand for `n` consecutive tokens (per-image routing) as the
+    dispatch of those tokens: row r becomes tokens r*n .. r*n+n-1, in place, so kept rows stay first
+    and grouped by expert. Sorting B*k rows instead of B*N*k copies is what makes it cheap."""
+    if n == 1:
+        return d
+    token_S = (d.token_S.unsqueeze(1) * n + torch.arange(n, device=d.token_S.device)).reshape(-1)
+    return Dispatch(token_S, d.gate_S.repeat_interleave(n), d.expert_S.repeat_interleave(n), d.kept_E * n,
+                    d.load_E * n, d.dropped * n)
 
 
 def dispatch_copies(copies: Copies, num_experts: int, capacity: int | None, keep_S: Tensor | None = None) -> Dispatch:

@@ -60,10 +60,13 @@ class MoEMlp(MoELayer):
     def aux_weights(self) -> dict[str, float]:
         return self.router.aux_weights
 
-    def capacity(self, tokens: int) -> int | None:
+    def capacity(self, tokens: int, tokens_per_image: int = 1) -> int | None:
+        """Slots per expert for a forward of `tokens` tokens: token copies, or whole images for a
+        router that routes images (then C = ceil(factor * images * k / E))."""
         cfg = self.config
         factor = cfg.capacity_factor_train if self.training else cfg.capacity_factor_eval
-        capacity = expert_capacity(tokens, self.top_k, self.num_experts, factor, cfg.min_capacity)
+        units = tokens // tokens_per_image if self.router.routes_images else tokens
+        capacity = expert_capacity(units, self.top_k, self.num_experts, factor, cfg.min_capacity)
         if self.router.chooses_tokens and capacity is not None:
             capacity = min(capacity, tokens)  # an expert cannot take more tokens than there are
         return capacity
@@ -78,7 +81,7 @@ class MoEMlp(MoELayer):
                 y_TO = self.experts.forward_all(x_TD).mean(0)
             return y_TO.view(B, N, -1)
 
-        capacity = self.capacity(B * N)
+        capacity = self.capacity(B * N, N)
         routing = self.router(x_BND, capacity)
         sharded = self.experts.sharded
         if routing.single_expert is not None and not sharded:
@@ -90,6 +93,8 @@ class MoEMlp(MoELayer):
             return y_TO.view(B, N, -1)
 
         d = dispatch_routing(routing, self.num_experts, capacity)
+        if capacity is not None:
+            capacity *= routing.tokens_per_row  # rows of each expert's queue
         if sharded:
             y_SO = expert_parallel_apply(self.experts, x_TD.index_select(0, d.token_S), d, self.experts.ep, capacity)
         else:
@@ -112,8 +117,9 @@ class MoEMlp(MoELayer):
         kept_S = torch.arange(d.token_S.numel(), device=d.token_S.device) < n_kept
         if routing.copies is None:
             expert_T = torch.full((tokens,), -1, dtype=torch.int64, device=d.token_S.device)
-            # A token's first choice is the copy whose expert equals experts_TK[:, 0].
-            hit_S = kept_S & (d.expert_S == routing.experts_TK[:, 0].index_select(0, d.token_S))
+            # A token's first choice is the copy whose expert equals experts_TK[:, 0] (of its row).
+            first_T = routing.experts_TK[:, 0].repeat_interleave(routing.tokens_per_row)
+            hit_S = kept_S & (d.expert_S == first_T.index_select(0, d.token_S))
             expert_T.index_put_((d.token_S[hit_S],), d.expert_S[hit_S])
             return {"expert_T": expert_T}
         gate_S = torch.where(kept_S, d.gate_S, torch.full_like(d.gate_S, -1.0))

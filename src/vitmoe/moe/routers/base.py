@@ -57,6 +57,9 @@ class Routing(NamedTuple):
     priority_T: Tensor | None = None
     """Batch Prioritized Routing: each token's priority (higher keeps its copies first when an
     expert overflows). None: batch position order."""
+    tokens_per_row: int = 1
+    """Tokens each row of the [T, K] fields stands for: N for per-image routing, whose rows are
+    images and every one of an image's N consecutive tokens follows its row."""
 
 
 class Router(nn.Module):
@@ -85,6 +88,9 @@ class Router(nn.Module):
     routes_tokens: ClassVar[bool] = True
     """True when each token goes to some experts, so an expert can get no tokens in a step
     (freeze_unrouted acts on those). False when every expert works on every image (Soft MoE)."""
+    routes_images: ClassVar[bool] = False
+    """True when the router decides per image (its Routing has `tokens_per_row` = N): capacity then
+    counts images, so an expert over capacity drops whole images."""
     layer: ClassVar[type[nn.Module] | None] = None
     """The MoE layer class built for this router; None: MoEMlp, which builds this router. A router
     whose routing cannot be split from its layer (Soft MoE) names its layer here."""

@@ -37,14 +37,16 @@ def router_z_loss(logits_TE: Tensor) -> Tensor:
 
 
 def router_logits(x_BND: Tensor, weight_ED: Tensor, noise: str, jitter_eps: float, training: bool) -> Tensor:
-    """fp32 logits [T, E] of a bias-free linear router, with the training-time noise policy.
+    """fp32 logits [T, E] of a bias-free linear router (float64 for a float64 input), with the
+    training-time noise policy.
 
     Call inside an autocast-disabled region: routing decisions in bf16 flip on ties and rounding.
     """
-    x_TD = x_BND.reshape(-1, x_BND.shape[-1]).float()
+    dtype = torch.promote_types(x_BND.dtype, torch.float32)
+    x_TD = x_BND.reshape(-1, x_BND.shape[-1]).to(dtype)
     if training and noise == "jitter":
         x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - jitter_eps, 1 + jitter_eps)
-    logits_TE = F.linear(x_TD, weight_ED.float())
+    logits_TE = F.linear(x_TD, weight_ED.to(dtype))
     if training and noise == "gaussian":
         logits_TE = logits_TE + torch.randn_like(logits_TE) / weight_ED.shape[0] ** 2
     return logits_TE

@@ -41,8 +41,8 @@ class TopKOptions(Options):
                f"'all' unless router is 'topk' with top_k=2 (router={self.router!r}, top_k={self.top_k})")
         f.number("second_threshold", 0.0, 1.0)
         f.choice("priority", PRIORITIES)
-        f.need(self.priority == "position" or self.router in ("switch", "topk"), "priority",
-               f"'position' unless router is 'switch' or 'topk' (router={self.router!r} has no token scores)")
+        f.need(self.priority == "position" or self.router in ("switch", "topk", "image"), "priority",
+               f"'position' unless router is 'switch', 'topk' or 'image' (router={self.router!r} has no scores)")
 
 
 def load_balancing_loss(probs_TE: Tensor, first_choice_T: Tensor) -> Tensor:
