@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
                    help="model field override (repeatable), spelled as in vitmoe train, e.g. "
                         "--set model.num_experts=64 --set model.embed_dim=256 --set model.moe.top_k=2")
     add_dataset_option(p, help="take image size, channels and classes from a dataset (default: the preset's, CIFAR-10 shape)")
+    p.add_argument("--dense-twin", action="store_true",
+                   help="also print the model's dense twin: no MoE layers, the MLP width that gives the same "
+                        "forward FLOPs per image as the MoE's active path (what `vitmoe sweep --vs-dense` trains)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -47,7 +50,7 @@ def model_overrides(items: list[str], preset: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from ..models import list_models, model_config, model_info
+    from ..models import dense_twin, list_models, model_config, model_info, twin_overrides
     from ..models.hf import config_from_hf, is_hf_dir, read_hf_config
     from ..training.config import TrainConfig, resolve
 
@@ -69,8 +72,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = model_config(args.preset, **model_overrides(args.set, args.preset))
     info = model_info(cfg)
+    twin = None
+    if args.dense_twin:
+        twin_cfg = dense_twin(cfg)
+        twin = {"set": twin_overrides(cfg), **asdict(model_info(twin_cfg))}
     if args.json:
-        echo(json.dumps({"model": name, **asdict(info)}))
+        echo(json.dumps({"model": name, **asdict(info), **({"dense_twin": twin} if twin else {})}))
         return 0
     experts = cfg.experts_per_moe_block()
     desc = (f"{len(experts)} MoE layers, {experts[0] if len(set(experts)) == 1 else experts} experts, router {getattr(cfg, 'moe', cfg).router}"
@@ -85,4 +92,10 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         echo(f"  {name:<{width}}  {value:>16,}")
+    if experts:
+        echo(f"  {'share of FLOPs in experts':<{width}}  {info.expert_flops_share:>16.1%}")
+    if twin:
+        sets = " ".join(f"--set {k}={v}" for k, v in twin["set"].items())
+        echo(f"dense twin ({sets}): {twin['total_params']:,} parameters, "
+             f"{twin['forward_flops_per_image']:,} forward FLOPs per image")
     return 0

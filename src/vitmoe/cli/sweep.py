@@ -43,6 +43,10 @@ def add_parser(sub) -> None:
     p.add_argument("--time-budget", type=float, default=None, metavar="S", help="training seconds per member")
     add_dataset_option(p, help="dataset of every member")
     add_data_dir_option(p, help="dataset directory")
+    p.add_argument("--vs-dense", action="store_true",
+                   help="also train each MoE cell's dense twin (no MoE layers, the MLP width of equal forward FLOPs "
+                        "per image; `vitmoe info --dense-twin`) with the same seeds, and compare each MoE cell with it "
+                        "at equal epochs and at equal training time")
     p.add_argument("--dry-run", action="store_true", help="check every member and print the plan; train nothing")
     p.set_defaults(func=run)
 
@@ -91,10 +95,49 @@ def plan(args: argparse.Namespace) -> tuple[dict, list[tuple[dict[str, str], int
     grid = parse_grid(args.grid)
     root = Path(args.out)
     cells = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+    if args.vs_dense:
+        args.twins = dense_twin_cells(args, cells)
+        cells += [t for t in _unique(args.twins.values()) if t not in cells]
     members = [(cell, seed, root / cell_name(cell) / f"seed-{seed}") for cell in cells for seed in range(args.seeds)]
     recorded = {"grid": grid, "seeds": args.seeds, "config": args.config, "set": args.set, "epochs": args.epochs,
                 "time_budget": args.time_budget, "dataset": args.dataset}
+    if args.vs_dense:
+        recorded["vs_dense"] = True
     return recorded, members
+
+
+def _unique(cells) -> list[dict[str, str]]:
+    out: list[dict[str, str]] = []
+    for cell in cells:
+        if cell not in out:
+            out.append(cell)
+    return out
+
+
+MOE_ONLY = ("model.num_experts", "model.moe.", "model_config.num_experts", "model_config.moe.")
+"""Grid keys that say nothing about a model without MoE layers: a twin drops them, so MoE cells that
+differ only there (expert count, router, k=1 options) share one twin."""
+
+
+def dense_twin_cells(args: argparse.Namespace, cells: list[dict[str, str]]) -> dict[str, dict[str, str]]:
+    """Each MoE cell's dense twin cell, by the MoE cell's label: the cell with the twin's overrides
+    (`vitmoe.models.twin_overrides`) and without its MoE-only keys."""
+    from ..models import twin_overrides
+    from ..report.sweep import _label
+    from ..training.config import load_config
+
+    twins = {}
+    for cell in cells:
+        try:
+            model = load_config(args.config, member_overrides(args, cell, 0, Path(args.out))).validate().checked_model
+        except Exception as e:  # ConfigError: name the member, keep the message
+            raise CLIError(f"sweep member {cell_name(cell)}: {e}") from None
+        if not model.is_moe:
+            continue
+        twin = {k: v for k, v in cell.items() if not k.startswith(MOE_ONLY)}
+        twin.update({k: str(v) for k, v in twin_overrides(model).items()})
+        twins[_label(cell)] = twin
+    return twins
 
 
 def member_overrides(args: argparse.Namespace, cell: dict[str, str], seed: int, out: Path) -> dict:
@@ -184,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
                 raise CLIError(f"sweep stopped: {tag} rejected its configuration (see {log})")
     done = [(cell, load_run(out)) for cell, _, out in members if finished(out)]
     if done:
-        text, files = sweep_results(done, list(recorded["grid"]), root)
+        text, files = sweep_results(done, list(recorded["grid"]), root, getattr(args, "twins", None))
         echo(text)
         echo(f"written: {', '.join(str(f) for f in files)}")
     if failed:

@@ -25,6 +25,11 @@ class ModelInfo:
     """Multiply-adds x 2 of one image's forward pass (matmuls and convolutions only)."""
     mergeable: bool = True
     """Whether merge_experts accepts this model."""
+    routing_flops_per_image: int = 0
+    """Of forward_flops_per_image, the routers' (their scores; Soft MoE's dispatch and combine)."""
+    expert_flops_share: float = 0.0
+    """The share of forward_flops_per_image spent in experts (their MLPs; routers not included):
+    with k and the MoE placement, what decides whether experts can pay (arXiv 2605.15484)."""
 
 
 def model_info(cfg: ViTConfig) -> ModelInfo:
@@ -66,17 +71,20 @@ def model_info(cfg: ViTConfig) -> ModelInfo:
     mergeable = not residual and router.mergeable
     merged = embed + L * (attn + norms + mlp) + 2 * D + head if mergeable else total
 
-    flops = tokenizer_flops
+    flops, expert_flops, routing_flops = tokenizer_flops, 0, 0
     per_block = 2 * N * (4 * D * D) + 2 * 2 * N * N * D  # projections, then QK^T and AV
     for i in range(L):  # shared blocks share weights, not work: every block computes
         if i not in moe:
             per_mlp = 2 * N * 2 * D * H
         else:
             per_mlp = router.layer_flops(N, D, H, moe[i], m)
+            routing = router.layer_flops(N, D, 0, moe[i], m)  # the experts' work is linear in H: the rest
+            expert_flops += per_mlp - routing
+            routing_flops += routing
         if i in moe and residual:
             per_mlp += 2 * N * 2 * D * H + 2 * N * D * 2
         flops += per_block + per_mlp
     flops += 2 * (D * cfg.head_hidden + cfg.head_hidden * cfg.num_classes if cfg.head == "mlp" else D * cfg.num_classes)
     if cfg.pool == "seq":  # a score per token, then the weighted sum over tokens
         flops += 2 * N * D + 2 * N * D
-    return ModelInfo(total, active, merged, flops, mergeable)
+    return ModelInfo(total, active, merged, flops, mergeable, routing_flops, expert_flops / flops)

@@ -21,6 +21,7 @@ from .plots import expert_load_matrix, latest_expert_load, plot_accuracy, plot_e
 from .runs import (DEFAULT_THRESHOLD, ReportWarning, RunFormatError, RunResult,
                    epochs_to_threshold, load_run)
 from .table import results_table
+from .verdict import nearest_twins, verdict_table
 
 __all__ = [
     "make_report", "ReportFiles", "load_run", "results_table", "RunResult", "RunFormatError",
@@ -86,6 +87,9 @@ def make_report(run_dirs: Iterable[Union[str, os.PathLike, RunResult]],
     groups = group_runs(runs)
     if any(len(g.runs) > 1 for g in groups):  # several seeds of one configuration
         lines += ["", "Configurations over their seeds:", "", groups_table(groups).rstrip("\n")]
+    twins = nearest_twins(groups)
+    if twins:  # a dense configuration of (nearly) the same FLOPs per image as an MoE one
+        lines += ["", "Does the MoE pay? Against its dense twin:", "", verdict_table(twins).rstrip("\n")]
     lines += ["", f"![test accuracy per epoch]({ACCURACY_PNG})"]
     for stem, png in heatmaps.items():
         lines += ["", f"![expert load: {stem}]({png.name})"]

@@ -26,6 +26,8 @@ def run_summary(spec: RunSpec, state: TrainState, info: ModelInfo, test_images: 
         "params": info.total_params,
         "active_params": info.active_params_per_token,
         "merged_params": info.merged_params,
+        "forward_flops_per_image": info.forward_flops_per_image,
+        "expert_flops_share": info.expert_flops_share,
         **rundir.summarize(state.history, cfg.threshold),
         "epochs_planned": cfg.epochs,
         "dataset": cfg.dataset,

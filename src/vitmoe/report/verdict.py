@@ -1,0 +1,158 @@
+"""Does the MoE pay? Each MoE configuration against its dense twin (the dense model of the same
+forward FLOPs per image, `vitmoe.models.dense_twin`), at equal epochs and at equal training time.
+
+For a pair of configurations (each a Group of seeds):
+  equal epochs: every run's best test accuracy within the first E epochs, E the fewest epochs any
+                run of the pair logged;
+  equal time:   every run's best test accuracy among the epochs it finished within t seconds of
+                training (epoch_time_s summed), t the shortest total training time of the pair;
+and the MoE's mean minus the twin's, said to be beyond the seed noise by Welch's t-test (5 %).
+Runs of one fixed epoch count compare at equal time an MoE whose schedule has not ended; give
+both the same --time-budget (the cosine then ends with it) for the verdict that matters in practice.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from .groups import Group
+from .runs import RunResult
+from .stats import Summary, differ, summarize
+
+COMPUTE_MATCHED = 0.05
+"""Relative FLOPs difference under which a dense configuration counts as an MoE's twin."""
+
+
+def acc_within_epochs(run: RunResult, epochs: int) -> float | None:
+    accs = [float(m["test_acc"]) for m in run.metrics if int(m["epoch"]) <= epochs]
+    return max(accs) if accs else None
+
+
+def acc_within_time(run: RunResult, seconds: float) -> float | None:
+    """Best test accuracy of the epochs that ended within `seconds` of training (None if none did
+    or the run logged no epoch times)."""
+    elapsed, best = 0.0, None
+    for m in run.metrics:
+        t = m.get("epoch_time_s")
+        if not isinstance(t, (int, float)) or not math.isfinite(t):
+            return None
+        elapsed += float(t)
+        if elapsed > seconds * (1 + 1e-9):
+            break
+        best = float(m["test_acc"]) if best is None else max(best, float(m["test_acc"]))
+    return best
+
+
+def _train_time(run: RunResult) -> float | None:
+    times = [m.get("epoch_time_s") for m in run.metrics]
+    return sum(times) if times and all(isinstance(t, (int, float)) for t in times) else None
+
+
+def _step_time(run: RunResult) -> float | None:
+    s = run.summary or {}
+    steps, t = s.get("steps"), run.train_time_s
+    return t / steps if isinstance(steps, int) and steps > 0 and t else None
+
+
+def _flops(group: Group) -> float | None:
+    v = (group.runs[0].summary or {}).get("forward_flops_per_image")
+    return float(v) if isinstance(v, (int, float)) and v > 0 else None
+
+
+@dataclass
+class Comparison:
+    moe: Summary | None
+    twin: Summary | None
+    beyond_noise: bool | None
+    """Welch's t-test at 5 %; None with fewer than two seeds on a side."""
+
+    @property
+    def diff(self) -> float | None:
+        return None if self.moe is None or self.twin is None else self.moe.mean - self.twin.mean
+
+    def text(self) -> str:
+        if self.diff is None:
+            return "n/a"
+        noise = {True: "beyond noise", False: "within noise", None: "noise unknown"}[self.beyond_noise]
+        return f"{self.diff:+.2f} ({noise})"
+
+
+def _compare(moe: Group, twin: Group, value: Callable[[RunResult], float | None]) -> Comparison:
+    a = [v for v in map(value, moe.runs) if v is not None]
+    b = [v for v in map(value, twin.runs) if v is not None]
+    return Comparison(summarize(a) if a else None, summarize(b) if b else None, differ(a, b))
+
+
+@dataclass
+class Verdict:
+    moe: Group
+    twin: Group
+    flops_ratio: float | None
+    """The MoE's forward FLOPs per image over the twin's."""
+    step_time_ratio: float | None
+    """Mean seconds per training step, MoE over twin."""
+    epochs: int | None
+    equal_epochs: Comparison
+    seconds: float | None
+    equal_time: Comparison
+
+
+def verdict(moe: Group, twin: Group) -> Verdict:
+    runs = moe.runs + twin.runs
+    logged = [len(r.metrics) for r in runs]
+    epochs = min(logged) if logged and min(logged) > 0 else None
+    times = [_train_time(r) for r in runs]
+    seconds = min(times) if times and None not in times else None
+    fm, ft = _flops(moe), _flops(twin)
+    sm = [t for t in map(_step_time, moe.runs) if t]
+    st = [t for t in map(_step_time, twin.runs) if t]
+    no = Comparison(None, None, None)
+    return Verdict(
+        moe, twin, fm / ft if fm and ft else None,
+        (sum(sm) / len(sm)) / (sum(st) / len(st)) if sm and st else None,
+        epochs, _compare(moe, twin, lambda r: acc_within_epochs(r, epochs)) if epochs else no,
+        seconds, _compare(moe, twin, lambda r: acc_within_time(r, seconds)) if seconds else no)
+
+
+def nearest_twins(groups: Sequence[Group]) -> list[tuple[Group, Group]]:
+    """Each MoE configuration with the dense configuration (same dataset) whose forward FLOPs per
+    image are nearest to its own, when within COMPUTE_MATCHED; configurations without FLOPs in
+    their summary (runs older than this field) are left out."""
+    dense = [g for g in groups if not g.runs[0].is_moe and _flops(g)]
+    pairs = []
+    for g in groups:
+        f = _flops(g)
+        if not g.runs[0].is_moe or not f:
+            continue
+        same = [d for d in dense if d.runs[0].dataset == g.runs[0].dataset]
+        best = min(same, key=lambda d: abs(_flops(d) / f - 1), default=None)
+        if best is not None and abs(_flops(best) / f - 1) <= COMPUTE_MATCHED:
+            pairs.append((g, best))
+    return pairs
+
+
+def verdict_table(pairs: Sequence[tuple[Group, Group]]) -> str:
+    """Markdown: one row per MoE configuration against its twin, columns explained under it."""
+    head = ["configuration", "dense twin", "params", "active params", "FLOPs/image", "in experts",
+            "FLOPs x twin", "step time x twin", "equal epochs: MoE - twin", "equal time: MoE - twin"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for moe, twin in pairs:
+        v = verdict(moe, twin)
+        s = moe.runs[0].summary or {}
+        share = s.get("expert_flops_share")
+        total, active = moe.params
+        cells = [moe.label, twin.label, f"{total:,}" if total else "n/a", f"{active:,}" if active else "n/a",
+                 f"{_flops(moe) / 1e6:,.1f} M" if _flops(moe) else "n/a",
+                 f"{share:.1%}" if isinstance(share, (int, float)) else "n/a",
+                 f"{v.flops_ratio:.3f}" if v.flops_ratio else "n/a",
+                 f"{v.step_time_ratio:.2f}" if v.step_time_ratio else "n/a",
+                 f"{v.equal_epochs.text()} at {v.epochs} ep" if v.epochs else "n/a",
+                 f"{v.equal_time.text()} at {v.seconds:.3g} s" if v.seconds else "n/a"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines += ["", "Each MoE configuration against its dense twin (no MoE layers, the MLP width of equal forward "
+                  "FLOPs per image). 'in experts': the share of the MoE's forward FLOPs spent in experts. Equal "
+                  "epochs: best test accuracy within the fewest epochs any run of the pair logged; equal time: "
+                  "best test accuracy of the epochs finished within the shortest training time of the pair; "
+                  "mean over seeds, MoE minus twin, in points, with Welch's t-test at 5 %."]
+    return "\n".join(lines) + "\n"
