@@ -131,3 +131,18 @@ def test_sweep_vs_dense_adds_one_twin_per_distinct_dense_model(tmp_path, capsys)
     assert len(lines) == (4 + 2) * 2 and len(cells) == 6
     twins = [c for c in cells if "moe_layers=none" in c]
     assert sorted(twins) == ["model.moe_layers=none_model.mlp_hidden=32", "model.moe_layers=none_model.mlp_hidden=64"]
+
+
+def test_sweep_member_trains_one_member_and_reports_nothing(tmp_path, capsys):
+    out = tmp_path / "sw"
+    argv = ["sweep", "--out", str(out), "--dataset", "digits", "--epochs", "1", "--seeds", "2",
+            "--set", "model=vit", "--set", "model.embed_dim=16", "--set", "model.num_heads=2",
+            "--set", "model.depth=1", "--set", "model.mlp_hidden=16", "--set", "model.head=linear"]
+    assert main([*argv, "--member", "2"]) == 2
+    assert "--member 2: the sweep has members 0 to 1" in capsys.readouterr().err
+    assert main([*argv, "--member", "1"]) == 0
+    assert (out / "base" / "seed-1" / "summary.json").is_file() and not (out / "base" / "seed-0").exists()
+    assert not (out / "sweep.md").exists()
+    assert main(argv) == 0  # the rest, then the report
+    text = capsys.readouterr().out
+    assert "seed 1: finished earlier, skipped" in text and (out / "sweep.md").is_file()

@@ -47,6 +47,10 @@ def add_parser(sub) -> None:
                    help="also train each MoE cell's dense twin (no MoE layers, the MLP width of equal forward FLOPs "
                         "per image; `vitmoe info --dense-twin`) with the same seeds, and compare each MoE cell with it "
                         "at equal epochs and at equal training time")
+    p.add_argument("--member", type=int, default=None, metavar="I",
+                   help="train only member I (0-based, in the order --dry-run lists them) and report nothing: "
+                        "one member per job of a scheduler or a queue; the same command without --member "
+                        "then trains what is left and reports")
     p.add_argument("--dry-run", action="store_true", help="check every member and print the plan; train nothing")
     p.set_defaults(func=run)
 
@@ -197,6 +201,8 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"{root} holds another sweep ({PLAN_FILE} differs from this command): choose another --out")
     elif root.exists() and any(root.iterdir()):
         raise CLIError(f"--out {root} is not empty and not a sweep: choose another folder")
+    if args.member is not None and not 0 <= args.member < len(members):
+        raise CLIError(f"--member {args.member}: the sweep has members 0 to {len(members) - 1}")
     _check_members(args, members)
     if args.dry_run:
         for cell, seed, out in members:
@@ -208,6 +214,8 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_bytes(saved, json.dumps(recorded, indent=2).encode())
     failed = []
     for i, (cell, seed, out) in enumerate(members, 1):
+        if args.member is not None and i - 1 != args.member:
+            continue
         tag = f"[{i}/{len(members)}] {cell_name(cell)} seed {seed}"
         if finished(out):
             echo(f"{tag}: finished earlier, skipped")
@@ -226,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
             if code == 2:  # bad input: every member would fail alike
                 raise CLIError(f"sweep stopped: {tag} rejected its configuration (see {log})")
     done = [(cell, load_run(out)) for cell, _, out in members if finished(out)]
-    if done:
+    if done and args.member is None:
         text, files = sweep_results(done, list(recorded["grid"]), root, getattr(args, "twins", None))
         echo(text)
         echo(f"written: {', '.join(str(f) for f in files)}")
