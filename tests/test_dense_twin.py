@@ -12,7 +12,7 @@ from vitmoe.cli.main import main
 from vitmoe.models import dense_twin, model_config, model_info, twin_overrides
 from vitmoe.report import load_run, make_report
 from vitmoe.report.groups import Group
-from vitmoe.report.verdict import acc_within_epochs, acc_within_time, nearest_twins, verdict
+from vitmoe.report.verdict import acc_within_epochs, acc_within_time, nearest_twins, time_curve, verdict
 
 SMALL = dict(embed_dim=32, depth=4, num_heads=2, mlp_hidden=64)
 MOES = {
@@ -115,6 +115,9 @@ def test_report_pairs_each_moe_with_the_dense_run_of_nearest_flops(pair, tmp_pat
     assert "Does the MoE pay? Against its dense twin:" in files.markdown
     row = next(line for line in files.markdown.splitlines() if line.startswith("| moe | twin |"))
     assert "+4.67 (beyond noise) at 3 ep" in row and "-5.67 (beyond noise) at 30 s" in row and "| 2.00 |" in row
+    assert files.vs_dense_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and files.vs_dense_png in files.paths
+    x, y, e = time_curve(moe)
+    assert x == [20.0, 40.0, 60.0] and y == pytest.approx([sum(a[i] for a in MOE_ACCS) / 3 for i in range(3)])
 
 
 def test_sweep_vs_dense_adds_one_twin_per_distinct_dense_model(tmp_path, capsys):

@@ -21,7 +21,7 @@ from .plots import expert_load_matrix, latest_expert_load, plot_accuracy, plot_e
 from .runs import (DEFAULT_THRESHOLD, ReportWarning, RunFormatError, RunResult,
                    epochs_to_threshold, load_run)
 from .table import results_table
-from .verdict import nearest_twins, verdict_table
+from .verdict import nearest_twins, plot_vs_twins, verdict_table
 
 __all__ = [
     "make_report", "ReportFiles", "load_run", "results_table", "RunResult", "RunFormatError",
@@ -31,6 +31,7 @@ __all__ = [
 
 RESULTS_MD = "results.md"
 ACCURACY_PNG = "accuracy.png"
+VS_DENSE_PNG = "vs_dense.png"
 
 
 @dataclass
@@ -43,10 +44,13 @@ class ReportFiles:
     # filename-safe, de-duplicated run name -> expert_load_<name>.png
     expert_load_pngs: dict[str, Path] = field(default_factory=dict)
     runs: list[RunResult] = field(default_factory=list, repr=False)
+    vs_dense_png: Path | None = None
+    """Accuracy against training time of each MoE beside its dense twin (when the runs hold one)."""
 
     @property
     def paths(self) -> list[Path]:
-        return [self.results_md, self.accuracy_png, *self.expert_load_pngs.values()]
+        return [self.results_md, self.accuracy_png, *self.expert_load_pngs.values(),
+                *([self.vs_dense_png] if self.vs_dense_png else [])]
 
 
 def _file_stem(name: str) -> str:
@@ -90,10 +94,14 @@ def make_report(run_dirs: Iterable[Union[str, os.PathLike, RunResult]],
     twins = nearest_twins(groups)
     if twins:  # a dense configuration of (nearly) the same FLOPs per image as an MoE one
         lines += ["", "Does the MoE pay? Against its dense twin:", "", verdict_table(twins).rstrip("\n")]
+        vs_dense = plot_vs_twins(twins, out / VS_DENSE_PNG)
+        lines += ["", f"![test accuracy against training time, each MoE beside its twin]({VS_DENSE_PNG})"]
+    else:
+        vs_dense = None
     lines += ["", f"![test accuracy per epoch]({ACCURACY_PNG})"]
     for stem, png in heatmaps.items():
         lines += ["", f"![expert load: {stem}]({png.name})"]
     markdown = "\n".join(lines) + "\n"
     results_md = atomic_write_text(out / RESULTS_MD, markdown)
     return ReportFiles(markdown=markdown, results_md=results_md, accuracy_png=accuracy_png,
-                       expert_load_pngs=heatmaps, runs=runs)
+                       expert_load_pngs=heatmaps, runs=runs, vs_dense_png=vs_dense)

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..fileio import atomic_write_bytes
 from .groups import Group, groups_table
 from .runs import RunResult
-from .verdict import nearest_twins, verdict, verdict_table
+from .verdict import nearest_twins, plot_vs_twins, verdict, verdict_table
 
 
 def _label(cell: dict[str, str]) -> str:
@@ -38,7 +38,8 @@ def sweep_results(done: list[tuple[dict[str, str], RunResult]], keys: list[str],
     else:
         pairs = nearest_twins([g for _, g in cells])
     if pairs:
-        text += "\nDoes the MoE pay? Against its dense twin:\n\n" + verdict_table(pairs)
+        text += ("\nDoes the MoE pay? Against its dense twin:\n\n" + verdict_table(pairs)
+                 + "\n![test accuracy against training time, each MoE beside its twin](vs_dense.png)\n")
     verdicts = {moe.label: verdict(moe, twin) for moe, twin in pairs}
     rows = []
     for cell, g in cells:
@@ -62,6 +63,8 @@ def sweep_results(done: list[tuple[dict[str, str], RunResult]], keys: list[str],
              atomic_write_bytes(root / "sweep_results.json", json.dumps(rows, indent=2).encode())]
     if keys:
         files.append(_plot(cells, keys, root / "sweep.png"))
+    if pairs:
+        files.append(plot_vs_twins(pairs, root / "vs_dense.png"))
     return text, files
 
 

@@ -156,3 +156,53 @@ def verdict_table(pairs: Sequence[tuple[Group, Group]]) -> str:
                   "best test accuracy of the epochs finished within the shortest training time of the pair; "
                   "mean over seeds, MoE minus twin, in points, with Welch's t-test at 5 %."]
     return "\n".join(lines) + "\n"
+
+
+def time_curve(group: Group) -> tuple[list[float], list[float], list[float]]:
+    """(seconds, mean accuracy, its 95 % CI half-width) per epoch index over the group's seeds: the
+    cumulative training time and test accuracy of epoch i, averaged over the runs that logged it."""
+    xs, ys, es = [], [], []
+    for i in range(max(len(r.metrics) for r in group.runs)):
+        pts = []
+        for r in group.runs:
+            if i < len(r.metrics) and all(isinstance(m.get("epoch_time_s"), (int, float)) for m in r.metrics[:i + 1]):
+                pts.append((sum(float(m["epoch_time_s"]) for m in r.metrics[:i + 1]), float(r.metrics[i]["test_acc"])))
+        if pts:
+            acc = summarize([a for _, a in pts])
+            xs.append(sum(t for t, _ in pts) / len(pts))
+            ys.append(acc.mean)
+            es.append(0.0 if math.isnan(acc.ci95) else acc.ci95)
+    return xs, ys, es
+
+
+def plot_vs_twins(pairs: Sequence[tuple[Group, Group]], path) -> "Path":
+    """Test accuracy against training time, each MoE configuration beside its twin (one panel per
+    twin), mean over seeds with 95 % CI bars: where an MoE line crosses its twin's, the MoE pays."""
+    from pathlib import Path
+
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ..fileio import atomic_write_bytes
+
+    by_twin: dict[str, tuple[Group, list[Group]]] = {}
+    for moe, twin in pairs:
+        by_twin.setdefault(twin.label, (twin, []))[1].append(moe)
+    fig = Figure(figsize=(6 * len(by_twin), 4.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(by_twin), squeeze=False)[0]
+    for ax, (twin, moes) in zip(axes, by_twin.values()):
+        for g, style in [(twin, "k-")] + [(m, "o-") for m in moes]:
+            x, y, e = time_curve(g)
+            ax.errorbar(x, y, yerr=e, fmt=style, ms=3, capsize=2, label=("twin: " if g is twin else "") + g.label)
+        ax.set_xlabel("training time (s)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("MoE against its dense twin: mean over seeds, bars: 95 % CI", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return atomic_write_bytes(Path(path), buf.getvalue())
