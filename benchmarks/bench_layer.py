@@ -15,6 +15,7 @@ gives the median of `--repeats` rounds and the ratio to the dense layer in the s
   moe-cf1.25  the same with capacity factor 1.25
   padded      MoEMlp with the padded-bmm path
   random      MoEMlp with batch-granular random routing (one expert per forward)
+  image       MoEMlp with per-image top-1 routing (router "image": whole images per expert)
   labml       the source project's layer (labml.ai SwitchFeedForward): a loop over every expert
   hf          the transformers library's sparse-MoE loop: one nn.Linear pair per expert that
               received tokens, gathered with torch.where and added back with index_add_
@@ -101,6 +102,7 @@ def bench(args, E: int, amp: bool, device: torch.device) -> None:
         "moe-cf1.25": MoEMlp(D, H, num_experts=E, router="switch", capacity_factor_train=1.25, expert_init="independent"),
         "padded": MoEMlp(D, H, num_experts=E, router="switch", expert_init="independent", dispatch="padded"),
         "random": MoEMlp(D, H, num_experts=E, router="random"),
+        "image": MoEMlp(D, H, num_experts=E, router="image", expert_init="independent"),
     }
     if not args.no_loops:
         variants |= {"labml": LabmlSwitch(D, H, E), "hf": HFSwitch(D, H, E)}
