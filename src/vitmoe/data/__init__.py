@@ -19,6 +19,7 @@ from .info import (
 )
 from .info import get_info as _builtin_info
 from .loader import DeviceLoader, StreamingLoader, make_loader
+from .preprocess import Preprocessing
 from .sources import resolve_data_dir, search_roots
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "ImageData",
     "StreamingLoader",
     "OpPlan",
+    "Preprocessing",
     "apply_plan",
     "autoaugment_plan",
     "builtin_name",

@@ -46,7 +46,9 @@ class FolderScan:
     has_test: bool
 
 
-def _images(folder: Path) -> list[Path]:
+def list_images(folder: Path) -> list[Path]:
+    """The image files under `folder` (by extension, IMAGE_EXTS), recursively, sorted; hidden files and
+    folders (a `.vitmoe-cache`) skipped."""
     out = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -77,7 +79,7 @@ def scan_folder(root: Path) -> FolderScan:
     files: list[tuple[str, int, str | None, int, int]] = []
 
     def add(folder: Path, label: int, split: str | None) -> None:
-        found = _images(folder)
+        found = list_images(folder)
         if not found:
             raise DatasetError(f"{where}: class folder {folder} holds no images ({', '.join(IMAGE_EXTS)})")
         for p in found:

@@ -294,15 +294,27 @@ def load_for_resume(run_dir: str | os.PathLike, device: str | torch.device = "cp
 WEIGHTS = {"model": MODEL_FILE, "ema": EMA_FILE}
 
 
+def _pointed_checkpoint(pointer: Path) -> Path:
+    """The checkpoint folder a `latest` / `best` pointer file names."""
+    target = _read_pointer(pointer.parent, pointer.name)
+    if not target or not EPOCH_DIR_RE.match(target) or not (pointer.parent / target).is_dir():
+        raise CheckpointError(f"{pointer} names no checkpoint folder of {pointer.parent} (it holds {target!r}); "
+                              f"pass the run directory {pointer.parent.parent} to use its newest checkpoint that verifies")
+    return pointer.parent / target
+
+
 def resolve_model_file(path: str | os.PathLike, log: Callable[[str], None] | None = None, which: str = "latest",
                        weights: str = "model") -> Path:
-    """A model .safetensors file itself, or a run directory / checkpoint directory -> its model
-    file: `weights` "model" (the trained weights) or "ema" (their EMA, runs with ema_decay), of the
-    checkpoint `which` ("latest" or "best") names, else of the newest one whose file verifies
-    (skipped ones go to `log`)."""
+    """A model .safetensors file itself, or a run directory, a checkpoint directory or a run's
+    `checkpoints/latest` / `checkpoints/best` pointer file -> its model file: `weights` "model"
+    (the trained weights) or "ema" (their EMA, runs with ema_decay), of the checkpoint `which`
+    ("latest" or "best") names, else of the newest one whose file verifies (skipped ones go to
+    `log`). A pointer file picks its checkpoint whatever `which` says."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}: must be one of {', '.join(WEIGHTS)}")
     name, p = WEIGHTS[weights], Path(path)
+    if p.is_file() and p.name in (LATEST, BEST) and p.parent.name == CHECKPOINT_DIR:
+        p = _pointed_checkpoint(p)  # RUN/checkpoints/latest: a text file naming a checkpoint folder
     if p.is_file():
         if weights != "model":
             raise CheckpointError(f"{p} is a model file: the EMA weights are read from a run or checkpoint directory")

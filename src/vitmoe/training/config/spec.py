@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ...data import DatasetInfo, is_folder
+from ...data.preprocess import Preprocessing, preprocessing_of
 from ...models import ViTConfig
 from .data import dataset_info
 from .model import experts_of, model_label
@@ -66,6 +67,16 @@ class RunSpec:
         if self.config.norm_mean is None and self.config.norm_std is None:
             return {}
         return {"normalization": {"mean": list(self.mean), "std": list(self.std)}}
+
+    def preprocessing(self) -> Preprocessing:
+        """How an image file becomes this run's model input (vitmoe.data.preprocess): the test
+        split's steps with the run's normalisation and sides."""
+        return preprocessing_of(self.dataset, self.mean, self.std, self.input_size)
+
+    def preprocessing_metadata(self) -> dict[str, Any]:
+        """Saved in every model file of the run, so prediction and export need neither the dataset
+        nor its cache (a folder dataset's statistics live nowhere else outside its cache)."""
+        return {"preprocessing": self.preprocessing().to_dict()}
 
     def save_yaml(self, path: str | os.PathLike) -> None:
         """config.yaml: the fields, plus the resolved model config and the label (read back as

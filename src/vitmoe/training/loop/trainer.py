@@ -286,7 +286,7 @@ class Trainer:
         ema_state = self.ema.full_state_dict() if self.ema is not None else None
         if self.dist.is_main:
             meta = {"dataset": cfg.dataset, "epoch": epoch, "test_acc": row["test_acc"], "name": spec.label,
-                    **spec.norm_metadata(), **spec.class_metadata()}
+                    **spec.norm_metadata(), **spec.class_metadata(), **spec.preprocessing_metadata()}
             extra = ({ckpt.EMA_FILE: (self.ema.module, ema_state, {**meta, "test_acc": row["ema_test_acc"],
                                                               "ema_decay": cfg.ema_decay})} if self.ema else None)
             self.state.last_good = ckpt.save_checkpoint(self.run_dir, epoch, self.model, state, keep=cfg.keep_checkpoints,
