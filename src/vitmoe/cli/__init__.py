@@ -1,3 +1,3 @@
-"""The `vitmoe` command line: one module per command (train, eval, analyze, sweep, merge, upcycle,
-export, info, report, demo; `main` dispatches), `options` for the options they share and the train
+"""The `vitmoe` command line: one module per command (train, eval, predict, analyze, sweep, merge,
+upcycle, export, info, report, demo; `main` dispatches), `options` for the options they share and the train
 flags made from the TrainConfig fields, `common` for the error type and output helpers."""

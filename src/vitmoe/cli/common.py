@@ -13,13 +13,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that are the user's to fix (bad value, missing file or data): no traceback."""
     from ..data import DatasetError
     from ..fileio import DiskFullError
+    from ..inference import ImageInputError
     from ..models import ConfigError, ModelFileError
     from ..training.checkpoints.checkpoint import CheckpointError
     from ..training.launch import WorkerUserError
     from ..rundir import RunDirError
 
     return (CLIError, ConfigError, DatasetError, RunDirError, CheckpointError, FileNotFoundError, WorkerUserError,
-            ModelFileError, DiskFullError)
+            ModelFileError, DiskFullError, ImageInputError)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -8,10 +8,10 @@ import warnings
 from typing import Sequence
 
 from .. import __version__
-from . import analyze, demo, eval as eval_cmd, export, info, merge, report, sweep, train, upcycle
+from . import analyze, demo, eval as eval_cmd, export, info, merge, predict, report, sweep, train, upcycle
 from .common import HelpFormatter, user_errors
 
-SUBCOMMANDS = (train, eval_cmd, analyze, sweep, merge, upcycle, export, info, report, demo)
+SUBCOMMANDS = (train, eval_cmd, predict, analyze, sweep, merge, upcycle, export, info, report, demo)
 LONG_RUNNING = ("train", "sweep", "demo", "eval", "analyze")
 """Commands that run many forward/backward passes: worth a second start on a better allocator."""
 
