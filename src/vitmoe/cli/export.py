@@ -1,28 +1,41 @@
-"""`vitmoe export RUN_OR_FILE OUT --format hf`: a dense model in the `transformers` ViT layout."""
+"""`vitmoe export MODEL OUT --format hf|onnx`: a model in the `transformers` ViT layout or as an
+ONNX graph, each with the image-processor config that feeds it as vitmoe does."""
 from __future__ import annotations
 
 import argparse
+import json
 import warnings
+from pathlib import Path
 
-from .common import CLIError, HelpFormatter, echo, model_file, warn
+from .common import CLIError, HelpFormatter, echo, warn
 from .options import add_checkpoint_options
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "onnx")
+ONNX_FILE, LABELS_FILE = "model.onnx", "labels.json"
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "export", help="write a model in another library's layout (transformers ViT)", formatter_class=HelpFormatter,
-        description="Write OUT/config.json and OUT/model.safetensors that "
-                    "transformers.ViTForImageClassification.from_pretrained(OUT) loads with the same logits. "
-                    "Dense models with class-token pooling (model.pool=cls), a linear head (model.head=linear) and "
-                    "one positional row per token (model.pos_embed_rows unset) export; MoE models export after "
-                    "merging their experts (--merge, or `vitmoe merge` first). Class names go into id2label when "
-                    "the checkpoint records its dataset. `vitmoe.load_pretrained(OUT)` reads the result back.")
-    p.add_argument("checkpoint", metavar="RUN_OR_FILE", help="model .safetensors file or run directory")
+        "export", help="write a model for another runtime (transformers ViT, ONNX)", formatter_class=HelpFormatter,
+        description="--format hf: OUT/config.json, OUT/model.safetensors and OUT/preprocessor_config.json, so that "
+                    "transformers.ViTForImageClassification.from_pretrained(OUT) loads the model with the same logits "
+                    "and transformers.pipeline('image-classification', model=OUT) classifies image files as "
+                    "`vitmoe predict` does. Dense models with class-token pooling (model.pool=cls), a linear head "
+                    "(model.head=linear), a patch tokenizer and one positional row per token export: the vit preset "
+                    "trained with --set model.head=linear. `vitmoe.load_pretrained(OUT)` reads the result back.\n\n"
+                    "--format onnx: OUT/model.onnx (input pixel_values [batch, C, H, W], output logits "
+                    "[batch, classes], dynamic batch), OUT/preprocessor_config.json (how pixel_values are made) and "
+                    "OUT/labels.json (id2label). Dense models of every preset and randomly routed MoE models in eval "
+                    "mode merged or ensemble export.\n\n"
+                    "Routed MoE models export after merging their experts (--merge, or `vitmoe merge` first). The "
+                    "runtimes feed RGB images: a 1-channel (gray) model is written as a 3-channel one that takes "
+                    "Pillow's luma of its input. Class names go into id2label when the model records them.")
+    p.add_argument("checkpoint", metavar="MODEL", help="run directory, checkpoint, model .safetensors file or "
+                                                       "transformers ViT directory")
     add_checkpoint_options(p)
     p.add_argument("out", metavar="OUT", help="output directory (created if missing)")
-    p.add_argument("--format", choices=FORMATS, default="hf", help="hf: the transformers ViT layout (default)")
+    p.add_argument("--format", choices=FORMATS, default="hf",
+                   help="hf: the transformers ViT layout (default); onnx: an ONNX graph for onnxruntime and others")
     p.add_argument("--merge", action="store_true",
                    help="merge an MoE model's experts first (uniform average, as `vitmoe merge`): exact for randomly "
                         "routed models evaluated in merged mode")
@@ -30,65 +43,84 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def class_names(meta: dict, num_classes: int) -> list[str] | None:
-    """The class names a checkpoint's metadata records (a `classes` list, else its dataset's), if
-    there is one per output."""
-    from ..data import DATASETS, canonical_name
+def outputs(fmt: str) -> tuple[str, ...]:
+    """The files an export of format `fmt` writes into OUT."""
+    from ..models.hf import CONFIG_FILE, PREPROCESSOR_FILE, SAFETENSORS_FILE
 
-    names = meta.get("classes")
-    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-        names = None
-        dataset = meta.get("dataset")
-        if isinstance(dataset, str):
-            try:
-                names = list(DATASETS[canonical_name(dataset)].classes)
-            except (ValueError, KeyError):  # DatasetError is a ValueError: an unknown or custom dataset
-                names = None
-    return names if names and len(names) == num_classes and len(set(names)) == len(names) else None
+    if fmt == "hf":
+        return CONFIG_FILE, SAFETENSORS_FILE, PREPROCESSOR_FILE
+    return ONNX_FILE, PREPROCESSOR_FILE, LABELS_FILE
 
 
-def check_output(out, force: bool) -> None:
-    from pathlib import Path
-
-    from ..models.hf import CONFIG_FILE, SAFETENSORS_FILE
-
+def check_output(out, force: bool, fmt: str = "hf") -> None:
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise CLIError(f"OUT {out} is a file: give a directory for config.json and model.safetensors")
-    present = [n for n in (CONFIG_FILE, SAFETENSORS_FILE) if (out / n).exists()]
+        raise CLIError(f"OUT {out} is a file: give a directory for {', '.join(outputs(fmt))}")
+    present = [n for n in outputs(fmt) if (out / n).exists()]
     if present and not force:
         raise CLIError(f"OUT {out} already holds {' and '.join(present)}: choose another directory or pass --force")
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..models import load_model, merge_experts, read_metadata
-    from ..models.hf import export_hf, hf_export_problem
+def _merged(model, path):
+    from ..models import merge_experts
 
-    path = model_file(args.checkpoint, args.which, args.ema)
-    check_output(args.out, args.force)
-    meta = read_metadata(path)
-    model = load_model(path)
-    cfg = model.config
-    if cfg.is_moe and args.merge:
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                model = merge_experts(model)
-        except ValueError as e:
-            raise CLIError(f"{path}: --merge: {e}") from None
-        for w in caught:
-            warn(str(w.message))
-    elif cfg.is_moe:
-        raise CLIError(f"{path}: cannot export to the transformers ViT layout: model field moe_layers={cfg.moe_layers!r} "
-                       "(an MoE model); pass --merge to export its experts' average, or run `vitmoe merge` first")
-    problem = hf_export_problem(model.config)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = merge_experts(model)
+    except ValueError as e:
+        raise CLIError(f"{path}: --merge: {e}") from None
+    for w in caught:
+        warn(str(w.message))
+    return model
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..fileio import atomic_write_text
+    from ..inference.sources import class_names, load_source_model, preprocessing_of_source, resolve_source
+    from ..models import ModelFileError
+    from ..models.hf import PREPROCESSOR_FILE, export_hf, hf_export_problem, hf_preprocessor_config
+    from ..models.onnx import export_onnx, onnx_export_problem
+    from ..models.surgery import rgb_input
+
+    src = resolve_source(args.checkpoint, args.which, args.ema, log=warn)
+    path, fmt = src.path, args.format
+    check_output(args.out, args.force, fmt)
+    model = load_source_model(src)
+    if model.config.is_moe and args.merge:
+        model = _merged(model, path)
+    problem = hf_export_problem(model.config) if fmt == "hf" else onnx_export_problem(model.config)
     if problem:
-        raise CLIError(f"{path}: cannot export to the transformers ViT layout: {problem}")
-    names = class_names(meta, model.config.num_classes)
-    out = export_hf(model, args.out, class_names=names)
-    labels = "labels LABEL_0 ..."
-    if names:
-        labels = "recorded class names" if meta.get("classes") else f"class names of {meta.get('dataset')}"
-    echo(f"wrote {out} (config.json, model.safetensors): ViTForImageClassification, "
-         f"{model.config.num_classes} classes ({labels}), {model.config.img_size}x{model.config.img_size} images")
+        target = "the transformers ViT layout" if fmt == "hf" else "ONNX"
+        raise CLIError(f"{path}: cannot export to {target}: {problem}")
+    try:
+        pre = preprocessing_of_source(src, model, log=warn)
+    except ModelFileError as e:
+        pre = None
+        warn(f"{e}; writing no {PREPROCESSOR_FILE} (transformers' pipeline would use ViTImageProcessor's defaults)")
+    if pre is not None and pre.size != pre.input_size:
+        warn(f"the model was trained on {pre.size}x{pre.size} images resized to {pre.input_size}x{pre.input_size}; "
+             f"{PREPROCESSOR_FILE} resizes files to {pre.input_size}x{pre.input_size} in one step, so probabilities "
+             "can differ slightly from `vitmoe predict`'s")
+    names = class_names(src, model.config.num_classes)
+    gray = model.config.in_chans == 1 and pre is not None
+    out = Path(args.out)
+    if fmt == "hf":
+        export_hf(model, out, class_names=names, preprocessing=pre)
+        written, what = outputs("hf") if pre is not None else outputs("hf")[:2], "ViTForImageClassification"
+    else:
+        exported = rgb_input(model) if gray else model
+        export_onnx(exported, out / ONNX_FILE)
+        if pre is not None:
+            atomic_write_text(out / PREPROCESSOR_FILE, json.dumps(
+                hf_preprocessor_config(pre.input_size, pre.mean, pre.std), indent=2) + "\n")
+        labels = names or [f"LABEL_{i}" for i in range(model.config.num_classes)]
+        atomic_write_text(out / LABELS_FILE, json.dumps({"id2label": dict(enumerate(labels))}, indent=2) + "\n")
+        written = [n for n in outputs("onnx") if n != PREPROCESSOR_FILE or pre is not None]
+        what = "ONNX graph pixel_values -> logits, dynamic batch"
+    labels = f"class names ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else "labels LABEL_0 ..."
+    side = model.config.img_size
+    echo(f"wrote {out} ({', '.join(written)}): {what}, {model.config.num_classes} classes, {labels}, "
+         f"{side}x{side} {'RGB (gray model: luma of the input)' if gray else ('gray' if model.config.in_chans == 1 else 'RGB')} "
+         "images")
     return 0

@@ -35,13 +35,15 @@ from safetensors.torch import load_file, save_file
 from ..fileio import atomic_write, atomic_write_text
 from .config import ViTConfig
 from .io import ModelFileError, load_model, read_metadata
-from .surgery import load_adapted
+from .surgery import load_adapted, rgb_input
 from .vit import VisionTransformer
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 BIN_FILE = "pytorch_model.bin"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+"""transformers' image-processor config (ViTImageProcessor), read by `pipeline("image-classification")`."""
 DEFAULT_CLASSES = 1000
 """Class count of an imported ViTModel (no classifier) whose config names no labels."""
 
@@ -224,23 +226,28 @@ def load_pretrained(path: str | os.PathLike, img_size: int | None = None, num_cl
 
 # --- export ---------------------------------------------------------------------------------------------
 def hf_export_problem(cfg: ViTConfig) -> str | None:
-    """Why the transformers ViT layout cannot hold this model, or None if it can."""
+    """Why the transformers ViT layout cannot hold this model, or None if it can; each reason
+    names the model setting (a `vitmoe train --set` / `--model` choice) that avoids it."""
     if cfg.tokenizer != "patch":
-        return (f"model field tokenizer={cfg.tokenizer!r} has no transformers ViT equivalent (it embeds "
-                "non-overlapping patches with one linear map); only tokenizer='patch' exports")
+        return (f"model field tokenizer={cfg.tokenizer!r} has no transformers ViT equivalent (the CCT presets' "
+                "convolutional tokenizer; the transformers ViT embeds non-overlapping patches); train a ViT preset "
+                "to export, e.g. --model vit --set model.head=linear")
     if cfg.pos_embed != "learned":
         return (f"model field pos_embed={cfg.pos_embed!r} has no transformers ViT equivalent (it always adds a "
-                "learned positional table); only pos_embed='learned' exports")
+                "learned positional table); train with --set model.pos_embed=learned to export")
     if cfg.is_moe:
         return (f"model field moe_layers={cfg.moe_layers!r}: the transformers ViT has dense MLPs; merge the experts "
-                "first (vitmoe merge, or vitmoe.merge_experts) and export the merged model")
+                "first (--merge, vitmoe merge, or vitmoe.merge_experts) and export the merged model")
     if cfg.pool != "cls":
-        return f"model field pool={cfg.pool!r}: the transformers ViT classifies the class token; only pool='cls' exports"
+        return (f"model field pool={cfg.pool!r}: the transformers ViT classifies the class token; only pool='cls' "
+                "exports (train with --set model.pool=cls, as the vit preset does)")
     if cfg.head != "linear":
-        return f"model field head={cfg.head!r}: the transformers ViT has one linear classifier; only head='linear' exports"
+        return (f"model field head={cfg.head!r}: the transformers ViT has one linear classifier; only head='linear' "
+                "exports (train with --set model.head=linear)")
     if cfg.pos_embed_rows is not None and cfg.pos_embed_rows != cfg.num_tokens:
         return (f"model field pos_embed_rows={cfg.pos_embed_rows}: the transformers ViT has one positional row per "
-                f"token ({cfg.num_tokens}); only pos_embed_rows=None exports")
+                f"token ({cfg.num_tokens}); only pos_embed_rows=None exports (train without "
+                "--set model.pos_embed_rows)")
     return None
 
 
@@ -281,19 +288,45 @@ def state_to_hf(model: VisionTransformer) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in out.items()}
 
 
-def export_hf(model: VisionTransformer, out: str | os.PathLike, class_names: Sequence[str] | None = None) -> Path:
+def hf_preprocessor_config(size: int, mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
+    """preprocessor_config.json of transformers' ViTImageProcessor: the whole image resized to
+    size x size (Pillow bilinear), rescaled by 1/255, normalised per channel (RGB: a 1-channel
+    mean/std is repeated for the channels `rgb_input` reads)."""
+    mean, std = [float(m) for m in mean], [float(s) for s in std]
+    if len(mean) == 1:
+        mean, std = mean * 3, std * 3
+    return {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
+            "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": mean, "image_std": std, "do_convert_rgb": True}
+
+
+def export_hf(model: VisionTransformer, out: str | os.PathLike, class_names: Sequence[str] | None = None,
+              preprocessing: Any = None) -> Path:
     """Write `OUT/config.json` and `OUT/model.safetensors` that
     `transformers.ViTForImageClassification.from_pretrained(OUT)` loads with no missing or
     unexpected keys and the same logits. Only dense CLS-pooled models with a linear head and one
-    positional row per token fit (`hf_export_problem` says why not, naming the field)."""
+    positional row per token fit (`hf_export_problem` says why not, naming the field).
+
+    `preprocessing` (a vitmoe.data.Preprocessing: how the model's inputs were made) adds
+    `OUT/preprocessor_config.json`, so `transformers.pipeline("image-classification", model=OUT)`
+    feeds image files as vitmoe does (one bilinear resize to the model's side, then its
+    normalisation). That pipeline always gives RGB images: a 1-channel model is then written as
+    the 3-channel `rgb_input(model)`."""
     problem = hf_export_problem(model.config)
     if problem:
         raise ModelFileError(f"cannot export to the transformers ViT layout: {problem}")
+    processor = None
+    if preprocessing is not None:
+        if model.config.in_chans == 1:
+            model = rgb_input(model)
+        processor = hf_preprocessor_config(model.config.img_size, preprocessing.mean, preprocessing.std)
     out = Path(out)
     config = hf_config(model.config, class_names)
     tensors = state_to_hf(model)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / SAFETENSORS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    if processor is not None:
+        atomic_write_text(out / PREPROCESSOR_FILE, json.dumps(processor, indent=2) + "\n")
     text = json.dumps(config, indent=2) + "\n"
     atomic_write_text(out / CONFIG_FILE, text)
     return out

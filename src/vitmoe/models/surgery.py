@@ -6,6 +6,8 @@
 - `replace_head`: a new zero-initialised last head layer for another number of classes.
 - `load_adapted`: load a state dict into a model, resizing the positional table and replacing
   the head where the model's differ (fine-tuning at another resolution, on another dataset).
+- `rgb_input`: a 1-channel model as a 3-channel one that takes the luma of its input (for
+  runtimes that always feed RGB, such as transformers' image pipeline).
 """
 from __future__ import annotations
 
@@ -131,3 +133,26 @@ def load_adapted(model: VisionTransformer, state: Mapping[str, Tensor], source: 
     check_tensors(source, model, state)
     model.load_state_dict(state, strict=True)
     return notes
+
+
+# Pillow's "L" conversion, L = (19595 R + 38470 G + 7471 B + 2**15) >> 16: the weights sum to exactly 1.
+PILLOW_LUMA = (19595 / 65536, 38470 / 65536, 7471 / 65536)
+
+
+def rgb_input(model: VisionTransformer) -> VisionTransformer:
+    """A 3-channel copy of a 1-channel model whose first layer (patch embedding or first tokenizer
+    convolution, both linear in the image) reads Pillow's luma of its RGB input. With the same mean
+    and std on every channel the normalised luma is the luma of the normalised channels (the
+    weights sum to 1; zero padding stays zero), so the copy computes the model's function of the
+    gray image: exactly on gray RGB images, and on colour files up to the rounding of Pillow's
+    "L" conversion to integers."""
+    cfg = model.config
+    if cfg.in_chans != 1:
+        raise ValueError(f"rgb_input takes a 1-channel model, got in_chans={cfg.in_chans}")
+    key = "patch_embed.proj.weight" if model.patch_embed is not None else "tokenizer.layers.0.weight"
+    out = VisionTransformer(cfg.replace(in_chans=3)).to(next(model.parameters()).device)
+    state = dict(model.state_dict())
+    w = state[key]  # [out, 1, k, k]
+    state[key] = torch.cat([c * w for c in PILLOW_LUMA], dim=1)  # [out, 3, k, k]
+    out.load_state_dict(state)
+    return out.train(model.training)
