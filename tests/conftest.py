@@ -1,3 +1,6 @@
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -85,3 +88,43 @@ def digits512(digits):
 
     train, test = digits
     return ImageData(train.images[:512], train.labels[:512], train.info), test
+
+
+# A folder of real image files and a model trained on it (tests/test_predict.py, test_export_runtimes.py).
+FOLDER_CLASSES = ("ant", "bee", "cat")
+FOLDER_SIDE = 16
+
+
+def write_image(path: Path, size: tuple[int, int], tint: int, seed: int, mode: str = "RGB") -> None:
+    """A noisy image whose channel `tint` is brighter (so the classes differ), of any size."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 90, (size[1], size[0], 3), dtype=np.uint8)
+    a[..., tint] += 150
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).convert(mode).save(path)
+
+
+@pytest.fixture(scope="session")
+def folder_run(tmp_path_factory):
+    """(root, run directory, new images folder): a vit (linear head: it exports) trained for two
+    epochs on a folder of 3 classes, and 6 new files of other sizes, formats and modes."""
+    from vitmoe.cli.main import main
+
+    root = tmp_path_factory.mktemp("predict")
+    k = 0
+    for split, n in (("train", 6), ("test", 2)):
+        for c, name in enumerate(FOLDER_CLASSES):
+            for i in range(n):
+                write_image(root / "imgs" / split / name / f"{i}.png", (14 + 3 * i, 20 - i), c, k)
+                k += 1
+    new = root / "new"
+    for i in range(6):
+        ext, mode = [(".png", "RGB"), (".jpg", "RGB"), (".png", "L"), (".bmp", "RGB"), (".png", "RGBA"), (".jpg", "L")][i]
+        write_image(new / ("sub" if i >= 4 else "") / f"n{i}{ext}", (23 + i, 31 - 2 * i), i % 3, 100 + i, mode)
+    run = root / "run"
+    rc = main(["train", "--dataset", f"folder:{root / 'imgs'}", "--img-size", str(FOLDER_SIDE), "--model", "vit",
+               "--epochs", "2", "--batch", "6", "--device", "cpu", "--out", str(run), "--lr", "0.01", *TINY_SETS])
+    assert rc == 0
+    return root, run, new

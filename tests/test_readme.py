@@ -109,6 +109,9 @@ def test_readme_command(command, monkeypatch, capsys, request):
         missing = set(tokens[1:]) - _makefile_targets()
         assert not missing, f"Makefile has no target {sorted(missing)}: {command}"
         return
+    if tokens[0] in ("source", "."):  # activating the environment the Makefile creates
+        assert tokens[1:] == [".venv/bin/activate"] and "$(BIN)/activate" in (ROOT / "Makefile").read_text(), command
+        return
     if tokens[0] in ("python", "python3"):
         assert (ROOT / tokens[1]).is_file(), f"no script {tokens[1]}: {command}"
         return

@@ -83,6 +83,13 @@ def run(args: argparse.Namespace) -> int:
     from ..models.onnx import export_onnx, onnx_export_problem
     from ..models.surgery import rgb_input
 
+    if args.format == "onnx":
+        from ..models.onnx import require_onnx
+
+        try:
+            require_onnx()
+        except ImportError as e:
+            raise CLIError(f"--format onnx: {e}") from None
     src = resolve_source(args.checkpoint, args.which, args.ema, log=warn)
     path, fmt = src.path, args.format
     check_output(args.out, args.force, fmt)

@@ -53,9 +53,22 @@ def onnx_export_problem(cfg: ViTConfig) -> str | None:
             "experts' average as a dense ViT (vitmoe.merge_experts), or export a dense model")
 
 
+INSTALL_HINT = "pip install 'vitmoe[onnx]' (the onnx package; onnxruntime to run the graph)"
+
+
+def require_onnx() -> None:
+    """ImportError saying what to install when the `onnx` package, which torch's exporter writes
+    the graph with, is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:
+        raise ImportError(f"ONNX export needs the onnx package: {INSTALL_HINT}")
+
+
 def export_onnx(model: VisionTransformer, path: str | os.PathLike, opset: int = OPSET) -> Path:
     """Write the model's eval graph to `path` (see the module docstring); ModelFileError naming the
-    model field when it cannot be expressed."""
+    model field when it cannot be expressed, ImportError when the onnx package is missing."""
+    require_onnx()
     problem = onnx_export_problem(model.config)
     if problem:
         raise ModelFileError(f"cannot export to ONNX: {problem}")
