@@ -335,10 +335,11 @@ def test_make_report_duplicate_names_and_incomplete(moe_dir, tmp_path):
         files = make_report([moe_dir, other], tmp_path / "out", threshold=76.0)
     assert list(files.expert_load_pngs) == ["switch-vit", "switch-vit_2"]
     assert (tmp_path / "out" / "expert_load_switch-vit_2.png").is_file()
-    assert ("| switch-vit (incomplete) | fashion-mnist | 4 | n/a | n/a | 76.00 (1) | n/a | 1 | 30.00 | n/a |"
-            in files.markdown)
-    assert ("| switch-vit | fashion-mnist | 4 | 238,732,426 | 59,683,106 | 79.04 (321) | n/a | 2 | 68.86 | 4.98 |"
-            in files.markdown)
+    # two runs of one name: each row says which run it is (the end of its path)
+    assert ("| switch-vit (runs2/switch-vit) (incomplete) | fashion-mnist | 4 | n/a | n/a | 76.00 (1) | n/a | 1 | 30.00 "
+            "| n/a |" in files.markdown)
+    assert ("| switch-vit (runs/switch-vit) | fashion-mnist | 4 | 238,732,426 | 59,683,106 | 79.04 (321) | n/a | 2 "
+            "| 68.86 | 4.98 |" in files.markdown)
 
 
 def test_make_report_requires_runs(tmp_path):

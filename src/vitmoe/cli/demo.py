@@ -39,8 +39,8 @@ _SOURCE = dict(COMPARE_WIDTH, head_hidden=128, pool="mean")
 FAMILIES: dict[str, tuple[str, dict, dict]] = {
     "vit": ("vit", _SOURCE, {}),
     "switch_vit": ("switch_vit", dict(_SOURCE, num_experts=8), {}),
-    "random_vit": ("random_vit", dict(_SOURCE, num_experts=4, eval_mode="merged"), {}),
-    "random_vit_cr": ("random_vit", dict(_SOURCE, num_experts=4, eval_mode="merged"), dict(consistency_weight=1.0)),
+    "random_vit": ("random_vit", dict(_SOURCE, num_experts=4, moe={"eval_mode": "merged"}), {}),
+    "random_vit_cr": ("random_vit", dict(_SOURCE, num_experts=4, moe={"eval_mode": "merged"}), dict(consistency_weight=1.0)),
     "vit_lite6": ("vit_lite6", dict(COMPARE_WIDTH), {}),
     "vit_moe_lite6": ("vit_moe_lite6", dict(COMPARE_WIDTH), {}),
     "pr_moe_lite6": ("pr_moe_lite6", dict(COMPARE_WIDTH), {}),
@@ -193,6 +193,14 @@ def _made_by_demo(out: Path) -> set[str] | None:
     return {str(m) for m in made}
 
 
+def check_inputs(dataset: str, data_dir: str | None) -> None:
+    """The dataset's files are found (or downloaded) and sound, before claim_output removes an
+    earlier demo's results: a demo that cannot run leaves them as they were."""
+    from ..data import check_dataset
+
+    check_dataset(dataset, data_dir)
+
+
 def claim_output(out: Path, run_dirs: list[Path], force: bool = False) -> None:
     """Make `out` the demo's folder before anything is trained: runs an earlier demo made there are
     removed (so `make demo` can run again); anything else that is in the way is an error (or, with
@@ -245,6 +253,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         configs = [compare_config(m, args.dataset, out, budget, args.epochs or COMPARE_MAX_EPOCHS, args.seed,
                                   args.device, args.data_dir, args.threshold) for m in families]
+    check_inputs(args.dataset, args.data_dir)
     claim_output(out, [Path(c.out) for c in configs], force=args.force)
     if budget is not None:
         echo(f"time-limited comparison on {args.dataset}: {len(configs)} families x {budget:g}s of training "
@@ -273,6 +282,7 @@ def run_recipe(args: argparse.Namespace) -> int:
     out = Path(args.out or "demo_runs")
     families, configs = recipe_configs(args.dataset, out, None, args.epochs, args.seed, args.device, args.data_dir,
                                        args.threshold)
+    check_inputs(args.dataset, args.data_dir)
     claim_output(out, [Path(c.out) for c in configs], force=args.force)
     budget = configs[0].time_budget_s
     echo(f"recipe demo on {args.dataset} ({recipe_path(args.dataset)}): {', '.join(families)}"

@@ -25,6 +25,11 @@ def add_parser(sub) -> None:
     add_data_dir_option(p, help="dataset directory (default: the run's own data_dir from its config.yaml, then $DATA, "
                         "then ./data)")
     p.add_argument("--batch", type=int, default=500, help="evaluation batch size")
+    from ..training.config.train_config import AMP_MODES
+
+    p.add_argument("--amp", choices=list(AMP_MODES), default=None,
+                   help="precision of the forward: off (float32), bf16 or fp16 autocast (default: the run's amp from "
+                        "its config.yaml, as its training log's test accuracy was measured; off for a bare model file)")
     add_device_option(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the random draws in --mode random")
     p.add_argument("--per-class", action="store_true",
@@ -97,7 +102,7 @@ def prepare_eval(checkpoint, mode=None, dataset=None, data_dir=None, batch=500, 
     if data_dir is None:  # where the run found its data (an explicit --data-dir wins)
         data_dir = saved_data_dir(checkpoint, path)
     dev = resolve_device(device)
-    overrides = {"eval_mode": mode} if mode else {}
+    overrides = {"moe": {"eval_mode": mode}} if mode else {}
     model = load_model(path, map_location=dev, **overrides)
     cfg = model.config
     options = {}
@@ -123,25 +128,37 @@ def prepare_eval(checkpoint, mode=None, dataset=None, data_dir=None, batch=500, 
     return path, model, loader, dataset, classes, dev
 
 
+def run_amp(checkpoint, model_file) -> str:
+    """The amp mode of the run `model_file` belongs to (its config.yaml), "off" without one."""
+    from ..training.config.train_config import AMP_MODES
+
+    amp = saved_config(checkpoint, model_file).get("amp")
+    return amp if amp in AMP_MODES else "off"
+
+
 def evaluate_checkpoint(checkpoint, mode=None, dataset=None, data_dir=None, batch=500, device="auto", seed=0,
-                        per_class=False, which="latest", ema=False) -> dict:
+                        per_class=False, which="latest", ema=False, amp=None) -> dict:
+    """`amp`: "off", "bf16" or "fp16"; None: the run's (`run_amp`), as its training log measured."""
     import torch
 
     from ..data import is_folder
+    from ..inference.classifier import has_random_routes
     from ..training import evaluate
 
     path, model, loader, dataset, classes, dev = prepare_eval(checkpoint, mode, dataset, data_dir, batch, device, seed,
                                                               which, ema)
+    amp_source = "given" if amp is not None else ("the run's" if saved_config(checkpoint, path) else "default")
+    amp = amp if amp is not None else run_amp(checkpoint, path)
     cfg = model.config
     per_class = per_class or is_folder(dataset)
     preds, labels = [], []
     hook = model.register_forward_hook(lambda m, i, out: preds.append(out.argmax(-1))) if per_class else None
-    res = evaluate(model, _Recording(loader, labels) if per_class else loader, dev)
+    res = evaluate(model, _Recording(loader, labels) if per_class else loader, dev, amp=amp)
     if hook is not None:
         hook.remove()
-    moe = bool(cfg.moe_block_indices())
     r = {"checkpoint": str(path), "dataset": dataset, "classes": classes, "images": res["n"], "test_acc": res["acc"],
-         "test_loss": res["loss"], "mode": cfg.moe.eval_mode if moe else None,
+         "test_loss": res["loss"], "mode": cfg.moe.eval_mode if has_random_routes(model) else None, "amp": amp,
+         "amp_source": amp_source,
          "params": sum(p.numel() for p in model.parameters()), "images_per_s": res["images_per_s"]}
     if per_class:  # {class name: [accuracy %, test images]}, from the same pass (same random routes)
         p, y = torch.cat(preds).cpu(), torch.cat(labels).cpu()
@@ -167,13 +184,15 @@ def run(args: argparse.Namespace) -> int:
     if args.capacity_factors is not None:
         return run_capacity_curve(args)
     r = evaluate_checkpoint(args.checkpoint, args.mode, args.dataset, args.data_dir, args.batch, args.device, args.seed,
-                            args.per_class, args.which, args.ema)
+                            args.per_class, args.which, args.ema, args.amp)
     if args.json:
         echo(json.dumps(r))
     else:
         mode = f", eval mode {r['mode']}" if r["mode"] else ""
+        precision = {"off": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[r["amp"]]
+        precision += {"given": "", "the run's": " as the run trained (--amp to change)", "default": ""}[r["amp_source"]]
         echo(f"{r['checkpoint']}: test accuracy {r['test_acc']:.2f}%  test loss {r['test_loss']:.4f}  "
-             f"({r['images']:,} {r['dataset']} test images{mode}, {r['params']:,} parameters)")
+             f"({r['images']:,} {r['dataset']} test images{mode}, {precision}, {r['params']:,} parameters)")
         for name, (acc, n) in r.get("per_class", {}).items():
             echo(f"  {name}: {acc:.2f}% of {n:,}")
     return 0

@@ -64,8 +64,14 @@ def run(args: argparse.Namespace) -> int:
     elif os.path.isdir(args.preset):
         raise CLIError(f"{args.preset} is a directory without a transformers config.json; give a preset "
                        f"({', '.join(list_models())}) or a transformers ViT directory")
+    elif args.preset not in list_models() and os.path.isfile(args.preset):
+        raise CLIError(f"{args.preset} is a file: vitmoe info takes a preset name or a transformers ViT directory")
+    elif args.preset not in list_models() and ("/" in args.preset or os.sep in args.preset):
+        raise CLIError(f"{args.preset} does not exist: give a transformers ViT directory that does, or a preset "
+                       f"({', '.join(list_models())})")
     elif args.preset not in list_models():
-        raise CLIError(f"unknown model preset {args.preset!r}; choose one of: {', '.join(list_models())}")
+        raise CLIError(f"unknown model preset {args.preset!r} (and no directory of that name here); choose one of: "
+                       f"{', '.join(list_models())}, or give a transformers ViT directory")
     elif args.dataset:
         overrides = model_overrides(args.set, args.preset)
         cfg = resolve(TrainConfig(model=args.preset, dataset=args.dataset, model_config=overrides)).model

@@ -15,7 +15,9 @@ def add_parser(sub) -> None:
                     "into --out and print the table. Runs of several datasets in one table get a warning.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (from vitmoe train/demo)")
     p.add_argument("--out", default="report", help="output directory")
-    p.add_argument("--threshold", type=float, default=75.0, help="accuracy (percent) for the 'epochs to' column")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="accuracy (percent) of the t_epoch column and the plot's threshold line (default: each run's "
+                        "own threshold, from its summary; 75 for runs that do not record one)")
     p.set_defaults(func=run)
 
 
@@ -28,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     missing = [r for r in args.runs if not Path(r).is_dir()]
     if missing:
         raise CLIError(f"not a run directory: {', '.join(missing)}")
-    if not 0 <= args.threshold <= 100:
+    if args.threshold is not None and not 0 <= args.threshold <= 100:
         raise CLIError(f"--threshold {args.threshold}: must be a percentage in [0, 100]")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ReportWarning)

@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
         "sweep", help="a grid of runs x seeds, with mean ± 95%% CI", formatter_class=HelpFormatter,
         description="Train every combination of the --grid values with --seeds seeds each (ordinary run "
                     "directories OUT/<cell>/seed-<s>), then print and write OUT/sweep.md, sweep.json and "
-                    "sweep.png: mean ± 95%% confidence interval of best and final accuracy, epochs to the "
+                    "sweep.png: mean ± 95% confidence interval of best and final accuracy, epochs to the "
                     "threshold, training and inference time, and parameters; differences within the "
                     "seed-to-seed noise are said to be. Running the same command again resumes a killed sweep.",
         epilog="Example (the source presentation's experts study):\n  vitmoe sweep --config configs/studies/"

@@ -29,6 +29,20 @@ class MoELayer(nn.Module):
         self._collectors: list[MoECollector] = []
         """The running `collect_moe_outputs` blocks (nested blocks each get every record)."""
 
+    def forward(self, x: Tensor) -> Tensor:
+        """[..., D] -> [..., out], as nn.Linear takes it: [B, N, D] is B images of N tokens (what
+        per-image routing and Soft MoE's slots read as an image); [T, D] is one sequence of T tokens;
+        more leading axes are images too ([A, B, N, D]: A * B images)."""
+        if x.dim() == 3:
+            return self.forward_bnd(x)
+        if x.dim() < 2:
+            raise ValueError(f"{type(self).__name__} takes [..., dim] inputs, as nn.Linear, got shape {list(x.shape)}")
+        x_BND = x.reshape(1, -1, x.shape[-1]) if x.dim() == 2 else x.reshape(-1, *x.shape[-2:])
+        return self.forward_bnd(x_BND).reshape(*x.shape[:-1], -1)
+
+    def forward_bnd(self, x_BND: Tensor) -> Tensor:
+        raise NotImplementedError
+
     @property
     def aux_weights(self) -> dict[str, float]:
         """Weight of each auxiliary term the layer produces."""

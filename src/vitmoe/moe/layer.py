@@ -71,7 +71,7 @@ class MoEMlp(MoELayer):
             capacity = min(capacity, tokens)  # an expert cannot take more tokens than there are
         return capacity
 
-    def forward(self, x_BND: Tensor) -> Tensor:
+    def forward_bnd(self, x_BND: Tensor) -> Tensor:
         B, N, D = x_BND.shape
         x_TD = x_BND.reshape(B * N, D)
         if not self.training and not self.router.has_distribution and self.eval_mode != "random":

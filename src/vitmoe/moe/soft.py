@@ -65,7 +65,7 @@ class SoftMoE(MoELayer):
             logits_BNM = x_BND.to(dtype) @ self.phi.to(dtype)
             return logits_BNM.softmax(dim=1), logits_BNM.softmax(dim=2)
 
-    def forward(self, x_BND: Tensor) -> Tensor:
+    def forward_bnd(self, x_BND: Tensor) -> Tensor:
         B, N, D = x_BND.shape
         E, s = self.num_experts, self.slots_per_expert
         dispatch_BNM, combine_BNM = (w.to(x_BND.dtype) for w in self.weights(x_BND))

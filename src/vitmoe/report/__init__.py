@@ -59,8 +59,9 @@ def _file_stem(name: str) -> str:
 
 
 def make_report(run_dirs: Iterable[Union[str, os.PathLike, RunResult]],
-                out_dir: str | os.PathLike, threshold: float = DEFAULT_THRESHOLD) -> ReportFiles:
-    """Load ``run_dirs`` (in order) and write the report into ``out_dir``.
+                out_dir: str | os.PathLike, threshold: float | None = None) -> ReportFiles:
+    """Load ``run_dirs`` (in order) and write the report into ``out_dir``; `threshold` (percent)
+    of the t_epoch column and the plot's line, None: each run's own (from its summary).
 
     Files: ``results.md`` (results table, notes, figure links), ``accuracy.png`` and
     ``expert_load_<run name>.png`` for every MoE run that logged expert loads (run names

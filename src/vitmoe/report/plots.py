@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..fileio import atomic_write
-from .runs import DEFAULT_THRESHOLD, ReportWarning, RunFormatError, RunResult
+from .runs import DEFAULT_THRESHOLD, ReportWarning, RunFormatError, RunResult, distinct_labels
 
 __all__ = ["plot_accuracy", "plot_expert_load", "expert_load_matrix", "latest_expert_load"]
 
@@ -87,14 +87,28 @@ def _save_png(fig, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
 
 
+def threshold_lines(runs: list[RunResult], labels: list[str], threshold: float | None) -> dict[float, list[str]]:
+    """The threshold lines of the accuracy plot: {value: labels of the runs it is theirs}; one
+    line at `threshold` when given, else one per distinct threshold the runs were trained with."""
+    if threshold is not None:
+        return {float(threshold): list(labels)}
+    lines: dict[float, list[str]] = {}
+    for run, label in zip(runs, labels):
+        lines.setdefault(run.own_threshold, []).append(label)
+    return dict(sorted(lines.items()))
+
+
 def plot_accuracy(runs: Iterable[RunResult], path: str | os.PathLike,
-                  threshold: float = DEFAULT_THRESHOLD) -> Path:
-    """Test accuracy per epoch of all ``runs`` on one figure, with the threshold line."""
+                  threshold: float | None = None) -> Path:
+    """Test accuracy per epoch of all ``runs`` on one figure (runs of one name told apart by
+    their path), with the threshold line: `threshold`, or None: each run's own (one line per
+    distinct value)."""
     runs = list(runs)
+    labels = distinct_labels(runs)
     fig = _new_figure((7.0, 4.5))
     ax = fig.add_subplot()
     plotted = 0
-    for run in runs:
+    for run, name in zip(runs, labels):
         pts = [(m["epoch"], float(m["test_acc"])) for m in run.metrics]
         pts = [(e, a) for e, a in pts if math.isfinite(a)]
         if not pts:
@@ -102,14 +116,18 @@ def plot_accuracy(runs: Iterable[RunResult], path: str | os.PathLike,
                           ReportWarning, stacklevel=2)
             continue
         epochs, accs = zip(*pts)
-        label = run.name if run.complete else f"{run.name} (incomplete)"
+        label = name if run.complete else f"{name} (incomplete)"
         marker = "o" if len(pts) <= 30 else None
         (line,) = ax.plot(epochs, accs, label=label, lw=1.5, marker=marker, ms=3)
         best = max(range(len(accs)), key=lambda i: (accs[i], -epochs[i]))
         ax.plot([epochs[best]], [accs[best]], marker="*", ms=10, color=line.get_color(),
                 ls="none")
         plotted += 1
-    ax.axhline(threshold, color="gray", ls="--", lw=1, label=f"threshold ({threshold:g} %)")
+    lines = threshold_lines(runs, labels, threshold)
+    styles = ("--", ":", "-.")
+    for i, (value, owners) in enumerate(sorted(lines.items())):
+        whose = f", {', '.join(owners)}" if len(lines) > 1 else ""
+        ax.axhline(value, color="gray", ls=styles[i % len(styles)], lw=1, label=f"threshold ({value:g} %{whose})")
     if not plotted:
         ax.text(0.5, 0.5, "no per-epoch metrics", transform=ax.transAxes,
                 ha="center", va="center", color="gray")

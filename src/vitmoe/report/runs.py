@@ -23,7 +23,7 @@ from ..rundir import (CONFIG_FILE, DEFAULT_THRESHOLD, IMAGES_60K, METRICS_FILE, 
                       epochs_to_threshold, finite, finite_int, read_config, read_metrics, read_summary, summarize)
 
 __all__ = [
-    "RunResult", "RunFormatError", "ReportWarning", "load_run", "epochs_to_threshold",
+    "RunResult", "RunFormatError", "ReportWarning", "load_run", "epochs_to_threshold", "distinct_labels",
     "DEFAULT_THRESHOLD", "IMAGES_60K", "METRICS_FILE", "SUMMARY_FILE", "CONFIG_FILE",
 ]
 
@@ -90,6 +90,11 @@ class RunResult:
         if self.metrics:
             return epochs_to_threshold(self.metrics, threshold)
         return None
+
+    @property
+    def own_threshold(self) -> float:
+        """The threshold the run was trained with (its summary's), else the default."""
+        return self.threshold if self.threshold is not None else DEFAULT_THRESHOLD
 
     def threshold_known(self, threshold: float = DEFAULT_THRESHOLD) -> bool:
         """Whether :meth:`epochs_to` can answer for ``threshold`` (None then means 'never')."""
@@ -208,3 +213,23 @@ def load_run(path: str | os.PathLike) -> RunResult:
         if run.train_time_60k_s is None:
             run.train_time_60k_s = derived["train_time_60k_s"]
     return run
+
+
+def distinct_labels(runs: list[RunResult]) -> list[str]:
+    """A label per run for tables and legends: its name, and where several runs share a name (two
+    runs of one preset), the end of its path that tells them apart: "vit (runs/a)", "vit (runs/b)"."""
+    labels = [r.name for r in runs]
+    by_name: dict[str, list[int]] = {}
+    for i, r in enumerate(runs):
+        by_name.setdefault(r.name, []).append(i)
+    for name, idx in by_name.items():
+        if len(idx) < 2:
+            continue
+        parts = [Path(os.path.abspath(runs[i].path)).parts for i in idx]
+        for k in range(1, max(len(p) for p in parts) + 1):
+            tails = ["/".join(p[-k:]) for p in parts]
+            if len(set(tails)) == len(tails):
+                break
+        for i, tail in zip(idx, tails):
+            labels[i] = f"{name} ({tail})"
+    return labels

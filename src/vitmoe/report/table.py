@@ -31,7 +31,7 @@ import warnings
 from typing import Iterable, Union
 
 from ..data import builtin_name
-from .runs import DEFAULT_THRESHOLD, METRICS_FILE, SUMMARY_FILE, ReportWarning, RunResult, load_run
+from .runs import DEFAULT_THRESHOLD, METRICS_FILE, SUMMARY_FILE, ReportWarning, RunResult, distinct_labels, load_run
 
 __all__ = ["results_table", "HEADER", "format_row", "column_notes", "datasets_of"]
 
@@ -106,9 +106,12 @@ def _experts(x: int | tuple[int, ...] | None) -> str:
     return str(x)
 
 
-def format_row(run: RunResult, threshold: float = DEFAULT_THRESHOLD) -> list[str]:
-    """The cells of ``run``'s row (unescaped), in ``HEADER`` order."""
-    name = run.name if run.complete else f"{run.name} {INCOMPLETE}"
+def format_row(run: RunResult, threshold: float | None = DEFAULT_THRESHOLD, label: str | None = None) -> list[str]:
+    """The cells of ``run``'s row (unescaped), in ``HEADER`` order; `threshold` None: the run's
+    own; `label`: the name shown (distinct_labels), else the run's name."""
+    label = label or run.name
+    threshold = run.own_threshold if threshold is None else threshold
+    name = label if run.complete else f"{label} {INCOMPLETE}"
     if run.best_acc is None:
         best = NA
     elif run.best_epoch is None:
@@ -124,10 +127,23 @@ def format_row(run: RunResult, threshold: float = DEFAULT_THRESHOLD) -> list[str
             _count(_test_images(run)), t_epoch, _seconds(run.train_time_60k_s), _seconds(run.inference_time_60k_s)]
 
 
-def column_notes(threshold: float = DEFAULT_THRESHOLD) -> list[str]:
-    """What every column means (markdown bullet lines, printed under the table)."""
+def _threshold_text(runs: list[RunResult], labels: list[str], threshold: float | None) -> str:
+    """'75 %', or with per-run thresholds that differ, each run's."""
+    if threshold is not None:
+        return f"{threshold:g} %"
+    own = [r.own_threshold for r in runs]
+    if len(set(own)) <= 1:
+        return f"{own[0] if own else DEFAULT_THRESHOLD:g} %"
+    return "the run's own threshold (" + ", ".join(f"{lab}: {t:g} %" for lab, t in zip(labels, own)) + ")"
+
+
+def column_notes(threshold: float | str = DEFAULT_THRESHOLD) -> list[str]:
+    """What every column means (markdown bullet lines, printed under the table); `threshold` a
+    number or the text of per-run thresholds."""
+    threshold = threshold if isinstance(threshold, str) else f"{threshold:g} %"
     return [
-        "- model: the run's name (vit, switch-vit, random-vit, ...); `(incomplete)`: the run wrote no "
+        "- model: the run's name (vit, switch-vit, random-vit, ...; runs of one name followed by the end of "
+        "their path); `(incomplete)`: the run wrote no "
         f"{SUMMARY_FILE} (killed), its values come from {METRICS_FILE}.",
         "- dataset: what the run trained and was tested on.",
         "- experts: experts per MoE layer (`a/b`: layers differ); `-`: dense model.",
@@ -136,7 +152,7 @@ def column_notes(threshold: float = DEFAULT_THRESHOLD) -> list[str]:
         "is sent to); equal to size for a dense model.",
         "- highest acc (epoch): best test accuracy in percent, and the epoch it was reached.",
         "- test images: the size of the test set behind the accuracy.",
-        f"- t_epoch: the first epoch whose test accuracy reached {threshold:g} % (`-`: never).",
+        f"- t_epoch: the first epoch whose test accuracy reached {threshold} (`-`: never).",
         "- Training Time (60,000 images): seconds to train on 60,000 images at the run's median training "
         "throughput (images/s over its epochs; evaluation and checkpoints not counted), summary "
         "`train_time_60k_s`: one epoch of a 60,000-image training set, comparable across datasets.",
@@ -146,16 +162,18 @@ def column_notes(threshold: float = DEFAULT_THRESHOLD) -> list[str]:
     ]
 
 
-def results_table(runs: Iterable[RunLike], threshold: float = DEFAULT_THRESHOLD) -> str:
+def results_table(runs: Iterable[RunLike], threshold: float | None = None) -> str:
     """Markdown results table for ``runs`` (RunResult objects or run directories), with notes on
     incomplete runs, on mixed datasets (also a :class:`ReportWarning`) and on every column.
+    `threshold` (percent) of the t_epoch column; None: each run's own (its summary's, else 75).
 
     Deterministic: rows follow the given order; the text ends with a newline.
     """
     runs = [r if isinstance(r, RunResult) else load_run(r) for r in runs]
+    labels = distinct_labels(runs)
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join(ALIGN) + "|"]
-    for run in runs:
-        lines.append("| " + " | ".join(_cell(c) for c in format_row(run, threshold)) + " |")
+    for run, label in zip(runs, labels):
+        lines.append("| " + " | ".join(_cell(c) for c in format_row(run, threshold, label)) + " |")
     notes = []
     datasets = datasets_of(runs)
     if len(datasets) > 1:
@@ -163,12 +181,12 @@ def results_table(runs: Iterable[RunLike], threshold: float = DEFAULT_THRESHOLD)
                f"times are not comparable across them")
         warnings.warn(msg, ReportWarning, stacklevel=2)
         notes.append(f"- **Note:** {msg}.")
-    for run in runs:
+    for run, label in zip(runs, labels):
         if not run.complete:
             n = len(run.metrics)
-            notes.append(f"- {_cell(run.name)} {INCOMPLETE}: no {SUMMARY_FILE}; values computed "
+            notes.append(f"- {_cell(label)} {INCOMPLETE}: no {SUMMARY_FILE}; values computed "
                          f"from {METRICS_FILE} ({n} epoch{'' if n == 1 else 's'} logged).")
     if notes:
         lines += ["", *notes]
-    lines += ["", "Columns:", "", *column_notes(threshold)]
+    lines += ["", "Columns:", "", *column_notes(_threshold_text(runs, labels, threshold))]
     return "\n".join(lines) + "\n"

@@ -79,7 +79,8 @@ def describe(spec: RunSpec, info: ModelInfo, train_loader, test_loader, device: 
         extras.append(f"time budget {cfg.time_budget_s:g}s of training")
     if len(lr_cycles) > 2:
         extras.append(f"lr cycles restart at steps {', '.join(map(str, lr_cycles[1:-1]))}")
+    steps = len(train_loader)
     return (f"{spec.label} ({cfg.model}) on {cfg.dataset}: {info.total_params:,} parameters "
             f"({info.active_params_per_token:,} active per token), {train_loader.num_samples:,} train / "
-            f"{test_loader.num_samples:,} test images, {len(train_loader)} steps/epoch, batch "
+            f"{test_loader.num_samples:,} test images, {steps} step{'' if steps == 1 else 's'}/epoch, batch "
             f"{cfg.batch_size}, device {device}, run dir {spec.run_dir}" + "".join(f"; {e}" for e in extras))

@@ -25,7 +25,6 @@ from ...models import VisionTransformer, model_info
 from ...moe import seed_random_routers
 from ...moe.parallel import init_expert_parallel
 from ...data.mix import BatchMixer
-from ...moe.collect import DEAD_THRESHOLD, dead_experts_by_layer
 from ...rundir import RunDirError, RunLock, check_run_dir, lock_run_dir
 from ...validation import ConfigError
 from ..checkpoints import checkpoint as ckpt
@@ -38,6 +37,7 @@ from ..distributed import expert_parallel
 from ..distributed.context import DistContext, resolve_device, synchronize, wrap_ddp
 from ..evaluation.evaluate import evaluate
 from ..recipe.ema import ModelEMA, better_model
+from .dead_experts import DeadExpertNotes
 from ..recipe.expert_averaging import ExpertAverager
 from .budget import TimeBudget
 from .loaders import build_loaders
@@ -96,6 +96,7 @@ class Trainer:
             check_run_dir(self.run_dir, resume, force)
         self._train_data, self._test_data = train_data, test_data
         self.state = TrainState()
+        self.dead_notes = DeadExpertNotes(self.spec.model)  # what the log last said about dead experts
 
     @property
     def cfg(self) -> TrainConfig:
@@ -271,10 +272,9 @@ class Trainer:
                  + (f"  aux {row['aux_loss']:.4f}" if self.spec.model.moe_block_indices() else "")
                  + (f"  consistency {row['consistency_loss']:.4f} (2 forwards/step)" if meters.forwards_per_step > 1 else "")
                  + budget)
-        for layer, experts in dead_experts_by_layer(row.get("expert_load")).items():
-            self.log(f"warning: {layer}: expert{'s' if len(experts) > 1 else ''} {experts} received under "
-                     f"{100 * DEAD_THRESHOLD:g}% of a uniform share of the tokens this epoch (dead experts; "
-                     f"`vitmoe analyze` shows the routing)")
+        dead = self.dead_notes.note(epoch, row.get("expert_load"))
+        if dead:
+            self.log(dead)
         return row
 
     def _save(self, row: dict[str, Any], is_best: bool) -> None:
