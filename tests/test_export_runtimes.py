@@ -59,6 +59,11 @@ def test_a_gray_model_exports_as_a_reader_of_rgb_luma(tmp_path):
     save_model(model, tmp_path / "gray.safetensors", metadata={"preprocessing": pre.to_dict(), "classes": list(FOLDER_CLASSES)})
     assert main(["export", str(tmp_path / "gray.safetensors"), str(tmp_path / "hf")]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_channels"] == 3
+    # read back as a gray model, the RGB weights sum to the original ones
+    x = torch.randn(2, 1, FOLDER_SIDE, FOLDER_SIDE)
+    with torch.no_grad():
+        back = vitmoe.load_pretrained(tmp_path / "hf", in_chans=1).eval()
+        torch.testing.assert_close(back(x), model(x), rtol=0, atol=1e-5)
     pipe = transformers.pipeline("image-classification", model=str(tmp_path / "hf"), device="cpu")
     files = []
     for i, mode in enumerate(("L", "L", "RGB", "RGB")):

@@ -312,12 +312,20 @@ def test_transformers_directory_as_source(dense_run, tmp_path, capsys):
     assert main(["upcycle", str(hf), str(out), "--experts", "4", "--layers", "all"]) == 0
     capsys.readouterr()
     dense = vitmoe.load_model(next(dense_run.glob("checkpoints/epoch-*/model.safetensors")))
-    expected = vitmoe.upcycle(dense, moe_layers="all", num_experts=4)
+    # the gray digits model was exported as the RGB reader transformers' pipeline feeds (rgb_input)
+    from vitmoe.models.surgery import rgb_input
+
     got = vitmoe.load_model(out)
-    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), expected.state_dict().values()))
+    meta = vitmoe.models.read_metadata(out)  # what predict and export need, from the directory's configs
+    assert meta["classes"] == [str(i) for i in range(10)] and meta["preprocessing"]["channels"] == 3
+    rgb_expected = vitmoe.upcycle(rgb_input(dense), moe_layers="all", num_experts=4)
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), rgb_expected.state_dict().values()))
+    # and --init of a gray run sums its RGB first layer back: the dense model's weights, to rounding
+    expected = vitmoe.upcycle(dense, moe_layers="all", num_experts=4)
     model = VisionTransformer(upcycled_config(dense.config, moe_layers="all", num_experts=4))
     init_from(model, str(hf), log=lambda m: None)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
+    for (k, a), b in zip(model.state_dict().items(), expected.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7 if k == "patch_embed.proj.weight" else 0)
 
 
 def test_init_of_a_dense_run_from_an_moe_file_merges_it(dense_run, tmp_path, capsys):

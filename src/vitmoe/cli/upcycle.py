@@ -110,10 +110,14 @@ def load_dense(path: Path, is_hf: bool):
     """SRC's model and its file's metadata (dataset, normalisation, ...: kept in OUT)."""
     from ..models import load_model, read_metadata
 
-    if is_hf:
+    if is_hf:  # its class names and image-processor config, so predict and export read the file as the directory
+        from ..inference.sources import ModelSource, class_names, preprocessing_of_source
         from ..models import hf
 
-        return hf.load_pretrained(path), {}
+        model, src = hf.load_pretrained(path), ModelSource(str(path), path, "transformers", hf.read_hf_config(path))
+        names = class_names(src, model.config.num_classes)
+        meta = {"preprocessing": preprocessing_of_source(src, model).to_dict()}
+        return model, meta | ({"classes": names} if names else {})
     meta = read_metadata(path)
     return load_model(path), {k: v for k, v in meta.items() if k not in ("format", "config")}
 

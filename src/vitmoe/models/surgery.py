@@ -93,13 +93,16 @@ def head_keys(model: VisionTransformer) -> tuple[str, str]:
 @torch.no_grad()
 def load_adapted(model: VisionTransformer, state: Mapping[str, Tensor], source: str = "state dict") -> list[str]:
     """Load `state` (a VisionTransformer state dict, e.g. from another image size or dataset) into
-    `model` strictly, adapting two things and nothing else:
+    `model` strictly, adapting three things and nothing else:
 
     - `pos_embed` of another patch grid is resized with `resize_pos_embed` (class-token row kept);
       both tables must be square grids plus the class-token row (or none, for mean pooling), i.e.
       `pos_embed_rows` unset.
     - the last head layer of another class count is not loaded: the model's gets zeros (see
       `replace_head`); an MLP head's hidden layer still loads.
+    - an RGB first layer (patch embedding or first tokenizer convolution) into a 1-channel model
+      is summed over its channels: the RGB model of a gray image fed as R = G = B (exactly the
+      gray model `rgb_input` was made from, whose weights sum back to it).
 
     Any other missing, unexpected or differently shaped tensor is a ModelFileError naming it
     (`source` names the file in the message). Returns one line per adaptation made, e.g.
@@ -122,6 +125,11 @@ def load_adapted(model: VisionTransformer, state: Mapping[str, Tensor], source: 
         new = model.config.token_grid
         state["pos_embed"] = resize_pos_embed(pos, old, new, prefix)
         notes.append(f"pos_embed: {old}x{old} -> {new}x{new} patch grid (bicubic)")
+    first = "patch_embed.proj.weight" if model.patch_embed is not None else "tokenizer.layers.0.weight"
+    w = state.get(first)
+    if w is not None and first in own and w.dim() == 4 and w.shape[1] == 3 and own[first].shape[1] == 1:
+        state[first] = w.sum(dim=1, keepdim=True)
+        notes.append("in_chans: 3 -> 1 (the first layer's RGB weights summed: the model of gray images fed as RGB)")
     wk, bk = head_keys(model)
     if wk in state and bk in state and state[wk].dim() == 2 and state[wk].shape[1] == own[wk].shape[1] \
             and state[wk].shape[0] != own[wk].shape[0]:

@@ -76,7 +76,10 @@ def adopt_architecture(model_config: dict, src: str) -> dict:
 
 def init_problems(source: ViTConfig, target: ViTConfig) -> list[str]:
     """What keeps SRC's weights (config `source`) from starting a run of model `target`."""
-    problems = architecture_diff(source, target, ARCH_FIELDS, names=("SRC", "run"))
+    # An RGB SRC starts a gray run (load_adapted sums its first layer's channels); not the reverse.
+    fields = tuple(f for f in ARCH_FIELDS if f != "in_chans") if (source.in_chans, target.in_chans) == (3, 1) \
+        else ARCH_FIELDS
+    problems = architecture_diff(source, target, fields, names=("SRC", "run"))
     if source.is_moe and target.is_moe:
         a = (source.moe_block_indices(), source.experts_per_moe_block())
         b = (target.moe_block_indices(), target.experts_per_moe_block())
