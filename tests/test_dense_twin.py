@@ -101,6 +101,7 @@ def test_verdict_equals_a_hand_computation(pair):
     assert v.seconds == pytest.approx(30.0)
     a, b = [80.0, 81.0, 79.5], [86.0, 86.5, 85.0]
     assert [acc_within_time(r, 30.0) for r in moe.runs] == a
+    assert acc_within_time(moe.runs[0], 39.0) == 80.0 and acc_within_time(moe.runs[0], 39.5) == 86.0  # 2 % past
     assert [acc_within_epochs(r, 1) for r in twin.runs] == [82.0, 82.5, 81.5]
     assert v.equal_time.diff == pytest.approx(sum(a) / 3 - sum(b) / 3)
     assert v.equal_time.beyond_noise is True and v.equal_time.text().startswith("-5.67 (beyond noise)")

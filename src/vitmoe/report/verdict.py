@@ -5,7 +5,8 @@ For a pair of configurations (each a Group of seeds):
   equal epochs: every run's best test accuracy within the first E epochs, E the fewest epochs any
                 run of the pair logged;
   equal time:   every run's best test accuracy among the epochs it finished within t seconds of
-                training (epoch_time_s summed), t the shortest total training time of the pair;
+                training (epoch_time_s summed), t the shortest total training time of the pair, with
+                TIME_TOLERANCE: a time budget stops each run a little after it, not all at once;
 and the MoE's mean minus the twin's, said to be beyond the seed noise by Welch's t-test (5 %).
 Runs of one fixed epoch count compare at equal time an MoE whose schedule has not ended; give
 both the same --time-budget (the cosine then ends with it) for the verdict that matters in practice.
@@ -22,6 +23,9 @@ from .stats import Summary, differ, summarize
 
 COMPUTE_MATCHED = 0.05
 """Relative FLOPs difference under which a dense configuration counts as an MoE's twin."""
+TIME_TOLERANCE = 0.02
+"""An epoch ending within this fraction past t counts as within t (runs of one --time-budget of
+600 s end between 600.0 and 600.5 s)."""
 
 
 def acc_within_epochs(run: RunResult, epochs: int) -> float | None:
@@ -38,7 +42,7 @@ def acc_within_time(run: RunResult, seconds: float) -> float | None:
         if not isinstance(t, (int, float)) or not math.isfinite(t):
             return None
         elapsed += float(t)
-        if elapsed > seconds * (1 + 1e-9):
+        if elapsed > seconds * (1 + TIME_TOLERANCE):
             break
         best = float(m["test_acc"]) if best is None else max(best, float(m["test_acc"]))
     return best
