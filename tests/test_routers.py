@@ -8,7 +8,7 @@ from conftest import grads
 import torch.nn.functional as F
 
 from vitmoe.moe import MoEMlp, collect_moe_outputs, dispatch_routing
-from vitmoe.moe.routers.topk import router_logits
+from vitmoe.moe.routers.scoring import router_logits
 
 D, H = 12, 20
 

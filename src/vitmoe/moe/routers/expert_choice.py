@@ -16,31 +16,23 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ...validation import Fields
-from .base import Copies, Router, Routing, register_router
-from .scoring import ScoringOptions, router_logits, router_z_loss
+from .base import Copies, Routing, register_router
+from .scoring import LinearRouter, ScoringOptions, router_z_loss
 
 if TYPE_CHECKING:
     from ..config import MoEConfig
 
 
 @register_router("expert_choice")
-class ExpertChoiceRouter(Router):
+class ExpertChoiceRouter(LinearRouter):
     chooses_tokens = True
     options = (ScoringOptions,)
 
     def __init__(self, dim: int, num_experts: int, config: "MoEConfig"):
-        super().__init__(dim, num_experts, config)
-        self.noise, self.jitter_eps = config.router_noise, config.jitter_eps
-        self._weights = {"z": config.z_loss_weight}
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.trunc_normal_(self.weight, std=0.02)
-
-    @property
-    def aux_weights(self) -> dict[str, float]:
-        return self._weights
+        super().__init__(dim, num_experts, config, {"z": config.z_loss_weight})
 
     @classmethod
     def check_config(cls, f: Fields, experts: Sequence[int]) -> None:
@@ -64,7 +56,7 @@ class ExpertChoiceRouter(Router):
             raise ValueError("router 'expert_choice' needs a capacity (set capacity_factor_train/eval > 0)")
         C = min(capacity, T)  # an expert cannot take more tokens than there are
         with torch.autocast(device_type=x_BND.device.type, enabled=False):
-            logits_TE = router_logits(x_BND, self.weight, self.noise, self.jitter_eps, self.training)
+            logits_TE = self.logits(x_BND)
             probs_TE = logits_TE.softmax(dim=-1)
             gate_EC, token_EC = probs_TE.t().topk(C, dim=-1)
         expert_S = torch.arange(E, device=x_BND.device).repeat_interleave(C)

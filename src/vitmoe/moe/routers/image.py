@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ...validation import Fields
-from .base import Router, Routing, register_router
+from .base import Routing, register_router
 from .options import Options
-from .scoring import ScoringOptions, router_logits, router_z_loss
+from .scoring import LinearRouter, ScoringOptions, router_z_loss
 from .topk import TopKOptions, load_balancing_loss
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class ImageOptions(Options):
 
 
 @register_router("image")
-class ImageRouter(Router):
+class ImageRouter(LinearRouter):
     """Linear router without bias over one pooled vector per image, in fp32 whatever the autocast
     state; top-k of the softmax, gates renormalised over the k for k > 1."""
 
@@ -49,16 +49,8 @@ class ImageRouter(Router):
     routes_images = True
 
     def __init__(self, dim: int, num_experts: int, config: "MoEConfig"):
-        super().__init__(dim, num_experts, config)
-        self.noise, self.jitter_eps = config.router_noise, config.jitter_eps
+        super().__init__(dim, num_experts, config, {"balance": config.balance_loss_weight, "z": config.z_loss_weight})
         self.pool, self.priority = config.image_pool, config.priority
-        self._weights = {"balance": config.balance_loss_weight, "z": config.z_loss_weight}
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.trunc_normal_(self.weight, std=0.02)
-
-    @property
-    def aux_weights(self) -> dict[str, float]:
-        return self._weights
 
     @classmethod
     def run_label(cls, config: "MoEConfig") -> str:
@@ -77,7 +69,7 @@ class ImageRouter(Router):
         with torch.autocast(device_type=x_BND.device.type, enabled=False):
             x_BND = x_BND.to(torch.promote_types(x_BND.dtype, torch.float32))
             pooled_B1D = x_BND[:, :1] if self.pool == "cls" else x_BND.mean(dim=1, keepdim=True)
-            logits_BE = router_logits(pooled_B1D, self.weight, self.noise, self.jitter_eps, self.training)
+            logits_BE = self.logits(pooled_B1D)
             probs_BE = logits_BE.softmax(dim=-1)
             gates_BK, experts_BK = probs_BE.topk(self.top_k, dim=-1)
             if self.top_k > 1:

@@ -1,4 +1,5 @@
-"""What learned routers share: fp32 logits of a bias-free linear map, the training-time noise, the z-loss."""
+"""What learned routers share: fp32 logits of a bias-free linear map, the training-time noise, the z-loss,
+and LinearRouter, the base that holds them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,9 +7,10 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ...validation import Fields
+from .base import Router
 from .options import Options
 
 NOISE_POLICIES = ("none", "jitter", "gaussian")
@@ -50,3 +52,23 @@ def router_logits(x_BND: Tensor, weight_ED: Tensor, noise: str, jitter_eps: floa
     if training and noise == "gaussian":
         logits_TE = logits_TE + torch.randn_like(logits_TE) / weight_ED.shape[0] ** 2
     return logits_TE
+
+
+class LinearRouter(Router):
+    """Base of the learned routers: a bias-free Linear(dim, E) weight (truncated normal, std 0.02),
+    the noise policy, and the weight of each auxiliary term the subclass produces (`aux_weights`)."""
+
+    def __init__(self, dim: int, num_experts: int, config, aux_weights: dict[str, float]):
+        super().__init__(dim, num_experts, config)
+        self.noise, self.jitter_eps = config.router_noise, config.jitter_eps
+        self._weights = aux_weights
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        nn.init.trunc_normal_(self.weight, std=0.02)
+
+    @property
+    def aux_weights(self) -> dict[str, float]:
+        return self._weights
+
+    def logits(self, x_BND: Tensor) -> Tensor:
+        """[rows, E] fp32 logits of the rows of `x_BND` (see router_logits)."""
+        return router_logits(x_BND, self.weight, self.noise, self.jitter_eps, self.training)

@@ -5,12 +5,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ...validation import Fields
 from .options import Options
-from .base import Router, Routing, register_router
-from .scoring import ScoringOptions, router_logits, router_z_loss
+from .base import Routing, register_router
+from .scoring import LinearRouter, ScoringOptions, router_z_loss
 
 if TYPE_CHECKING:
     from ..config import MoEConfig
@@ -57,7 +57,7 @@ def load_balancing_loss(probs_TE: Tensor, first_choice_T: Tensor) -> Tensor:
 
 
 @register_router("switch", "topk")
-class TopKRouter(Router):
+class TopKRouter(LinearRouter):
     """Linear router without bias, computed in fp32 whatever the autocast state.
 
     Top-k gates are renormalised to sum to 1 over the k choices (GShard). For k=2,
@@ -77,17 +77,9 @@ class TopKRouter(Router):
     options = (ScoringOptions, TopKOptions)
 
     def __init__(self, dim: int, num_experts: int, config: "MoEConfig"):
-        super().__init__(dim, num_experts, config)
-        self.noise, self.jitter_eps = config.router_noise, config.jitter_eps
+        super().__init__(dim, num_experts, config, {"balance": config.balance_loss_weight, "z": config.z_loss_weight})
         self.second_policy, self.second_threshold = config.second_policy, config.second_threshold
         self.priority = config.priority
-        self._weights = {"balance": config.balance_loss_weight, "z": config.z_loss_weight}
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.trunc_normal_(self.weight, std=0.02)
-
-    @property
-    def aux_weights(self) -> dict[str, float]:
-        return self._weights
 
     @classmethod
     def check_config(cls, f: Fields, experts: Sequence[int]) -> None:
@@ -109,7 +101,7 @@ class TopKRouter(Router):
 
     def forward(self, x_BND: Tensor, capacity: int | None = None) -> Routing:
         with torch.autocast(device_type=x_BND.device.type, enabled=False):
-            logits_TE = router_logits(x_BND, self.weight, self.noise, self.jitter_eps, self.training)
+            logits_TE = self.logits(x_BND)
             probs_TE = logits_TE.softmax(dim=-1)
             gates_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
             if self.top_k > 1:
