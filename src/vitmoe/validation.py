@@ -7,8 +7,9 @@ the field (with its prefix, e.g. `model.moe.top_k`) and what is allowed.
 from __future__ import annotations
 
 import math
+import reprlib
 import typing
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
@@ -18,16 +19,52 @@ class ConfigError(ValueError):
     """A configuration value is not allowed; the message names the field and what is."""
 
 
+SHOWN_CHARS = 80
+"""A value quoted in an error is cut to this many characters (a YAML alias bomb, a 10 MB string)."""
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = SHOWN_CHARS
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
+_REPR.maxlevel = 3
+
+
+def show(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """`repr(value)` for an error message, bounded however large or deeply shared the value is (a
+    nested list from YAML aliases is never expanded: reprlib stops at depth 3 and 8 items a level)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def divisors_text(n: Any, limit: int = 24) -> str:
+    """'one of 1, 2, 3, 4, 6, 12' for a positive int n, computed in O(sqrt n) steps and only for n up
+    to 10**12 (at most a million steps); larger n: 'a divisor of N'."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return "a positive divisor"
+    if n > 10**12:
+        return f"a divisor of {n}"
+    small, large, d = [], [], 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d != n // d:
+                large.append(n // d)
+        d += 1
+    found = small + large[::-1]
+    shown = ", ".join(map(str, found[:limit])) + (f", ... ({len(found)} in all)" if len(found) > limit else "")
+    return f"one of {shown}"
+
+
 class Fields:
     """Checks the fields of one config object in place, naming each as `prefix + name`."""
 
     def __init__(self, obj: Any, prefix: str = ""):
         self.obj, self.prefix = obj, prefix
 
-    def fail(self, name: str, allowed: str) -> typing.NoReturn:
-        raise ConfigError(f"{self.prefix}{name}={getattr(self.obj, name)!r} is not allowed: {allowed}")
+    def fail(self, name: str, allowed: str | Callable[[], str]) -> typing.NoReturn:
+        allowed = allowed() if callable(allowed) else allowed
+        raise ConfigError(f"{self.prefix}{name}={show(getattr(self.obj, name))} is not allowed: {allowed}")
 
-    def need(self, ok: bool, name: str, allowed: str) -> None:
+    def need(self, ok: bool, name: str, allowed: str | Callable[[], str]) -> None:
+        """`allowed` may be a function: an expensive text is built only when the value fails."""
         if not ok:
             self.fail(name, allowed)
 

@@ -9,7 +9,7 @@ from typing import Sequence
 
 from .. import __version__
 from . import analyze, demo, eval as eval_cmd, export, info, merge, predict, report, sweep, train, upcycle
-from .common import HelpFormatter, user_errors
+from .common import ArgumentParser, HelpFormatter, error_line, user_errors
 
 SUBCOMMANDS = (train, eval_cmd, predict, analyze, sweep, merge, upcycle, export, info, report, demo)
 LONG_RUNNING = ("train", "sweep", "demo", "eval", "analyze")
@@ -17,7 +17,7 @@ LONG_RUNNING = ("train", "sweep", "demo", "eval", "analyze")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="vitmoe",
         description="Vision Transformers with Mixture-of-Experts MLPs: train, evaluate, merge experts, report.",
         formatter_class=HelpFormatter,
@@ -63,7 +63,7 @@ def _run(args: argparse.Namespace) -> int:
         return int(args.func(args) or 0)
     except user_errors() as e:
         msg = str(e) if not isinstance(e, FileNotFoundError) or not e.filename else f"{e.strerror}: {e.filename}"
-        print(f"vitmoe: error: {msg}", file=sys.stderr, flush=True)
+        print(error_line(msg), file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("vitmoe: interrupted", file=sys.stderr, flush=True)
@@ -73,10 +73,10 @@ def _run(args: argparse.Namespace) -> int:
         from ..training.loop.trainer import NonFiniteLossError
 
         if isinstance(e, NonFiniteLossError):
-            print(f"vitmoe: error: {e}", file=sys.stderr, flush=True)
+            print(error_line(e), file=sys.stderr, flush=True)
             return 3
         if isinstance(e, WorkerFailedError):
-            print(f"vitmoe: error: {e}", file=sys.stderr, flush=True)
+            print(error_line(e), file=sys.stderr, flush=True)
             return 4
         raise
 

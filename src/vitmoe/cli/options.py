@@ -31,6 +31,21 @@ def dataset_arg(value: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+MAX_SEED = 2**63 - 1
+"""Seeds are int64 (torch.Generator.manual_seed, TrainConfig.seed)."""
+
+
+def seed_arg(value: str) -> int:
+    """--seed: an integer in [0, 2**63 - 1] (1e23 or 2**70 would fail in torch after the work)."""
+    try:
+        seed = int(value.strip())
+    except ValueError:
+        seed = None
+    if seed is None or not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"invalid seed {value[:40]!r}: an integer in [0, {MAX_SEED}]")
+    return seed
+
+
 def dataset_metavar() -> str:
     from ..data import dataset_choices
 
@@ -126,12 +141,12 @@ def _flag_type(annotation: str) -> tuple[Any, str | None]:
 
 
 def _yaml_value(text: str) -> Any:
-    import yaml
+    from ..readers import yaml_value
 
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+        return yaml_value(text, "a flag's value")
+    except ValueError as e:  # PathError: aliases past the bound
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _default_text(value: Any) -> str:

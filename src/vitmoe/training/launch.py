@@ -157,11 +157,12 @@ def run_worker(cfg: TrainConfig, resume: bool, log=None, force: bool = False):
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from ..data import DatasetError
-    from ..fileio import DiskFullError
+    from ..fileio import DiskFullError, PathError
     from ..models import ModelFileError
     from .checkpoints.checkpoint import CheckpointError
 
-    return (ConfigError, DatasetError, RunDirError, CheckpointError, FileNotFoundError, ModelFileError, DiskFullError)
+    return (ConfigError, DatasetError, RunDirError, CheckpointError, FileNotFoundError, ModelFileError, DiskFullError,
+            PathError)
 
 
 def _record_failure(error_dir: str, e: BaseException) -> None:

@@ -18,6 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...fileio import PathError
+from ...readers import first_line, open_regular  # noqa: F401 - first_line: imported from here by checkpoint.py
+
 STATE_FILE = "state.pt"
 
 
@@ -92,7 +95,10 @@ def load_state(ckpt_dir: str | os.PathLike, map_location: str | torch.device = "
     if not path.is_file():
         raise CheckpointError(f"no training state at {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with open_regular(path, "training state") as f:  # never blocks on a FIFO planted as state.pt
+            state = torch.load(f, map_location=map_location, weights_only=True)
+    except PathError as e:  # not a regular file
+        raise CheckpointError(str(e)) from None
     except pickle.UnpicklingError as e:
         state = _load_legacy_state(path, map_location, e)
     except Exception as e:  # noqa: BLE001 - a damaged zip or pickle fails in many ways
@@ -100,15 +106,6 @@ def load_state(ckpt_dir: str | os.PathLike, map_location: str | torch.device = "
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a training state (a {type(state).__name__}, not a dict)")
     return state
-
-
-def first_line(e: BaseException) -> str:
-    """The informative line of a loader's error (torch's weights_only errors start with advice)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    for line in lines:
-        if line.startswith("WeightsUnpickler error:"):
-            return line
-    return lines[0] if lines else type(e).__name__
 
 
 def _legacy_numpy_globals() -> list:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-import yaml
+from ...readers import yaml_value
 
 from ...data import DatasetError, DatasetInfo, canonical_name, dataset_choices, get_info, is_folder
 from ...validation import Fields
@@ -69,8 +69,8 @@ def check_channels(cfg: "TrainConfig", f: Fields, name: str, positive: bool) -> 
     in_chans = dataset_info(cfg).in_chans
     if isinstance(v, str):
         try:
-            v = yaml.safe_load(v)
-        except yaml.YAMLError:
+            v = yaml_value(v, name)
+        except ValueError:  # bounded (vitmoe.readers): refused below as not a list of numbers
             pass
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         v = [v]

@@ -20,14 +20,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from ...data import DATASETS
 from ...models import ViTConfig
 from ...models.registry import list_models
 from ...moe import EVAL_MODES
+from ...readers import yaml_value
 from ...rundir import DEFAULT_THRESHOLD
-from ...validation import ConfigError, Fields
+from ...validation import ConfigError, Fields, show
 from .model import (check_ep_size, experts_of, fold_aux_loss_weight, model_label, resolve_model_config,
                     set_model_field)
 from .data import check_data_fields
@@ -236,19 +235,17 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, base: "TrainConfig | None" = None) -> "TrainConfig":
+        from ...readers import load_yaml
+
         path = Path(path)
         if path.is_dir():
             raise ConfigError(f"config file {path} is a directory: give a YAML file (e.g. configs/switch_vit_cifar10.yaml)")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:  # bounded: size, alias expansion, regular files only (vitmoe.readers); one-line errors
+            data = load_yaml(path, "config file") or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"config file {path} is not text (not UTF-8): give a YAML file") from None
-        except OSError as e:
-            raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        except ValueError as e:  # PathError: not text, too large, not YAML, a FIFO, ...
+            raise ConfigError(str(e)) from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of TrainConfig fields, got {type(data).__name__}")
         data = {k: v for k, v in data.items() if k not in _DERIVED_KEYS}
@@ -269,7 +266,7 @@ class TrainConfig:
             key = key.replace("-", "_")
             if key == "model_config":
                 if not isinstance(value, Mapping):
-                    raise ConfigError(f"model_config must be a mapping of model fields, got {value!r}")
+                    raise ConfigError(f"model_config must be a mapping of model fields, got {show(value)}")
                 for sub, v in value.items():
                     set_model_field(new.model_config, str(sub), v)
             elif key in names:
@@ -277,7 +274,7 @@ class TrainConfig:
             elif key == "aux_loss_weight":
                 aux_loss_weight = value
             else:
-                raise ConfigError(f"unknown training field {key!r}; allowed: {', '.join(sorted(names))} "
+                raise ConfigError(f"unknown training field {show(key)}; allowed: {', '.join(sorted(names))} "
                                   f"(model fields as model.<field>)")
         if aux_loss_weight is not None:  # after the loop: the preset's weights need the final `model`
             fold_aux_loss_weight(new.model_config, new.model, aux_loss_weight)
@@ -318,9 +315,9 @@ class TrainConfig:
         f.number("lr", 0.0, strict_lo=True)
         f.number("weight_decay", 0.0)
         try:
-            betas = self.betas if not isinstance(self.betas, str) else yaml.safe_load(self.betas)
+            betas = self.betas if not isinstance(self.betas, str) else yaml_value(self.betas, "betas")
             betas = tuple(float(b) for b in betas)
-        except (TypeError, ValueError, yaml.YAMLError):
+        except (TypeError, ValueError):  # PathError (a ValueError) included
             betas = ()
         f.need(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), "betas", "two numbers in [0, 1), e.g. [0.9, 0.999]")
         self.betas = betas
@@ -404,14 +401,13 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value")
+            raise ConfigError(f"--set {show(item)}: expected key=value")
         key, raw = item.split("=", 1)
         key = key.strip()
         if not key:
-            raise ConfigError(f"--set {item!r}: empty key")
+            raise ConfigError(f"--set {show(item)}: empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        out[key] = value
+            out[key] = yaml_value(raw, f"--set {key}") if raw.strip() else None
+        except ValueError as e:  # PathError: a value whose aliases expand past the bound
+            raise ConfigError(str(e)) from None
     return out
