@@ -72,7 +72,7 @@ def test_bad_flags_rejected_by_argparse(argv, needles, capsys):
 
 
 @pytest.mark.parametrize("argv, needles", [
-    (["--set", "model.depth=-1"], ["depth", "integer >= 1"]),
+    (["--set", "model.depth=-1"], ["depth", "an integer in [1, "]),
     (["--set", "lr=abc"], ["lr", "number"]),
     (["--set", "optimizer=sgd"], ["optimizer", "adam", "adamw"]),
     (["--set", "nope=1"], ["nope", "allowed"]),

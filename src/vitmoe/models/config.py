@@ -14,10 +14,16 @@ from typing import Any, Mapping
 from torch import nn
 
 from ..moe import MoEConfig, MoEMlp, router_class
-from ..validation import ConfigError, Fields
+from ..validation import ConfigError, Fields, divisors_text, show
 from .mlp import Mlp
 from .residual import ResidualMoE
 from .tokenizer import conv_tokenizer_layers
+
+MAX_DEPTH = 1024
+"""Blocks: the deepest published ViTs have 48-80; validating and building a million (a config that
+says so) would take minutes of Python before any memory check could refuse it."""
+MAX_CONV_LAYERS = 16
+"""Conv tokenizer layers: each at least halves the image side (stride-2 max-pool), 2**16 pixels."""
 
 # The flat spellings the MoE fields had before they moved into `moe` (commit 67b4dc0): accepted
 # with a FutureWarning in 0.x. Fields added since (priority, ...) never had one: a flat spelling
@@ -160,14 +166,16 @@ class ViTConfig:
         return new
 
     def _check(self, f: Fields) -> None:
-        for name in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth",
-                     "num_heads", "mlp_hidden", "head_hidden", "conv_layers", "conv_kernel"):
-            f.integer(name, 1)
+        for name in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim",
+                     "num_heads", "mlp_hidden", "head_hidden", "conv_kernel"):
+            f.integer(name, 1)  # sizes are bounded by memory (models.budget), checked before building
+        f.integer("depth", 1, MAX_DEPTH)
+        f.integer("conv_layers", 1, MAX_CONV_LAYERS)
         f.choice("tokenizer", ("patch", "conv"))
         f.need(self.tokenizer != "patch" or self.img_size % self.patch_size == 0, "patch_size",
                f"must divide img_size={self.img_size}")
         f.need(self.embed_dim % self.num_heads == 0, "num_heads",
-               f"a divisor of embed_dim={self.embed_dim}: one of {_divisors(self.embed_dim)} (flag --heads)")
+               lambda: f"a divisor of embed_dim={self.embed_dim}: {divisors_text(self.embed_dim)} (flag --heads)")
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             f.number(name, 0.0, 1.0, strict_hi=True)
         f.number("norm_eps", 0.0, strict_lo=True)
@@ -240,16 +248,13 @@ def normalize_keys(overrides: Mapping[str, Any]) -> dict[str, Any]:
                           f"the old spelling will be removed in a future release", FutureWarning, stacklevel=4)
             key = new
         elif key in MoEConfig.field_names() and key not in ViTConfig.__dataclass_fields__:
-            raise ConfigError(f"model field {key!r} is an MoE field without a flat spelling: write 'moe.{key}' "
+            raise ConfigError(f"model field {show(key)} is an MoE field without a flat spelling: write 'moe.{key}' "
                               f"(model.moe.{key}=... on the command line, moe: {{{key}: ...}} in YAML)")
         if key.startswith("moe.") and key[4:] not in MoEConfig.field_names():
-            raise ConfigError(f"unknown MoE field {key[4:]!r} (in {key!r}); allowed: {', '.join(MoEConfig.field_names())}")
+            raise ConfigError(f"unknown MoE field {show(key[4:])} (in {show(key)}); allowed: {', '.join(MoEConfig.field_names())}")
         if key != "moe" and not key.startswith("moe.") and key not in ViTConfig.__dataclass_fields__:
-            raise ConfigError(f"unknown model field {key!r}; allowed: {', '.join(ViTConfig.field_names())} "
+            raise ConfigError(f"unknown model field {show(key)}; allowed: {', '.join(ViTConfig.field_names())} "
                               f"(MoE fields as moe.FIELD: {', '.join(MoEConfig.field_names())})")
         out[key] = value
     return out
 
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0] if isinstance(n, int) and n > 0 else []

@@ -32,7 +32,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..fileio import atomic_write, atomic_write_text
+from ..fileio import PathError, atomic_write, atomic_write_text
+from ..readers import MAX_CONFIG_BYTES, first_line, load_json, open_regular, safetensors_header
+from .budget import check_buildable, file_mismatch
 from .config import ViTConfig
 from .io import ModelFileError, load_model, read_metadata
 from .surgery import load_adapted, rgb_input
@@ -77,11 +79,11 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     file = Path(path) / CONFIG_FILE
     try:
-        data = json.loads(file.read_text())
+        data = load_json(file, "transformers config", MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise FileNotFoundError(2, "no transformers config.json in the directory", str(file)) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFileError(f"{file} is not a readable JSON file: {e}") from None
+    except PathError as e:  # not JSON, not text, too large, not a regular file: one line naming it
+        raise ModelFileError(str(e)) from None
     if not isinstance(data, dict):
         raise ModelFileError(f"{file} must hold a JSON object, got {type(data).__name__}")
     return data
@@ -118,8 +120,8 @@ def config_from_hf(hf: Mapping[str, Any], source: str = CONFIG_FILE) -> ViTConfi
         msg = str(e)
         renames = {**{ours: theirs for ours, (theirs, _) in _CONFIG_FIELDS.items()}, "img_size": "image_size",
                    "patch_size": "patch_size", "num_classes": "num_labels"}
-        for ours, theirs in renames.items():
-            msg = msg.replace(f"model field {ours}=", f"field {theirs}=").replace(f"{ours}=", f"{theirs}=")
+        for ours, theirs in renames.items():  # whole names only: norm_eps is not inside layer_norm_eps
+            msg = re.sub(rf"(?<![A-Za-z_.])(model field )?{ours}=", f"field {theirs}=", msg)
         msg = re.sub(r" \(flag [^)]*\)", "", msg)  # vitmoe train's flags do not apply here
         raise ModelFileError(f"{source}: cannot be expressed as a vitmoe model: {msg}") from None
 
@@ -132,15 +134,23 @@ def read_hf_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         files = [path / SAFETENSORS_FILE]
     elif (path / INDEX_FILE).is_file():
         try:
-            shards = sorted(set(json.loads((path / INDEX_FILE).read_text())["weight_map"].values()))
+            shards = sorted(set(load_json(path / INDEX_FILE, "safetensors index")["weight_map"].values()))
+            if not all(isinstance(s, str) and s and Path(s).name == s for s in shards):
+                raise ValueError("shard names must be file names in the directory")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ModelFileError(f"{path / INDEX_FILE} is not a safetensors index with a weight_map ({e})") from None
+            raise ModelFileError(f"{path / INDEX_FILE} is not a safetensors index with a weight_map "
+                                 f"({' '.join(str(e).split())[:200]})") from None
         files = [path / s for s in shards]
     elif (path / BIN_FILE).is_file():
         try:
-            state = torch.load(path / BIN_FILE, map_location="cpu", weights_only=True)
+            with open_regular(path / BIN_FILE, "weights file") as f:
+                state = torch.load(f, map_location="cpu", weights_only=True)
+        except PathError as e:
+            raise ModelFileError(str(e)) from None
         except Exception as e:  # noqa: BLE001 - pickle errors of many kinds: a corrupt or unsafe file
-            raise ModelFileError(f"{path / BIN_FILE} cannot be read as plain tensors: {e}") from None
+            # torch's refusal is six lines advising weights_only=False: vitmoe never does that.
+            raise ModelFileError(f"{path / BIN_FILE} cannot be read as plain tensors ({first_line(e)}); vitmoe "
+                                 "never runs code from a file, so it is refused") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ModelFileError(f"{path / BIN_FILE} does not hold a state dict of tensors")
         return dict(state)
@@ -149,9 +159,12 @@ def read_hf_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         try:
+            safetensors_header(file, "weights file")  # a regular file with a bounded, valid header
             tensors.update(load_file(str(file), device="cpu"))
-        except (SafetensorError, OSError) as e:
-            raise ModelFileError(f"{file} is not a readable safetensors file: {e}") from None
+        except FileNotFoundError:
+            raise ModelFileError(f"{file} is missing (named by {path / INDEX_FILE})") from None
+        except (SafetensorError, OSError, PathError) as e:
+            raise ModelFileError(f"{file} is not a readable safetensors file: {first_line(e)}") from None
     return tensors
 
 
@@ -207,7 +220,13 @@ def load_pretrained(path: str | os.PathLike, img_size: int | None = None, num_cl
                                    "model .safetensors file)", str(path / CONFIG_FILE))
     if is_hf_dir(path):
         source = config_from_hf(read_hf_config(path), str(path / CONFIG_FILE))
+        check_buildable(source, str(path / CONFIG_FILE))
         state = state_from_hf(read_hf_weights(path), str(path))
+        # Before building: the config must describe the weights (hidden_size 100000 beside a small file).
+        mismatch = file_mismatch(source, sum(t.numel() for t in state.values()), str(path / CONFIG_FILE),
+                                 optional_head=True)
+        if mismatch:
+            raise ModelFileError(mismatch)
     else:
         source = ViTConfig.from_dict(read_metadata(path)["config"])
         state = load_model(path).state_dict()

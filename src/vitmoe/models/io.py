@@ -6,15 +6,18 @@ does not depend on how a run split experts over processes.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, save_file
 
-from ..fileio import atomic_write
+from ..fileio import PathError, atomic_write
+from ..readers import safetensors_header
+from ..validation import show
 from .config import ViTConfig
 from .vit import VisionTransformer
 
@@ -46,38 +49,81 @@ def save_model(model: VisionTransformer, path: str | os.PathLike, metadata: dict
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a vitmoe model file, each entry JSON-decoded and the entries vitmoe reads
+    (config, dataset, classes, normalization) checked for their types: ModelFileError names the
+    entry. Read from the safetensors header alone, within its bounds (`vitmoe.readers`)."""
+    return _read_header(path)[0]
+
+
+def _read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """(metadata as `read_metadata` returns it, {tensor name: shape} of the file)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model checkpoint at {path}")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelFileError(f"{path} is not a readable safetensors file: {e}") from e
+        header, raw, _ = safetensors_header(path, "model file")
+    except PathError as e:
+        raise ModelFileError(f"{path} is not a readable safetensors file: {e}") from None
     if raw.get("format") != FORMAT:
-        raise ModelFileError(f"{path} is not a vitmoe model checkpoint (metadata format {raw.get('format')!r}, "
+        raise ModelFileError(f"{path} is not a vitmoe model checkpoint (metadata format {show(raw.get('format'))}, "
                              f"expected {FORMAT!r})")
     meta: dict[str, Any] = {}
     for key, value in raw.items():
         try:
             meta[key] = value if key == "format" else json.loads(value)
         except json.JSONDecodeError as e:
-            raise ModelFileError(f"{path}: metadata entry {key!r} is not JSON ({e.msg})") from None
+            raise ModelFileError(f"{path}: metadata entry {show(key)} is not JSON ({e.msg})") from None
+        except RecursionError:
+            raise ModelFileError(f"{path}: metadata entry {show(key)} is nested too deeply") from None
     if not isinstance(meta.get("config"), dict):
         raise ModelFileError(f"{path}: metadata entry 'config' must be a JSON object of model fields, "
                              f"got {type(meta.get('config')).__name__}")
-    return meta
+    problem = metadata_problem(meta)
+    if problem:
+        raise ModelFileError(f"{path}: metadata entry {problem}")
+    return meta, {name: entry["shape"] for name, entry in header.items()}
+
+
+def metadata_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with the entries vitmoe reads back from a model file's metadata, or None:
+    `dataset` a name, `classes` distinct names, `normalization` {mean, std} of finite numbers (std
+    > 0), one per channel. Written by the trainer; a file from elsewhere may hold anything."""
+    dataset, classes, norm = meta.get("dataset"), meta.get("classes"), meta.get("normalization")
+    if dataset is not None and not isinstance(dataset, str):
+        return f"'dataset' must be a dataset name, got {show(dataset)}"
+    if classes is not None and not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)
+                                    and len(set(classes)) == len(classes)):
+        return f"'classes' must be a list of distinct class names, got {show(classes)}"
+    if norm is not None:
+        ok = isinstance(norm, dict) and all(
+            isinstance(norm.get(k), list) and norm[k] and all(_finite(v) for v in norm[k]) for k in ("mean", "std"))
+        ok = ok and len(norm["mean"]) == len(norm["std"]) and all(v > 0 for v in norm["std"])
+        if not ok:
+            return (f"'normalization' must be {{mean: [...], std: [...]}}, one finite number per channel (std > 0), "
+                    f"got {show(norm)}")
+    return None
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu", **overrides: Any) -> VisionTransformer:
     """Rebuild the model a checkpoint was saved from and load its weights (strictly).
 
-    Overrides change non-structural fields (e.g. `eval_mode`, `capacity_factor_eval`).
+    Overrides change non-structural fields (e.g. `eval_mode`, `capacity_factor_eval`). Before any
+    weight is allocated, the recorded config is sized against the memory available and built on
+    PyTorch's "meta" device (shapes only) to be compared with the tensors the file's header lists: a
+    config that claims more than its file holds never allocates.
     """
-    meta = read_metadata(path)
+    meta, shapes = _read_header(path)
     try:
-        cfg = ViTConfig.from_dict(meta["config"]).replace(**overrides)
+        cfg = ViTConfig.from_dict(meta["config"]).replace(**overrides).validate()
+        with torch.device("meta"):
+            check_tensors(path, VisionTransformer(cfg), shapes)
         model = VisionTransformer(cfg)
+    except ModelFileError:
+        raise
     except ValueError as e:  # ConfigError included: the recorded config is not a valid model
         raise ModelFileError(f"{path}: its recorded model config is not valid: {e}") from None
     try:
@@ -89,16 +135,16 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     return model.to(map_location)
 
 
-def check_tensors(path: str | os.PathLike, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """The file's tensors are exactly the model's (names and shapes), or a ModelFileError that says
-    what differs: e.g. a 2-expert checkpoint offered to a 4-expert model."""
+def check_tensors(path: str | os.PathLike, model: torch.nn.Module, tensors: Mapping[str, Any]) -> None:
+    """The file's tensors (or their shapes: a header's) are exactly the model's (names and shapes), or a
+    ModelFileError that says what differs: e.g. a 2-expert checkpoint offered to a 4-expert model."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    shapes = [f"{k} {tuple(tensors[k].shape)} (model: {expected[k]})" for k in expected
-              if k in tensors and tuple(tensors[k].shape) != expected[k]]
+    found = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in tensors.items()}
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    shapes = [f"{k} {found[k]} (model: {expected[k]})" for k in expected if k in found and found[k] != expected[k]]
     if missing or extra or shapes:
         parts = ([f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}"] if missing else []) + \
-                ([f"unexpected {extra[:3]}{' ...' if len(extra) > 3 else ''}"] if extra else []) + \
+                ([f"unexpected {[show(k) for k in extra[:3]]}{' ...' if len(extra) > 3 else ''}"] if extra else []) + \
                 ([f"shape of {'; '.join(shapes[:3])}{' ...' if len(shapes) > 3 else ''}"] if shapes else [])
         raise ModelFileError(f"{path}: tensors do not match the model its config describes: {', '.join(parts)}")

@@ -5,7 +5,7 @@ import copy
 from typing import Any, Callable
 
 from ..moe import MoEConfig
-from ..validation import ConfigError
+from ..validation import ConfigError, divisors_text
 from .config import ViTConfig, normalize_keys
 from .vit import VisionTransformer
 
@@ -42,11 +42,10 @@ def model_config(name: str, **overrides: Any) -> ViTConfig:
     if width is not None and "num_heads" not in overrides and isinstance(width, int) and width != preset.embed_dim:
         head_dim = preset.embed_dim // preset.num_heads
         if width % head_dim:
-            options = [h for h in range(1, width + 1) if width % h == 0]
             raise ConfigError(
                 f"model field embed_dim={width} does not keep preset {name!r}'s head width {head_dim} "
                 f"({preset.num_heads} heads of d {preset.embed_dim}): choose the head count with --heads "
-                f"(model.num_heads), one of {options}")
+                f"(model.num_heads), {divisors_text(width)}")
         overrides["num_heads"] = width // head_dim
     return preset.replace(**overrides).validate()
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..moe import EVAL_MODES, MoELayer, collect_moe_outputs, find_moe_layers
+from .budget import check_buildable
 from .config import ViTConfig
 from .droppath import DropPath, drop_path_rates
 from .mlp import Mlp
@@ -121,6 +122,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, config: ViTConfig):
         super().__init__()
         self.config = cfg = config.validate()
+        check_buildable(cfg)  # arithmetic on the config: a model too large for memory fails before allocating
         D = cfg.embed_dim
         # One of the two tokenizers; the patch one keeps its name so older checkpoints load.
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D) if cfg.tokenizer == "patch" else None
