@@ -74,14 +74,14 @@ def test_merge_refuses_a_directory_the_input_and_a_runs_checkpoints(model_file, 
     assert main(["merge", str(model_file), str(folder)]) == 2
     _one_error_line(capsys, "is a directory")
     assert main(["merge", str(model_file), str(model_file)]) == 2
-    _one_error_line(capsys, "is the checkpoint being merged")
+    _one_error_line(capsys, "is the command's input")
     run = tmp_path / "run"
     (run / "checkpoints" / "epoch-0001").mkdir(parents=True)
     (run / "config.yaml").write_text("model: switch_vit\n")
     target = run / "checkpoints" / "epoch-0001" / "model.safetensors"
     target.write_bytes(b"the run's own weights")
     assert main(["merge", str(model_file), str(target)]) == 2
-    _one_error_line(capsys, "inside the checkpoints of run")
+    _one_error_line(capsys, "would replace its checkpoints/ of the run")
     assert target.read_bytes() == b"the run's own weights"
     assert sorted(p.name for p in folder.iterdir()) == []
 

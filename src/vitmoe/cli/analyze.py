@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from .common import CLIError, HelpFormatter, echo
-from .options import add_checkpoint_options, add_data_dir_option, add_dataset_option, add_device_option
+from .options import add_checkpoint_options, add_data_dir_option, add_dataset_option, add_device_option, seed_arg
 
 
 def add_parser(sub) -> None:
@@ -29,20 +29,25 @@ def add_parser(sub) -> None:
                    help="an expert is dead when its load share is below F / E (default 0.1)")
     p.add_argument("--batch", type=int, default=500, help="evaluation batch size")
     add_device_option(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of random routes (random-routing accuracy)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of random routes (random-routing accuracy)")
     p.add_argument("--out", default=None, help="output folder (default RUN/analysis)")
+    p.add_argument("--force", action="store_true", help="replace files of an earlier analysis in the output folder")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..outputs import check_output_folder
     from ..report.analysis import layer_summary, random_routing_report, record_routing, shares
     from ..report.analysis_plots import plot_class_experts, plot_position_experts, plot_routed_images
+    from .common import analysis_dir
     from .eval import prepare_eval
 
     if args.images < 0:
         raise CLIError(f"--images {args.images}: must be 0 or more")
     if not 0 <= args.dead_threshold <= 1:
         raise CLIError(f"--dead-threshold {args.dead_threshold}: must be in [0, 1]")
+    if args.out is not None:  # a folder that can never be written fails before the model and data load
+        check_output_folder(args.out, "--out")
     path, model, loader, dataset, classes, _ = prepare_eval(args.run, None, args.dataset, args.data_dir, args.batch,
                                                             args.device, args.seed, args.which, args.ema)
     if not model.moe_modules():
@@ -51,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(args.layers or []) - set(names))
     if unknown:
         raise CLIError(f"--layers {' '.join(unknown)}: not an MoE layer of {path}; its layers: {', '.join(names)}")
-    out = Path(args.out) if args.out else (Path(args.run) / "analysis" if Path(args.run).is_dir()
-                                           else Path(path).parent / "analysis")
+    out = Path(args.out) if args.out else analysis_dir(args.run, path)
+    tags = [n.replace(".", "_") for n in names if not args.layers or n in args.layers]
+    planned = ["analysis.json", *(f"{kind}_{tag}.png" for tag in tags for kind in ("classes", "positions", "routes"))]
+    check_output_folder(out, "--out", names=planned, force=args.force)
     out.mkdir(parents=True, exist_ok=True)
     rec = record_routing(model, loader, len(classes), keep_images=args.images)
     result = {"model_file": str(path), "dataset": dataset, "images": rec["images"], "test_acc": rec["acc"],

@@ -15,8 +15,11 @@ import shutil
 from pathlib import Path
 
 from ..fileio import atomic_write_text
+from ..outputs import check_output_folder
+from ..readers import load_json
+from ..rundir import is_run
 from .common import CLIError, HelpFormatter, echo
-from .options import add_data_dir_option, add_dataset_option, add_device_option
+from .options import add_data_dir_option, add_dataset_option, add_device_option, seed_arg
 
 MODELS = ("vit", "switch_vit", "random_vit")
 # How long `make demo` / `vitmoe demo` takes (measured; README's quick start states the same words).
@@ -124,7 +127,7 @@ def add_parser(sub) -> None:
     p.add_argument("--models", nargs="+", choices=list(FAMILIES), default=None,
                    help="model families to train (default: " + ", ".join(MODELS) + "; with --time-budget: "
                         + ", ".join(COMPARE_MODELS) + ")")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=seed_arg, default=0, help="random seed")
     p.add_argument("--threshold", type=float, default=None,
                    help="accuracy for the 'epochs to' column (default 75, or the recipe's)")
     add_device_option(p)
@@ -187,10 +190,10 @@ def _made_by_demo(out: Path) -> set[str] | None:
     if not marker.is_file():
         return None
     try:
-        made = json.loads(marker.read_text()).get("made", [])
-    except (OSError, ValueError, AttributeError):
+        made = load_json(marker, "demo marker", limit=100_000).get("made", [])
+    except (OSError, ValueError, AttributeError):  # PathError (a ValueError) included: trust nothing in it
         return set()
-    return {str(m) for m in made}
+    return {m for m in made if isinstance(m, str)} if isinstance(made, list) else set()
 
 
 def check_inputs(dataset: str, data_dir: str | None) -> None:
@@ -207,6 +210,9 @@ def claim_output(out: Path, run_dirs: list[Path], force: bool = False) -> None:
     `force`, removed too). Then mark the folder with what this demo makes."""
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} is a file; choose another --out")
+    check_output_folder(out, "--out")  # never a system folder, a run's internals, or under a file
+    if is_run(out):
+        raise CLIError(f"--out {out} is a training run: the demo writes its runs into a folder of its own")
     made = _made_by_demo(out)
     names = [d.name for d in run_dirs] + ["report"]
     if made is None and out.is_dir() and any(out.iterdir()) and not force:
@@ -264,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
     from .report import run as report_run
 
     code = report_run(argparse.Namespace(runs=[c.out for c in configs], out=str(out / "report"),
-                                         threshold=args.threshold))
+                                         threshold=args.threshold, force=True))  # claim_output made the folder ours
     if budget is not None:
         table = cost_table([c.out for c in configs], families)
         atomic_write_text(out / "report" / "cost.md",
@@ -293,7 +299,7 @@ def run_recipe(args: argparse.Namespace) -> int:
     from .report import run as report_run
 
     code = report_run(argparse.Namespace(runs=[c.out for c in configs], out=str(out / "report"),
-                                         threshold=configs[0].threshold))
+                                         threshold=configs[0].threshold, force=True))
     table = cost_table([c.out for c in configs], families)
     atomic_write_text(out / "report" / "cost.md", f"The {args.dataset} recipe, per model.\n\n" + table)
     echo(f"\nWhat each model did with the recipe's budget ({args.dataset}):\n")

@@ -5,7 +5,7 @@ import argparse
 import json
 
 from .common import CLIError, HelpFormatter, echo, model_file, warn
-from .options import add_checkpoint_options, add_data_dir_option, add_dataset_option, add_device_option
+from .options import add_checkpoint_options, add_data_dir_option, add_dataset_option, add_device_option, seed_arg
 
 
 def add_parser(sub) -> None:
@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
                    help="precision of the forward: off (float32), bf16 or fp16 autocast (default: the run's amp from "
                         "its config.yaml, as its training log's test accuracy was measured; off for a bare model file)")
     add_device_option(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the random draws in --mode random")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the random draws in --mode random")
     p.add_argument("--per-class", action="store_true",
                    help="also the accuracy of each class, by name (always shown for folder:PATH datasets)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -44,8 +44,9 @@ def add_parser(sub) -> None:
     p.add_argument("--priorities", nargs="+", choices=list(PRIORITIES), default=list(PRIORITIES),
                    help="with --capacity-factors: which copies an overflowing expert keeps (default both)")
     p.add_argument("--out", default=None,
-                   help="with --capacity-factors: output folder (default CHECKPOINT/analysis for a run directory, "
-                        "else next to the model file)")
+                   help="with --capacity-factors: output folder (default RUN/analysis for a run or its model "
+                        "files, else next to the model file)")
+    p.add_argument("--force", action="store_true", help="with --capacity-factors: replace an earlier curve's files")
     p.set_defaults(func=run)
 
 
@@ -201,18 +202,24 @@ def run(args: argparse.Namespace) -> int:
 def run_capacity_curve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..report.capacity import capacity_curve, curve_table, write_curve
+    from ..outputs import check_output_folder
+    from ..report.capacity import CURVE_FILES, capacity_curve, curve_table, write_curve
+    from .common import analysis_dir
 
     bad = [f for f in args.capacity_factors if not f > 0 or f != f or f == float("inf")]
     if bad:
         raise CLIError(f"--capacity-factors {bad[0]}: each factor must be a finite number > 0")
+    if args.out is not None:  # a folder that can never be written fails before the model and data load
+        check_output_folder(args.out, "--out", names=CURVE_FILES, force=args.force)
     path, model, loader, dataset, _, dev = prepare_eval(args.checkpoint, args.mode, args.dataset, args.data_dir,
                                                          args.batch, args.device, args.seed, args.which, args.ema)
+    out = args.out or (analysis_dir(args.checkpoint, path) if Path(args.checkpoint).is_dir() or
+                       (Path(path).parent.parent.name == "checkpoints") else Path(path).parent)
+    check_output_folder(out, "--out", names=CURVE_FILES, force=args.force)
     try:
         curve = capacity_curve(model, loader, dev, sorted(set(args.capacity_factors)), args.priorities)
     except ValueError as e:
         raise CLIError(f"--capacity-factors: {path}: {e}") from None
-    out = args.out or (Path(args.checkpoint) / "analysis" if Path(args.checkpoint).is_dir() else Path(path).parent)
     written = write_curve(curve, out, title=f"{Path(path).name} on {dataset}")
     if args.json:
         echo(json.dumps(curve))

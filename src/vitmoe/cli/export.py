@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
     p.add_argument("--merge", action="store_true",
                    help="merge an MoE model's experts first (uniform average, as `vitmoe merge`): exact for randomly "
                         "routed models evaluated in merged mode")
-    p.add_argument("--force", action="store_true", help="replace a model already in OUT")
+    p.add_argument("--force", action="store_true", help="replace a model already in OUT (never a run's own files)")
     p.set_defaults(func=run)
 
 
@@ -50,15 +50,6 @@ def outputs(fmt: str) -> tuple[str, ...]:
     if fmt == "hf":
         return CONFIG_FILE, SAFETENSORS_FILE, PREPROCESSOR_FILE
     return ONNX_FILE, PREPROCESSOR_FILE, LABELS_FILE
-
-
-def check_output(out, force: bool, fmt: str = "hf") -> None:
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"OUT {out} is a file: give a directory for {', '.join(outputs(fmt))}")
-    present = [n for n in outputs(fmt) if (out / n).exists()]
-    if present and not force:
-        raise CLIError(f"OUT {out} already holds {' and '.join(present)}: choose another directory or pass --force")
 
 
 def _merged(model, path):
@@ -82,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models.hf import PREPROCESSOR_FILE, export_hf, hf_export_problem, hf_preprocessor_config
     from ..models.onnx import export_onnx, onnx_export_problem
     from ..models.surgery import rgb_input
+    from ..outputs import check_output_folder
 
     if args.format == "onnx":
         from ..models.onnx import require_onnx
@@ -92,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"--format onnx: {e}") from None
     src = resolve_source(args.checkpoint, args.which, args.ema, log=warn)
     path, fmt = src.path, args.format
-    check_output(args.out, args.force, fmt)
+    check_output_folder(args.out, "OUT", names=outputs(fmt), force=args.force, inputs=[path])
     model = load_source_model(src)
     if model.config.is_moe and args.merge:
         model = _merged(model, path)

@@ -18,6 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="MoE model .safetensors file or run directory")
     p.add_argument("out", metavar="OUT", help="output .safetensors file")
     add_checkpoint_options(p)
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists (never a run's own files)")
     p.add_argument("--weighting", choices=["uniform", "usage"], default="uniform",
                    help="uniform average, or weighted by the tokens each expert received in training "
                         "(recorded in the run's checkpoint state)")
@@ -30,10 +31,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..models import load_model, merge_experts, read_metadata, save_model
+    from ..outputs import check_output_file
     from ..training.checkpoints.checkpoint import STATE_FILE, load_state, verify_checkpoint
 
     path = model_file(args.checkpoint, args.which, args.ema)
-    check_output(Path(args.out), path)
+    check_output_file(args.out, "OUT", force=args.force, inputs=[path])
     try:
         meta = read_metadata(path)
     except ValueError as e:
@@ -71,21 +73,3 @@ def run(args: argparse.Namespace) -> int:
     echo(f"merged {len(moe)} MoE layer(s) ({args.weighting}): {n_before:,} -> {n_after:,} parameters; wrote {out}")
     return 0
 
-
-def check_output(out, source, made: str = "merged") -> None:
-    """Refuse, before any work, an OUT that would clobber a folder, the input, or a run's checkpoints.
-    `made`: what the command makes of its input ("merged", "upcycled"), for the messages."""
-    from pathlib import Path
-
-    from ..rundir import CHECKPOINT_DIR
-
-    out = Path(out)
-    if out.is_dir():
-        raise CLIError(f"OUT {out} is a directory: give the {made} model a file name, e.g. {out / f'{made}.safetensors'}")
-    resolved = out.resolve()
-    if resolved == Path(source).resolve():
-        raise CLIError(f"OUT {out} is the checkpoint being {made}: choose another file")
-    for parent in resolved.parents:
-        if parent.name == CHECKPOINT_DIR and (parent.parent / "config.yaml").is_file():
-            raise CLIError(f"OUT {out} is inside the checkpoints of run {parent.parent}: {made} models are written "
-                           "outside a run's checkpoints, which hold its training state")

@@ -18,13 +18,15 @@ def add_parser(sub) -> None:
     p.add_argument("--threshold", type=float, default=None,
                    help="accuracy (percent) of the t_epoch column and the plot's threshold line (default: each run's "
                         "own threshold, from its summary; 75 for runs that do not record one)")
+    p.add_argument("--force", action="store_true", help="replace the files of an earlier report in --out")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..report import ReportWarning, RunFormatError, make_report
+    from ..outputs import check_output_folder
+    from ..report import ReportWarning, RunFormatError, load_run, make_report, report_files
     from .common import CLIError
 
     missing = [r for r in args.runs if not Path(r).is_dir()]
@@ -35,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ReportWarning)
         try:
-            files = make_report(args.runs, args.out, threshold=args.threshold)
+            runs = [load_run(r) for r in args.runs]
+            check_output_folder(args.out, "--out", names=report_files(runs), force=getattr(args, "force", False))
+            files = make_report(runs, args.out, threshold=args.threshold)
         except RunFormatError as e:
             raise CLIError(str(e)) from None
     for w in caught:  # e.g. runs of several datasets in one table, a killed run, a truncated metrics line

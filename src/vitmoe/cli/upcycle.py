@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from .common import CLIError, HelpFormatter, echo
+from .options import seed_arg
 
 DESCRIPTION = """\
 Write an MoE model initialised from a dense one (sparse upcycling, Komatsuzaki et al. 2022): the
@@ -52,15 +53,16 @@ def add_parser(sub) -> None:
                    help="Drop-Upcycling: re-initialise this fraction of each expert's hidden units (default 0)")
     p.add_argument("--noise-std", type=float, default=0.0, metavar="S",
                    help="add N(0, S^2) noise to every expert weight (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --drop-upcycling and --noise-std (default 0)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of --drop-upcycling and --noise-std (default 0)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists (never a run's own files)")
     p.set_defaults(func=run)
 
 
 def model_overrides(args: argparse.Namespace) -> dict:
     """The upcycle() overrides of a command line: preset < flags < --set."""
-    import yaml
-
     from ..models import model_config
+    from ..readers import parse_yaml
+    from ..validation import show
     from ..moe import router_class
     from ..training.config import parse_set
 
@@ -72,9 +74,9 @@ def model_overrides(args: argparse.Namespace) -> dict:
         o.update(moe_layers=preset.moe_layers, num_experts=preset.num_experts, moe=preset.moe)
     if args.layers is not None:
         try:
-            o["moe_layers"] = yaml.safe_load(args.layers)
-        except yaml.YAMLError:
-            raise CLIError(f"--layers {args.layers!r}: all, every_other, last:K or a list such as [1,3]") from None
+            o["moe_layers"] = parse_yaml(args.layers, "--layers")
+        except ValueError:  # PathError: not YAML, or aliases past the bound
+            raise CLIError(f"--layers {show(args.layers)}: all, every_other, last:K or a list such as [1,3]") from None
     if args.experts is not None:
         o["num_experts"] = args.experts
     if args.router is not None:
@@ -123,19 +125,21 @@ def load_dense(path: Path, is_hf: bool):
 
 
 def run(args: argparse.Namespace) -> int:
+    import math
+
     from ..models import save_model, upcycle
     from ..moe import router_class
-    from .merge import check_output
+    from ..outputs import check_output_file
 
     if not 0.0 <= args.drop_upcycling <= 1.0:
         raise CLIError(f"--drop-upcycling {args.drop_upcycling}: a fraction in [0, 1]")
-    if not args.noise_std >= 0.0:
-        raise CLIError(f"--noise-std {args.noise_std}: a number >= 0")
+    if not (math.isfinite(args.noise_std) and args.noise_std >= 0.0):
+        raise CLIError(f"--noise-std {args.noise_std}: a finite number >= 0")
     if not Path(args.src).exists():
         raise CLIError(f"SRC {args.src} does not exist")
     overrides = model_overrides(args)
     path, is_hf = source_file(args.src)
-    check_output(Path(args.out), path, made="upcycled")
+    check_output_file(args.out, "OUT", force=args.force, inputs=[path])
     dense, meta = load_dense(path, is_hf)
     if dense.config.is_moe:
         raise CLIError(f"SRC {args.src} is already an MoE model (MoE blocks {dense.config.moe_block_indices()}); "

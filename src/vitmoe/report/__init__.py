@@ -24,7 +24,7 @@ from .table import results_table
 from .verdict import nearest_twins, plot_vs_twins, verdict_table
 
 __all__ = [
-    "make_report", "ReportFiles", "load_run", "results_table", "RunResult", "RunFormatError",
+    "make_report", "report_files", "ReportFiles", "load_run", "results_table", "RunResult", "RunFormatError",
     "ReportWarning", "epochs_to_threshold", "plot_accuracy", "plot_expert_load",
     "expert_load_matrix", "DEFAULT_THRESHOLD",
 ]
@@ -58,6 +58,26 @@ def _file_stem(name: str) -> str:
     return stem or "run"
 
 
+def heatmap_stems(runs: list[RunResult]) -> dict[int, str]:
+    """{index of a run that gets an expert-load heatmap: its file stem} (filename-safe run names,
+    duplicates numbered _2, _3, ...)."""
+    stems: dict[int, str] = {}
+    for i, run in enumerate(runs):
+        if latest_expert_load(run) is None and not run.is_moe:
+            continue
+        stem, k = _file_stem(run.name), 2
+        while stem in stems.values():
+            stem, k = f"{_file_stem(run.name)}_{k}", k + 1
+        stems[i] = stem
+    return stems
+
+
+def report_files(runs: list[RunResult]) -> list[str]:
+    """The names :func:`make_report` may write for `runs` (checked before anything is written)."""
+    twins = [VS_DENSE_PNG] if nearest_twins(group_runs(runs)) else []
+    return [RESULTS_MD, ACCURACY_PNG, *twins, *(f"expert_load_{stem}.png" for stem in heatmap_stems(runs).values())]
+
+
 def make_report(run_dirs: Iterable[Union[str, os.PathLike, RunResult]],
                 out_dir: str | os.PathLike, threshold: float | None = None) -> ReportFiles:
     """Load ``run_dirs`` (in order) and write the report into ``out_dir``; `threshold` (percent)
@@ -76,16 +96,9 @@ def make_report(run_dirs: Iterable[Union[str, os.PathLike, RunResult]],
 
     accuracy_png = plot_accuracy(runs, out / ACCURACY_PNG, threshold=threshold)
     heatmaps: dict[str, Path] = {}
-    used: set[str] = set()
-    for run in runs:
-        if latest_expert_load(run) is None and not run.is_moe:
-            continue
-        stem, k = _file_stem(run.name), 2
-        while stem in used:
-            stem, k = f"{_file_stem(run.name)}_{k}", k + 1
-        png = plot_expert_load(run, out / f"expert_load_{stem}.png")
+    for i, stem in heatmap_stems(runs).items():
+        png = plot_expert_load(runs[i], out / f"expert_load_{stem}.png")
         if png is not None:
-            used.add(stem)
             heatmaps[stem] = png
 
     lines = [results_table(runs, threshold=threshold).rstrip("\n")]  # its notes explain every column

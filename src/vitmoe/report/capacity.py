@@ -114,12 +114,15 @@ def curve_table(curve: dict) -> str:
     return "\n".join(lines)
 
 
+CURVE_FILES = ("capacity.json", "capacity.md", "capacity.png")
+
+
 def write_curve(curve: dict, out_dir: str | Path, title: str = "") -> list[Path]:
     """capacity.json, capacity.md and capacity.png (accuracy against the factor and against
     the MoE FLOPs spent) in `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "capacity.json", out / "capacity.md", out / "capacity.png"]
+    paths = [out / name for name in CURVE_FILES]
     atomic_write_bytes(paths[0], json.dumps(curve, indent=2).encode())
     atomic_write_bytes(paths[1], (curve_table(curve) + "\n").encode())
     _plot(curve, paths[2], title)
@@ -154,4 +157,4 @@ def _plot(curve: dict, path: Path, title: str) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-__all__ = ["eval_capacity", "evaluate_spent", "capacity_curve", "curve_table", "write_curve", "PRIORITIES"]
+__all__ = ["CURVE_FILES", "eval_capacity", "evaluate_spent", "capacity_curve", "curve_table", "write_curve", "PRIORITIES"]

@@ -24,7 +24,9 @@ the lock of the one process writing it, and whether `--out` may take a folder.
   a fresh run refuses a run that has a checkpoint (resume it instead). Anything else is somebody's
   folder: refused, unless `force`, and even then vitmoe never replaces a file it did not write
   (config.yaml, metrics.jsonl, summary.json, checkpoints/, tensorboard/ must be absent; its
-  lock file and launcher.log are only ever added to). The filesystem root is always refused.
+  lock file and launcher.log are only ever added to). The filesystem root, system folders
+  (`fileio.system_folder`), a path under a file and a folder inside another run's checkpoints/ are
+  always refused.
 
 Importing this module does not import torch (the report reads runs without it).
 """
@@ -95,6 +97,35 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     except Exception:  # noqa: BLE001 - unreadable: not a run of ours
         return False
     return isinstance(data, dict) and "model" in data
+
+
+SHADOWING_FILES = ("model.safetensors", "ema.safetensors", "config.json", "model.safetensors.index.json",
+                   "pytorch_model.bin")
+"""Names that change what a run directory is read as (a checkpoint folder, a transformers directory)."""
+RUN_INTERNALS = (CHECKPOINT_DIR, TENSORBOARD_DIR)
+"""Folders of a run that only its trainer writes."""
+
+
+def is_run(folder: Path) -> bool:
+    """A folder vitmoe trains in: a run (config and records), one with checkpoints, or one held by a trainer
+    now (a run that has not written its config yet)."""
+    try:
+        return folder.is_dir() and (is_run_dir(folder) or has_checkpoint(folder) or (folder / LOCK_FILE).is_file())
+    except OSError:
+        return False
+
+
+def run_owning(path: Path) -> tuple[Path, str] | None:
+    """(run, what) when writing `path` would write a run's own file: its records, its checkpoints or
+    tensorboard logs, or a name that shadows them; else None."""
+    real = Path(os.path.realpath(path))
+    if real.name in (*RUN_FILES, *SHADOWING_FILES) and is_run(real.parent):
+        return real.parent, f"its own {real.name}"
+    for folder in real.parents:
+        if folder.name in RUN_INTERNALS and is_run(folder.parent):
+            return folder.parent, f"its {folder.name}/"
+    return None
+
 
 _LEFTOVERS = {LOCK_FILE, LAUNCHER_LOG}  # what a run that never started may leave: the folder is still empty
 _HOLDER_WAIT_S = 1.0  # a lock just taken is written within microseconds; a momentary probe is gone as fast
@@ -246,13 +277,23 @@ def check_run_dir(run_dir: str | os.PathLike, resume: bool = False, force: bool 
                   check_lock: bool = True) -> None:
     """Raise RunDirError unless `run_dir` may receive this run (see the module docstring).
     `check_lock=False` when the caller holds the lock itself."""
+    from ..fileio import file_in_the_way, system_folder
+
     out = Path(run_dir)
+    if out.resolve() == Path(out.resolve().anchor):
+        raise RunDirError(f"--out {out} is the filesystem root; choose a directory for the run")
+    if (where := system_folder(out, folder=True)) is not None:
+        raise RunDirError(f"--out {out}: vitmoe never writes into the system folder {where}; choose a folder "
+                          "of your own")
+    if (blocker := file_in_the_way(out)) is not None:
+        raise RunDirError(f"--out {out}: {blocker} is a file, not a folder; choose another --out")
+    if (owner := run_owning(out)) is not None:
+        raise RunDirError(f"--out {out} would write into {owner[1]} of the run {owner[0]}; choose a folder "
+                          "outside that run")
     if out.exists() and not out.is_dir():
         raise RunDirError(f"run directory {out} is a file, not a directory; choose another --out")
     if not out.exists():
         return
-    if out.resolve() == Path(out.resolve().anchor):
-        raise RunDirError(f"--out {out} is the filesystem root; choose a directory for the run")
     if check_lock and (holder := lock_holder(out)) is not None:
         raise in_use_error(out, holder)
     holds_checkpoints = has_checkpoint(out)  # usable or not: a run lives there
@@ -291,5 +332,5 @@ def lock_run_dir(run_dir: str | os.PathLike, resume: bool = False, force: bool =
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "SUMMARY_FILE", "CHECKPOINT_DIR", "TENSORBOARD_DIR", "LOCK_FILE",
            "LAUNCHER_LOG", "RUN_FILES", "LATEST", "BEST", "POINTERS", "EPOCH_DIR_RE", "epoch_dir_name",
-           "all_epoch_dirs", "has_checkpoint", "is_run_dir", "RunDirError", "RunLock", "lock_holder",
+           "all_epoch_dirs", "has_checkpoint", "is_run_dir", "is_run", "run_owning", "SHADOWING_FILES", "RunDirError", "RunLock", "lock_holder",
            "describe_holder", "check_run_dir", "lock_run_dir"]

@@ -105,7 +105,9 @@ def write_metrics(run_dir: str | os.PathLike, rows: Iterable[dict[str, Any]]) ->
 def append_metrics(run_dir: str | os.PathLike, row: dict[str, Any]) -> None:
     """Add one epoch's row to metrics.jsonl (a crash mid-write leaves at most a truncated last
     line, which `read_metrics` ignores)."""
-    with open(Path(run_dir) / METRICS_FILE, "a") as f:
+    from ..fileio import open_append
+
+    with open_append(Path(run_dir) / METRICS_FILE) as f:
         f.write(json.dumps(row) + "\n")
         f.flush()
 
