@@ -11,15 +11,20 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+from ..validation import show
 from .common import CLIError, HelpFormatter, echo, warn
 from .options import add_data_dir_option, add_dataset_option
 
 PLAN_FILE = "sweep.json"
+OWNED = ("seed", "out")
+"""Fields the sweep sets for each member (seed 0..N-1, OUT/<cell>/seed-<s>): a --set or --grid of them
+would make members identical (a CI of 0 over N copies of one run) or send them outside the sweep."""
 
 
 def add_parser(sub) -> None:
@@ -55,24 +60,73 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _field(key: str) -> str:
+    """A key as TrainConfig.updated reads it (dashes are underscores)."""
+    return key.strip().replace("-", "_")
+
+
+def canonical(text: str, where: str) -> str:
+    """A grid value as one spelling of the value the member's config will hold: YAML-parsed (as --set
+    parses it), a number written as text (1e-3, which YAML 1.1 reads as a string) made the number, then
+    written back as YAML flow text that parses to the same value ('0.001', "'yes'" for the string yes).
+    Values that differ only in spelling or quoting (4 and 4.0, 1e-3 and 0.001, topk and 'topk') get one
+    canonical text, so they are one member, never two directories holding the same run."""
+    import yaml
+
+    from ..readers import yaml_value
+
+    try:
+        value = yaml_value(text, where)
+    except ValueError as e:  # PathError: aliases past the bound
+        raise CLIError(str(e)) from None
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None and math.isfinite(number):
+            value = number
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        value = int(value)
+    return yaml.safe_dump(value, default_flow_style=True, width=10**9).removesuffix("\n...\n").strip()
+
+
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """{key: [canonical values]} of the --grid flags; a repeated value (in any spelling), a repeated key
+    or a field the sweep owns (OWNED) is a CLIError."""
     grid: dict[str, list[str]] = {}
     for item in items:
         key, sep, values = item.partition("=")
+        key = key.strip()
         vals = [v.strip() for v in values.split(",") if v.strip()]
-        if not sep or not key.strip() or not vals:
-            raise CLIError(f"--grid {item!r}: write KEY=V1,V2,... (e.g. --grid model.num_experts=1,4,8)")
-        if key.strip() in grid:
-            raise CLIError(f"--grid {key.strip()} is given twice: list all its values in one --grid")
-        if len(set(vals)) != len(vals):
-            raise CLIError(f"--grid {item!r}: a value is repeated")
-        grid[key.strip()] = vals
+        if not sep or not key or not vals:
+            raise CLIError(f"--grid {show(item)}: write KEY=V1,V2,... (e.g. --grid model.num_experts=1,4,8)")
+        if _field(key) in OWNED:
+            raise CLIError(f"--grid {key}: the sweep sets {key} itself (seeds 0..N-1 with --seeds N, members in "
+                           "OUT/<cell>/seed-<s>); sweep other fields")
+        if key in grid:
+            raise CLIError(f"--grid {key} is given twice: list all its values in one --grid")
+        canon = [canonical(v, f"--grid {key}") for v in vals]
+        seen: dict[str, str] = {}
+        for raw, c in zip(vals, canon):
+            if c in seen:
+                raise CLIError(f"--grid {key}: values {show(seen[c])} and {show(raw)} are the same value ({c}): "
+                               "list each value once")
+            seen[c] = raw
+        grid[key] = canon
     return grid
 
 
 def cell_name(cell: dict[str, str]) -> str:
-    name = "_".join(f"{k}={v}" for k, v in cell.items()) or "base"
-    return re.sub(r"[^A-Za-z0-9._=,-]+", "-", name)
+    """The member folder of a grid cell: its key=value pairs, with characters a file name should not
+    hold replaced; then a short hash of the exact text is added, so two cells never share a folder."""
+    import hashlib
+
+    text = "_".join(f"{k}={v}" for k, v in cell.items()) or "base"
+    name = re.sub(r"[^A-Za-z0-9._=,-]+", "-", text)[:120]
+    if name != text:
+        name += "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return name
 
 
 def member_argv(args: argparse.Namespace, cell: dict[str, str], seed: int, out: Path) -> list[str]:
@@ -96,6 +150,12 @@ def plan(args: argparse.Namespace) -> tuple[dict, list[tuple[dict[str, str], int
     if args.epochs is None and args.time_budget is None and args.config is None:
         raise CLIError("give --epochs or --time-budget (or a --config that sets epochs): a member would train "
                        "for the default 350 epochs")
+    from ..training.config import parse_set
+
+    owned = sorted({_field(k) for k in parse_set(args.set)} & set(OWNED))
+    if owned:
+        raise CLIError(f"--set {owned[0]}=...: the sweep sets {owned[0]} itself (seeds 0..N-1 with --seeds N, members "
+                       "in OUT/<cell>/seed-<s>); a fixed one would make every seed the same run")
     grid = parse_grid(args.grid)
     root = Path(args.out)
     cells = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
@@ -178,38 +238,58 @@ def _check_members(args, members) -> None:
 def finished(out: Path) -> bool:
     """Whether a member ran to its end: its summary says it used its epochs or its time budget
     (the trainer rewrites summary.json after every epoch, so a killed run has one too)."""
+    from ..readers import load_json
+
     try:
-        s = json.loads((out / "summary.json").read_text())
+        s = load_json(out / "summary.json", "summary")
         return bool(s.get("stopped_by_budget")) or int(s["epochs"]) >= int(s["epochs_planned"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # PathError (a ValueError) included
         return False
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..outputs import check_output_folder
+    from ..readers import load_json
     from ..report import load_run
-    from ..report.sweep import sweep_results
+    from ..report.sweep import SWEEP_FILES, sweep_results
+    from ..rundir import LOCK_FILE, RunLock, has_checkpoint, is_run_dir
 
     recorded, members = plan(args)
     root = Path(args.out)
+    check_output_folder(root, "--out")
+    if is_run_dir(root) or has_checkpoint(root):
+        raise CLIError(f"--out {root} is a training run: a sweep writes its members into a folder of its own")
     saved = root / PLAN_FILE
     if saved.is_file():
         try:
-            previous = json.loads(saved.read_text())
+            previous = load_json(saved, "sweep plan")
         except (OSError, ValueError) as e:
             raise CLIError(f"{saved} is unreadable ({e}): choose another --out") from None
         if previous != recorded:
             raise CLIError(f"{root} holds another sweep ({PLAN_FILE} differs from this command): choose another --out")
-    elif root.exists() and any(root.iterdir()):
+    elif root.exists() and any(p.name != LOCK_FILE for p in root.iterdir()):
         raise CLIError(f"--out {root} is not empty and not a sweep: choose another folder")
     if args.member is not None and not 0 <= args.member < len(members):
         raise CLIError(f"--member {args.member}: the sweep has members 0 to {len(members) - 1}")
+    for name in (PLAN_FILE, *SWEEP_FILES):  # the sweep's own files: rewritten on every resume, never a link or device
+        check_output_folder(root, "--out", names=[name], force=True)
     _check_members(args, members)
     if args.dry_run:
         for cell, seed, out in members:
             echo(f"{out}: vitmoe train {' '.join(member_argv(args, cell, seed, out))}")
         return 0
-    root.mkdir(parents=True, exist_ok=True)
-    from ..fileio import atomic_write_bytes
+    # One whole sweep per folder: a second one fails here, naming the first's pid. Jobs of one member each
+    # (--member) run side by side by design; each member's own run lock keeps two off one member.
+    lock = RunLock(root).acquire() if args.member is None else None
+    try:
+        return _run_members(args, root, saved, recorded, members, load_run, sweep_results)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_members(args, root: Path, saved: Path, recorded: dict, members, load_run, sweep_results) -> int:
+    from ..fileio import atomic_write_bytes, check_write_target, open_append
 
     atomic_write_bytes(saved, json.dumps(recorded, indent=2).encode())
     failed = []
@@ -224,15 +304,17 @@ def run(args: argparse.Namespace) -> int:
         argv = ["--resume", str(out)] if resume else [*member_argv(args, cell, seed, out), "--force"]
         echo(f"{tag}: {'resuming' if resume else 'training'}")
         log = root / "logs" / f"{cell_name(cell)}-seed-{seed}.log"
-        log.parent.mkdir(exist_ok=True)
-        with open(log, "ab") as fh:
+        check_write_target(log).parent.mkdir(exist_ok=True)
+        with open_append(log, binary=True) as fh:  # a regular file: never a FIFO or a link planted there
             code = subprocess.call([sys.executable, "-m", "vitmoe", "train", *argv], stdout=fh, stderr=subprocess.STDOUT)
         if code != 0:
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
             warn(f"{tag}: exit status {code}: {tail[0]} (log: {log})")
             failed.append(tag)
-            if code == 2:  # bad input: every member would fail alike
-                raise CLIError(f"sweep stopped: {tag} rejected its configuration (see {log})")
+            if code == 2:  # bad input (or a member folder in use): every member would fail alike
+                lines = log.read_text(errors="replace").splitlines()
+                why = next((ln for ln in reversed(lines) if ln.startswith("vitmoe: error: ")), tail[0])
+                raise CLIError(f"sweep stopped: {tag} failed: {why.removeprefix('vitmoe: error: ')} (log: {log})")
     done = [(cell, load_run(out)) for cell, _, out in members if finished(out)]
     if done and args.member is None:
         text, files = sweep_results(done, list(recorded["grid"]), root, getattr(args, "twins", None))

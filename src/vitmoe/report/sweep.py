@@ -24,6 +24,10 @@ def sweep_groups(done: list[tuple[dict[str, str], RunResult]]) -> list[tuple[dic
     return list(out.values())
 
 
+SWEEP_FILES = ("sweep.md", "sweep_results.json", "sweep.png", "vs_dense.png")
+"""What `sweep_results` may write into the sweep folder."""
+
+
 def sweep_results(done: list[tuple[dict[str, str], RunResult]], keys: list[str], root: Path,
                   twins: dict[str, dict[str, str]] | None = None) -> tuple[str, list[Path]]:
     """Write sweep.md, sweep_results.json and sweep.png into `root`; returns (markdown, paths).
