@@ -211,12 +211,13 @@ def load_json(path: str | os.PathLike, what: str = "file", limit: int = MAX_JSON
 
 
 # -- safetensors ---------------------------------------------------------------------------------------
-def safetensors_header(path: str | os.PathLike, what: str = "model file",
-                       limit: int = MAX_HEADER_BYTES) -> tuple[dict[str, dict], dict[str, str], int]:
+def safetensors_header(path: str | os.PathLike, what: str = "model file", limit: int = MAX_HEADER_BYTES,
+                       within_file: bool = True) -> tuple[dict[str, dict], dict[str, str], int]:
     """(tensor entries {name: {dtype, shape, data_offsets}}, metadata {str: str}, file size) of a
     safetensors file, read from its header alone: the announced header length is checked against
     `limit` and the file size before it is read, every entry's shape and offsets are checked to be
-    non-negative integers within the file. PathError names the file and what is wrong."""
+    non-negative integers (and, with `within_file`, to end within the file; a caller that reports
+    truncation itself passes False). PathError names the file and what is wrong."""
     where = f"{what} {path}"
     with open_regular(path, what) as f:
         size = os.fstat(f.fileno()).st_size
@@ -240,7 +241,8 @@ def safetensors_header(path: str | os.PathLike, what: str = "model file",
         ok = (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
               and isinstance(entry.get("shape"), list) and _ints(entry["shape"])
               and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
-              and _ints(entry["data_offsets"]) and entry["data_offsets"][0] <= entry["data_offsets"][1] <= data_size)
+              and _ints(entry["data_offsets"]) and entry["data_offsets"][0] <= entry["data_offsets"][1]
+              and (entry["data_offsets"][1] <= data_size or not within_file))
         if not ok:
             raise PathError(f"{where}: its safetensors header entry {name[:80]!r} is not a tensor within the file "
                             "(dtype, shape, data_offsets)")

@@ -75,16 +75,16 @@ def analysis_dir(source, path):
 def model_file(source, which: str = "latest", ema: bool = False):
     """The model file `source` (a file, run or checkpoint directory) means, as
     add_checkpoint_options chose; says so when a run's best accuracy was its EMA's and the raw weights are read."""
-    import json
     from pathlib import Path
 
+    from ..readers import load_json
     from ..training import resolve_model_file
 
     path = resolve_model_file(source, log=warn, which=which, weights="ema" if ema else "model")
     if which == "best" and not ema and Path(source).is_dir():
         try:
-            best = json.loads((Path(source) / "summary.json").read_text()).get("best_model")
-        except (OSError, ValueError, AttributeError):
+            best = load_json(Path(source) / "summary.json", "summary").get("best_model")
+        except (OSError, ValueError, AttributeError):  # PathError included: only a note depends on it
             best = None
         if best == "ema":
             warn(f"the best test accuracy of {source} was its EMA's: pass --ema to read ema.safetensors")

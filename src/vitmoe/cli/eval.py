@@ -50,19 +50,11 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def saved_data_dir(checkpoint, model_file) -> str | None:
-    """The `data_dir` in the config.yaml of the run that `checkpoint` (a run directory, a checkpoint
-    directory or a model file inside one) belongs to; None when there is none."""
-    value = saved_config(checkpoint, model_file).get("data_dir")
-    return str(value) if value else None
-
-
 def saved_config(checkpoint, model_file) -> dict:
     """The config.yaml of the run that `checkpoint` belongs to ({} when there is none or it is unreadable)."""
     from pathlib import Path
 
-    import yaml
-
+    from ..readers import load_yaml
     from ..rundir import CHECKPOINT_DIR
 
     model_file = Path(model_file)
@@ -71,12 +63,14 @@ def saved_config(checkpoint, model_file) -> dict:
         candidates.append(model_file.parent.parent.parent)
     for d in candidates:
         cfg_file = d / "config.yaml"
-        if cfg_file.is_file():
-            try:
-                saved = yaml.safe_load(cfg_file.read_text()) or {}
-            except (OSError, yaml.YAMLError):
-                return {}
-            return saved if isinstance(saved, dict) else {}
+        if cfg_file.exists():
+            # The run's data settings: a damaged config.yaml (binary, not YAML, a FIFO) is one error
+            # naming it, not a traceback and not a silent fallback to other data.
+            saved = load_yaml(cfg_file, "run config") or {}
+            if not isinstance(saved, dict):
+                raise CLIError(f"run config {cfg_file} is not a mapping of settings: the run's data settings "
+                               "cannot be read (pass --dataset and --data-dir)")
+            return saved
     return {}
 
 
@@ -99,9 +93,10 @@ def prepare_eval(checkpoint, mode=None, dataset=None, data_dir=None, batch=500, 
     dataset = dataset or meta.get("dataset")
     if not dataset:
         raise CLIError(f"{path} does not record its dataset; pass --dataset")
-    saved = saved_config(checkpoint, path)
+    # The run's config.yaml is read only for what it is needed for: where the data is, how a folder is read.
+    saved = saved_config(checkpoint, path) if data_dir is None or is_folder(dataset) else {}
     if data_dir is None:  # where the run found its data (an explicit --data-dir wins)
-        data_dir = saved_data_dir(checkpoint, path)
+        data_dir = str(saved["data_dir"]) if saved.get("data_dir") else None
     dev = resolve_device(device)
     overrides = {"moe": {"eval_mode": mode}} if mode else {}
     model = load_model(path, map_location=dev, **overrides)

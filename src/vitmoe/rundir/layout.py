@@ -84,16 +84,16 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     path = Path(path)
     config = path / CONFIG_FILE
     try:
-        if not config.is_file() or config.stat().st_size > 1_000_000:
+        if not config.is_file():
             return False
     except OSError:
         return False
     if not ((path / CHECKPOINT_DIR).is_dir() or (path / METRICS_FILE).is_file()):
         return False
     try:
-        import yaml
+        from ..readers import load_yaml
 
-        data = yaml.safe_load(config.read_text(encoding="utf-8"))
+        data = load_yaml(config)  # bounded: size, aliases, regular files (a FIFO never blocks)
     except Exception:  # noqa: BLE001 - unreadable: not a run of ours
         return False
     return isinstance(data, dict) and "model" in data

@@ -117,9 +117,13 @@ def read_metrics(path: str | os.PathLike, warn: Callable[[str], None] = lambda m
     """Parse metrics.jsonl, one row per epoch in epoch order. A truncated last line is skipped and
     an epoch logged twice (a resumed run) keeps its later row, each with a `warn` message; any
     other bad line raises RunFormatError naming file and line."""
+    from vitmoe.readers import read_text  # absolute: this package is also read on its own (tests)
+
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    try:
+        lines = read_text(path, "metrics file").splitlines()
+    except ValueError as e:  # PathError: not text, too large, not a regular file
+        raise RunFormatError(str(e)) from None
     last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)  # only it may be truncated
     by_epoch: dict[int, dict[str, Any]] = {}
     for i, line in enumerate(lines):
@@ -133,6 +137,8 @@ def read_metrics(path: str | os.PathLike, warn: Callable[[str], None] = lambda m
                 warn(f"{path}:{lineno}: ignoring truncated last line ({e.msg})")
                 continue
             raise RunFormatError(f"{path}:{lineno}: malformed JSON line: {e.msg} (column {e.colno})") from None
+        except RecursionError:
+            raise RunFormatError(f"{path}:{lineno}: nested too deeply to be a metrics record") from None
         if not isinstance(rec, dict):
             raise RunFormatError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
         for key in ("epoch", "test_acc"):
@@ -153,12 +159,17 @@ def read_metrics(path: str | os.PathLike, warn: Callable[[str], None] = lambda m
 
 def read_summary(path: str | os.PathLike) -> dict[str, Any]:
     """Parse summary.json (a JSON object); RunFormatError names file and line when it is not."""
+    from vitmoe.readers import read_text  # absolute: this package is also read on its own (tests)
+
     path = Path(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(read_text(path, "summary"))  # bounded; a regular file (a FIFO never blocks)
     except json.JSONDecodeError as e:
         raise RunFormatError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+    except RecursionError:
+        raise RunFormatError(f"{path}: nested too deeply to be a summary") from None
+    except ValueError as e:  # PathError: not text, too large, not a regular file
+        raise RunFormatError(str(e)) from None
     if not isinstance(data, dict):
         raise RunFormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -167,14 +178,13 @@ def read_summary(path: str | os.PathLike) -> dict[str, Any]:
 def read_config(path: str | os.PathLike, warn: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """config.yaml as a plain mapping ({} with a `warn` message when it cannot be read): the raw
     data for fallbacks; TrainConfig.from_yaml is what loads it as a config."""
+    from vitmoe.readers import load_yaml  # absolute: this package is also read on its own (tests)
+
     path = Path(path)
     try:
-        import yaml
-
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        data = load_yaml(path)
     except Exception as e:  # noqa: BLE001 - a fallback source: never fatal
-        warn(f"{path}: cannot read config ({type(e).__name__}: {e}); ignoring it")
+        warn(f"{path}: cannot read config ({' '.join(str(e).split())[:300]}); ignoring it")
         return {}
     if data is None:
         return {}

@@ -35,6 +35,8 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ...fileio import atomic_write_text, dir_mode, disk_full_message, is_disk_full
+from ...readers import read_bytes
+from ...validation import show
 from ...models import save_model
 from ...rundir.layout import (BEST, CHECKPOINT_DIR, EPOCH_DIR_RE, LATEST, all_epoch_dirs, epoch_dir_name,  # noqa: F401
                               has_checkpoint)
@@ -78,9 +80,9 @@ def _write_pointer(ckdir: Path, name: str, target: str) -> None:
 
 
 def _read_pointer(ckdir: Path, name: str) -> str | None:
-    try:
-        return (ckdir / name).read_text().strip() or None
-    except (OSError, ValueError):
+    try:  # a pointer is one short line: a FIFO or a huge file planted there is no pointer
+        return read_bytes(ckdir / name, "checkpoint pointer", limit=4096).decode("utf-8").strip() or None
+    except (OSError, ValueError):  # PathError and UnicodeDecodeError are ValueErrors
         return None
 
 
@@ -103,6 +105,22 @@ def candidates(run_dir: str | os.PathLike, which: str = "latest") -> list[Path]:
     return first + [p for p in reversed(dirs) if p not in first]
 
 
+def pointer_problem(run_dir: str | os.PathLike, which: str) -> str | None:
+    """Why the `which` pointer of a run that has checkpoints names none of them (missing, unreadable,
+    naming a folder that is gone), or None when it names an existing checkpoint folder. Readers then
+    fall back to the newest checkpoint that verifies, and say so (a `best` that silently became the
+    latest would report the wrong model)."""
+    ckdir = Path(run_dir) / CHECKPOINT_DIR
+    if not all_epoch_dirs(run_dir):
+        return None
+    target = _read_pointer(ckdir, which)
+    if target is None:
+        return f"{ckdir / which} is missing or unreadable"
+    if not (EPOCH_DIR_RE.match(target) and (ckdir / target).is_dir()):
+        return f"{ckdir / which} names {show(target)}, which is not a checkpoint folder of the run"
+    return None
+
+
 def _no_usable(run_dir, problems: list[str]) -> CheckpointError:
     more = f" ({len(problems) - 1} older checkpoint(s) fail too)" if len(problems) > 1 else ""
     return CheckpointError(f"no usable checkpoint in {Path(run_dir) / CHECKPOINT_DIR}: {problems[0]}{more}")
@@ -114,10 +132,14 @@ def find_checkpoint(run_dir: str | os.PathLike, which: str = "latest", files: It
     is reported through `log`. None when the run has no checkpoint; CheckpointError, naming the
     newest one's problem, when it has some and none verifies."""
     files, problems = tuple(files), []
+    # `latest` falling back to the newest checkpoint is what it means; `best` falling back is not.
+    pointer = pointer_problem(run_dir, which) if which != LATEST else None
     for d in candidates(run_dir, which):
         problem = checkpoint_problem(d, files)
         if problem is None:
             if log is not None:
+                if pointer is not None:
+                    log(f"{pointer}: using {d.name}, the newest checkpoint that verifies, instead of the {which} one")
                 for p in problems:
                     log(f"skipped a checkpoint that does not verify: {p}; using {d.name}")
             return d

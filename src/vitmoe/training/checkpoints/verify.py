@@ -7,12 +7,13 @@ present, its model file is as long as its safetensors header announces, its stat
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import struct
 from pathlib import Path
 from typing import Any, Iterable
 
+from ...fileio import PathError
+from ...readers import MAX_CONFIG_BYTES, load_json, open_regular, safetensors_header
 from .safe_state import STATE_FILE, CheckpointError, load_state
 
 MODEL_FILE = "model.safetensors"
@@ -43,7 +44,7 @@ class HashingFile:
 
 def file_digest(path: Path) -> tuple[int, str]:
     h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
+    with open_regular(path, "checkpoint file") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
             size += len(chunk)
@@ -53,18 +54,17 @@ def file_digest(path: Path) -> tuple[int, str]:
 def check_safetensors(path: Path) -> None:
     """The file is a whole safetensors file: its size is what its header announces."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular(path, "checkpoint file") as f:
             head = f.read(8)
-            n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
-            if n is None or n > size - 8:
-                raise CheckpointError(f"{path} is truncated ({size:,} bytes): not a whole safetensors file")
-            header = json.loads(f.read(n))
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        header, _, size = safetensors_header(path, "checkpoint file", within_file=False)  # bounded
+        end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
     except OSError as e:
         raise CheckpointError(f"{path} cannot be read: {e.strerror or e}") from None
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-        raise CheckpointError(f"{path} is damaged: its safetensors header is not valid") from None
+    except PathError as e:
+        if "truncated" in str(e):
+            raise CheckpointError(f"{path} is truncated: not a whole safetensors file") from None
+        raise CheckpointError(f"{path} is damaged: {e}") from None
     if 8 + n + end != size:
         raise CheckpointError(f"{path} is truncated or damaged: {size:,} bytes where its header announces "
                               f"{8 + n + end:,}")
@@ -74,13 +74,13 @@ def read_manifest(d: Path) -> dict[str, Any] | None:
     """The files the manifest records ({name: {size, sha256}}); None when there is no manifest."""
     path = d / MANIFEST_FILE
     try:
-        manifest = json.loads(path.read_text())
+        manifest = load_json(path, "checkpoint manifest", MAX_CONFIG_BYTES)
     except FileNotFoundError:
         return None
     except OSError as e:
         raise CheckpointError(f"{path} cannot be read: {e.strerror or e}") from None
-    except ValueError:
-        raise CheckpointError(f"{path} is damaged (not JSON)") from None
+    except ValueError as e:  # PathError: not JSON, too large, not a regular file
+        raise CheckpointError(f"{path} is damaged ({e})") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
         raise CheckpointError(f"{path} is not a vitmoe checkpoint manifest (format {MANIFEST_FORMAT!r})")
