@@ -15,10 +15,17 @@ from .routers.base import Copies, Routing
 
 
 def expert_capacity(tokens: int, top_k: int, num_experts: int, factor: float | None, minimum: int = 0) -> int | None:
-    """C = ceil(factor * tokens * k / E), at least `minimum`; None means dropless."""
+    """C = ceil(factor * tokens * k / E), at least `minimum`, at most `tokens`; None means dropless.
+
+    An expert never receives more than `tokens` copies (a token sends each of its k copies to a
+    different expert), so any larger C drops nothing and only sizes buffers: capping it makes every
+    finite factor work (1e18 overflowed after a whole epoch) with the same result."""
     if not factor:
         return None
-    return max(math.ceil(factor * tokens * top_k / num_experts), minimum)
+    share = factor * top_k / num_experts
+    if share >= 1:  # also where factor * tokens would overflow a float
+        return tokens
+    return min(max(math.ceil(share * tokens), minimum), tokens)
 
 
 class Dispatch(NamedTuple):
