@@ -12,12 +12,25 @@ when shrinking; the aspect ratio is not kept) into a uint8 cache `PATH/.vitmoe-c
 labels written atomically, then manifest.json. The manifest holds a key of every file's name, class, size and mtime plus the image size, split settings and `skip_bad_images`: an unchanged folder
 loads the arrays memory-mapped in well under a second, a changed one is decoded again. Normalisation
 statistics come from the training split.
+
+Hostile folders: only regular files are images (a FIFO named `x.png` is refused, or skipped with
+`skip_bad_images`, never opened: it would block); an unreadable class folder is an error naming it,
+not an empty class; a folder of one class trains with a warning (its accuracy is 100 % by
+construction). The cache is never trusted further than it is checked: a `.vitmoe-cache` (or its
+`s{N}` folder, or a file in it) that is a link is refused, and every manifest field's type, the
+arrays' shapes, dtypes and label range and the class names in order are checked when read back (a
+cache that fails is rebuilt). Arrays are written through memory maps whose blocks are reserved
+first (`posix_fallocate`), so a full disk is one DiskFullError that leaves no temporary file behind,
+never a SIGBUS.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..fileio import atomic_write, atomic_write_text
+from ..fileio import DiskFullError, PathError, atomic_write, atomic_write_text, disk_full_message, kind_of
+from ..readers import MAX_CONFIG_BYTES, load_json, open_regular
 from .info import DatasetError, DatasetInfo, ImageData, folder_path
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -44,13 +58,18 @@ class FolderScan:
     classes: list[str]
     files: list[tuple[str, int, str | None, int, int]]  # (path relative to root, label, split or None, size, mtime_ns)
     has_test: bool
+    special: list[str] | None = None  # image names that are not regular files (FIFOs, devices), with skip_bad
 
 
-def list_images(folder: Path) -> list[Path]:
+def list_images(folder: Path, where: str | None = None) -> list[Path]:
     """The image files under `folder` (by extension, IMAGE_EXTS), recursively, sorted; hidden files and
-    folders (a `.vitmoe-cache`) skipped."""
+    folders (a `.vitmoe-cache`) skipped. A folder that cannot be listed is a DatasetError (os.walk would
+    skip it, and a class would look empty); `where` names the dataset in it."""
+    def fail(e: OSError) -> None:
+        raise DatasetError(f"{where or 'images'}: cannot read folder {e.filename}: {e.strerror}") from None
+
     out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=fail):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         out.extend(Path(dirpath) / f for f in filenames
                    if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTS)
@@ -61,8 +80,9 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
 
 
-def scan_folder(root: Path) -> FolderScan:
-    """List the images (names, sizes, mtimes; nothing decoded) and check the layout."""
+def scan_folder(root: Path, skip_bad: bool = False) -> FolderScan:
+    """List the images (names, sizes, mtimes; nothing decoded) and check the layout. An image name
+    that is not a regular file (a FIFO, a device) is an error, or with `skip_bad` listed in `special`."""
     where = f"folder dataset {root}"
     if not root.is_dir():
         raise DatasetError(f"{where}: {'not a directory' if root.exists() else 'does not exist'} "
@@ -71,15 +91,19 @@ def scan_folder(root: Path) -> FolderScan:
     train_dir = root / "train" if (root / "train").is_dir() else root
     if train_dir == root and test_dir is not None:
         raise DatasetError(f"{where}: has {test_dir.name}/ but no train/ folder (expected {root}/train/CLASS/*)")
-    class_dirs = _class_dirs(train_dir)
+    try:
+        class_dirs = _class_dirs(train_dir)
+    except OSError as e:
+        raise DatasetError(f"{where}: cannot read folder {train_dir}: {e.strerror}") from None
     if not class_dirs:
         raise DatasetError(f"{where}: no images: no class folders in {train_dir} "
                            f"(expected {train_dir}/CLASS/*.png|jpg|jpeg|bmp|webp)")
     classes = [d.name for d in class_dirs]
     files: list[tuple[str, int, str | None, int, int]] = []
+    special: list[str] = []
 
     def add(folder: Path, label: int, split: str | None) -> None:
-        found = list_images(folder)
+        found = list_images(folder, where)
         if not found:
             raise DatasetError(f"{where}: class folder {folder} holds no images ({', '.join(IMAGE_EXTS)})")
         for p in found:
@@ -87,6 +111,12 @@ def scan_folder(root: Path) -> FolderScan:
                 st = p.stat()
             except OSError as e:
                 raise DatasetError(f"{where}: cannot read {p}: {e.strerror}") from None
+            if not stat.S_ISREG(st.st_mode):  # opening a FIFO would block until someone writes to it
+                if not skip_bad:
+                    raise DatasetError(f"{where}: {p} is {kind_of(st.st_mode)}, not an image file (remove it, or "
+                                       "pass --skip-bad-images)")
+                special.append(p.relative_to(root).as_posix())
+                continue
             files.append((p.relative_to(root).as_posix(), label, split, int(st.st_size), int(st.st_mtime_ns)))
 
     for label, d in enumerate(class_dirs):
@@ -100,7 +130,7 @@ def scan_folder(root: Path) -> FolderScan:
                 raise DatasetError(f"{where}: test class folder {d} is not a training class "
                                    f"(classes in {train_dir}: {', '.join(classes)})")
             add(d, classes.index(d.name), "test")
-    return FolderScan(root, classes, files, test_dir is not None)
+    return FolderScan(root, classes, files, test_dir is not None, special)
 
 
 def split_indices(labels: np.ndarray, test_fraction: float, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
@@ -121,7 +151,7 @@ def decode_image(path: Path, img_size: int, gray: bool) -> np.ndarray:
     """One image as uint8 [C, img_size, img_size] (Pillow: convert, then antialiased bilinear resize)."""
     from PIL import Image
 
-    with Image.open(path) as im:
+    with open_regular(path, "image") as f, Image.open(f) as im:  # a file swapped for a FIFO never blocks
         if im.mode.startswith("I") or im.mode == "F":
             # 16/32-bit and float images: Pillow's convert to 8 bits clips at 255 instead of scaling.
             im = _to_8bit(im)
@@ -146,7 +176,7 @@ def _to_8bit(im):
 def _image_mode(path: Path) -> str:
     from PIL import Image
 
-    with Image.open(path) as im:
+    with open_regular(path, "image") as f, Image.open(f) as im:
         return im.mode
 
 
@@ -165,7 +195,7 @@ class FolderData:
 def _key(scan: FolderScan, img_size: int, test_fraction: float, skip_bad: bool) -> str:
     spec = {"version": CACHE_VERSION, "img_size": img_size, "files": scan.files, "classes": scan.classes,
             "test_fraction": None if scan.has_test else float(test_fraction), "split_seed": SPLIT_SEED,
-            "skip_bad_images": bool(skip_bad)}
+            "skip_bad_images": bool(skip_bad), **({"special": scan.special} if scan.special else {})}
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
 
 
@@ -188,6 +218,61 @@ def _bad(where: str, path: Path, exc: BaseException) -> DatasetError:
                         f"(fix or remove it, or pass --skip-bad-images)")
 
 
+CACHE_FILES = ("manifest.json", "train.npy", "test.npy", "train-labels.npy", "test-labels.npy")
+
+
+def _check_cache_dir(cache: Path, base: Path) -> None:
+    """Refuse a cache reached through a link (`base`, every folder below it down to `cache`, and the
+    cache's files): vitmoe deletes and rewrites files there, which must never be somewhere else."""
+    below = cache.relative_to(base).parts
+    parts = [base] + [base.joinpath(*below[:i + 1]) for i in range(len(below))]
+    for p in parts + [cache / f for f in CACHE_FILES]:
+        try:
+            st = os.lstat(p)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as e:
+            raise DatasetError(f"image cache {p} cannot be used: {e.strerror}") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise DatasetError(f"image cache {p} is a symbolic link: vitmoe writes and deletes files in its cache, "
+                               "so it never follows one there; remove the link")
+        wanted = stat.S_ISDIR if p in parts else stat.S_ISREG
+        if not wanted(st.st_mode):
+            raise DatasetError(f"image cache {p} is {kind_of(st.st_mode)}, not the "
+                               f"{'folder' if p in parts else 'file'} vitmoe writes there; remove it")
+
+
+def _remove_stale_temps(cache: Path) -> None:
+    """Temporary files of builds whose process is gone (killed, or a disk that filled before this
+    version reserved its blocks): they would keep the disk full."""
+    for p in cache.glob(".*"):
+        fields = p.name.split(".")
+        pid = next((int(f) for f in fields[2:] if f.isdigit()), None)
+        if pid is None or not (p.name.startswith(".all.") or p.name.endswith(".tmp")) or not p.is_file():
+            continue
+        try:
+            os.kill(pid, 0)
+            alive = pid != os.getpid() or p.name.startswith(".all.")  # our own leftovers are stale too
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:  # another user's live process
+            alive = True
+        if not alive:
+            p.unlink(missing_ok=True)
+
+
+def _reserved_array(path: str | os.PathLike, shape: tuple[int, ...]) -> np.ndarray:
+    """A new uint8 .npy file mapped for writing, its disk blocks reserved before the first write: a
+    write through a map onto a full disk kills the process with SIGBUS, a reservation that fails is
+    an ENOSPC OSError here (the caller removes the file)."""
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    with open(path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size:
+            os.posix_fallocate(f.fileno(), 0, size)  # glibc writes zeros where the filesystem cannot reserve
+    return arr
+
+
 def _build(scan: FolderScan, img_size: int, test_fraction: float, skip_bad: bool, cache: Path, key: str) -> dict:
     from tqdm import tqdm
 
@@ -204,11 +289,15 @@ def _build(scan: FolderScan, img_size: int, test_fraction: float, skip_bad: bool
             bad.add(i)
     chans = 1 if gray else 3
     cache.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(cache)
     # no manifest while the arrays are rewritten: an interrupted build is never taken for an older valid one
     (cache / "manifest.json").unlink(missing_ok=True)
     all_path = cache / f".all.{os.getpid()}.npy"
-    arr = np.lib.format.open_memmap(all_path, mode="w+", dtype=np.uint8, shape=(len(paths), chans, img_size, img_size))
+    shape = (len(paths), chans, img_size, img_size)
+    needed = 2 * math.prod(shape)  # the decoded images, then the same again split into train and test
+    arr = None
     try:
+        arr = _reserved_array(all_path, shape)
         for i, p in enumerate(tqdm(paths, desc=f"decoding {root.name}", unit="img", disable=None, leave=False)):
             if i in bad:
                 continue
@@ -220,7 +309,7 @@ def _build(scan: FolderScan, img_size: int, test_fraction: float, skip_bad: bool
                 bad.add(i)
         good = np.array([i for i in range(len(paths)) if i not in bad], dtype=np.int64)
         if good.size == 0:
-            raise DatasetError(f"{where}: no readable images ({len(bad)} skipped)")
+            raise DatasetError(f"{where}: no readable images ({len(bad) + len(scan.special or [])} skipped)")
         labels = np.array([scan.files[i][1] for i in good], dtype=np.int64)
         if scan.has_test:
             is_test = np.array([scan.files[i][2] == "test" for i in good])
@@ -236,11 +325,16 @@ def _build(scan: FolderScan, img_size: int, test_fraction: float, skip_bad: bool
                 raise DatasetError(f"{where}: class {scan.classes[missing[0]]!r} has no readable training images")
             _write_split(cache, what, arr, good[idx], labels[idx])
         mean, std = _stats(np.load(cache / "train.npy", mmap_mode="r"))
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise DiskFullError(disk_full_message(f"the image cache of {root}", cache, needed), cache) from None
+        raise
     finally:
         del arr
         all_path.unlink(missing_ok=True)
+    skipped = sorted([scan.files[i][0] for i in bad] + list(scan.special or []))
     manifest = {"key": key, "version": CACHE_VERSION, "root": str(root), "img_size": img_size, "in_chans": chans,
-                "classes": scan.classes, "mean": mean, "std": std, "skipped": [scan.files[i][0] for i in sorted(bad)],
+                "classes": scan.classes, "mean": mean, "std": std, "skipped": skipped,
                 "train": int(train_idx.size), "test": int(test_idx.size)}
     atomic_write_text(cache / "manifest.json", json.dumps(manifest, indent=1))  # last: the cache is now valid
     return manifest
@@ -248,13 +342,14 @@ def _build(scan: FolderScan, img_size: int, test_fraction: float, skip_bad: bool
 
 def _write_split(cache: Path, split: str, arr: np.ndarray, rows: np.ndarray, labels: np.ndarray) -> None:
     def write_images(tmp: str) -> None:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(rows),) + arr.shape[1:])
+        out = _reserved_array(tmp, (len(rows),) + arr.shape[1:])
         for s in range(0, len(rows), _CHUNK):
             out[s:s + _CHUNK] = arr[rows[s:s + _CHUNK]]
         out.flush()
         del out
 
     atomic_write(cache / f"{split}.npy", write_images, size=int(len(rows) * np.prod(arr.shape[1:])))
+
     def write_labels(tmp: str) -> None:
         with open(tmp, "wb") as fh:
             np.save(fh, labels)
@@ -262,40 +357,80 @@ def _write_split(cache: Path, split: str, arr: np.ndarray, rows: np.ndarray, lab
     atomic_write(cache / f"{split}-labels.npy", write_labels)
 
 
-def _read_manifest(cache: Path, key: str) -> dict | None:
+def _finite_list(v, n: int, positive: bool = False) -> bool:
+    return (isinstance(v, list) and len(v) == n and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive)
+        for x in v))
+
+
+def _read_manifest(cache: Path, key: str, scan: FolderScan | None = None, img_size: int | None = None) -> dict | None:
+    """The cache's manifest if the cache is valid for `key` (and the folder `scan` at `img_size`), else
+    None (it is rebuilt). Everything read back is checked: the manifest's field types, the class names
+    in order, every array's dtype, shape, length and label range; files must be regular files."""
     try:
-        manifest = json.loads((cache / "manifest.json").read_text())
-    except (OSError, ValueError):
+        manifest = load_json(cache / "manifest.json", "image cache manifest", MAX_CONFIG_BYTES * 64)
+    except (OSError, ValueError):  # PathError included: a broken manifest means a rebuild
         return None
-    ok = isinstance(manifest, dict) and manifest.get("key") == key and all(
-        (cache / f).is_file() for f in ("train.npy", "test.npy", "train-labels.npy", "test-labels.npy"))
-    if ok:  # another build with other options may have rewritten the arrays since: counts must agree
-        try:
-            ok = all(len(np.load(cache / f"{split}{part}.npy", mmap_mode="r")) == manifest.get(split)
-                     for split in ("train", "test") for part in ("", "-labels"))
-        except (OSError, ValueError):
-            ok = False
-    return manifest if ok else None
+    if not isinstance(manifest, dict) or manifest.get("key") != key:
+        return None
+    chans, classes = manifest.get("in_chans"), manifest.get("classes")
+    counts = [manifest.get(split) for split in ("train", "test")]
+    ok = (manifest.get("version") == CACHE_VERSION and chans in (1, 3)
+          and (img_size is None or manifest.get("img_size") == img_size)
+          and isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)
+          and (scan is None or classes == scan.classes)
+          and _finite_list(manifest.get("mean"), chans if chans in (1, 3) else -1)
+          and _finite_list(manifest.get("std"), chans if chans in (1, 3) else -1, positive=True)
+          and isinstance(manifest.get("skipped"), list) and all(isinstance(x, str) for x in manifest["skipped"])
+          and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts))
+    if not ok:
+        return None
+    side = manifest.get("img_size")
+    try:
+        for split, n in zip(("train", "test"), counts):
+            for part in ("", "-labels"):
+                if not stat.S_ISREG(os.lstat(cache / f"{split}{part}.npy").st_mode):
+                    return None
+            images = np.load(cache / f"{split}.npy", mmap_mode="r")  # never pickles (allow_pickle=False)
+            labels = np.load(cache / f"{split}-labels.npy", mmap_mode="r")
+            if images.dtype != np.uint8 or images.shape != (n, chans, side, side):
+                return None
+            if labels.dtype.kind not in "iu" or labels.shape != (n,):
+                return None
+            if n and not (0 <= int(labels.min()) and int(labels.max()) < len(classes)):
+                return None
+    except (OSError, ValueError, TypeError):
+        return None
+    return manifest
 
 
 def _writable(folder: Path) -> bool:
     """Whether the cache can live in `folder` (an existing cache there, or a folder we may write to)."""
+    cache = folder / CACHE_DIR
+    if os.path.islink(cache):  # refused when used (_check_cache_dir), never written through
+        return True
     try:
-        (folder / CACHE_DIR).mkdir(exist_ok=True)
+        cache.mkdir(exist_ok=True)
     except OSError:  # read-only folder or filesystem
         return False
-    return os.access(folder / CACHE_DIR, os.W_OK)
+    return os.access(cache, os.W_OK)
 
 
 def cache_dir_of(root: Path, img_size: int, data_dir: str | os.PathLike[str] | None = None) -> Path:
     """`PATH/.vitmoe-cache/s{img_size}`, or, when PATH cannot be written, a folder of its own under the
-    data directory (`--data-dir`, `$DATA`, `./data`): `folder-cache/NAME-HASH/s{img_size}`."""
+    data directory (`--data-dir`, `$DATA`, `./data`): `folder-cache/NAME-HASH/s{img_size}`. A cache
+    reached through a symbolic link is refused (DatasetError)."""
     if _writable(root):
-        return root / CACHE_DIR / f"s{img_size}"
+        cache = root / CACHE_DIR / f"s{img_size}"
+        _check_cache_dir(cache, root / CACHE_DIR)
+        return cache
     from .sources import resolve_data_dir
 
     tag = hashlib.sha256(str(root).encode()).hexdigest()[:12]
-    return resolve_data_dir(data_dir) / "folder-cache" / f"{root.name or 'root'}-{tag}" / f"s{img_size}"
+    base = resolve_data_dir(data_dir) / "folder-cache"
+    cache = base / f"{root.name or 'root'}-{tag}" / f"s{img_size}"
+    _check_cache_dir(cache, base)
+    return cache
 
 
 _MEMO: dict[tuple, tuple[str, FolderData]] = {}
@@ -314,12 +449,12 @@ def prepare_folder(name: str, img_size: int | None = None, test_fraction: float 
     opts = (str(root), img_size, test_fraction, bool(skip_bad_images))
     if not rescan and opts in _MEMO:
         return _MEMO[opts][1]
-    scan = scan_folder(root)
+    scan = scan_folder(root, skip_bad_images)
     key = _key(scan, img_size, test_fraction, skip_bad_images)
     if opts in _MEMO and _MEMO[opts][0] == key:
         return _MEMO[opts][1]
     cache = cache_dir_of(root, img_size, data_dir)
-    manifest = _read_manifest(cache, key)
+    manifest = _read_manifest(cache, key, scan, img_size)
     if manifest is None:
         try:
             manifest = _build(scan, img_size, test_fraction, skip_bad_images, cache, key)
@@ -329,6 +464,10 @@ def prepare_folder(name: str, img_size: int | None = None, test_fraction: float 
     if manifest["skipped"]:
         warnings.warn(f"folder dataset {root}: skipped {len(manifest['skipped'])} unreadable image(s) "
                       f"(--skip-bad-images), e.g. {manifest['skipped'][0]}", stacklevel=2)
+    if len(manifest["classes"]) == 1:
+        warnings.warn(f"folder dataset {root} has one class ({manifest['classes'][0]}): every prediction is that "
+                      "class, so test accuracy is 100 % whatever the model learns; add a folder per class",
+                      stacklevel=2)
     info = DatasetInfo(name=f"folder:{root}", num_classes=len(manifest["classes"]), in_chans=manifest["in_chans"],
                        img_size=img_size, mean=tuple(manifest["mean"]), std=tuple(manifest["std"]),
                        crop_padding=max(1, img_size // 8), hflip=True, classes=list(manifest["classes"]))
