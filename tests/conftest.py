@@ -128,3 +128,15 @@ def folder_run(tmp_path_factory):
                "--epochs", "2", "--batch", "6", "--device", "cpu", "--out", str(run), "--lr", "0.01", *TINY_SETS])
     assert rc == 0
     return root, run, new
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A real 1-epoch switch_vit run on digits (TINY_SETS width, 4 experts): run directory with config,
+    records and one verified checkpoint. Tests that change it work on a copy (`shutil.copytree`)."""
+    from vitmoe.cli.main import main
+
+    run = tmp_path_factory.mktemp("tiny_run") / "run"
+    assert main(["train", "--dataset", "digits", "--epochs", "1", "--batch", "256", "--experts", "4",
+                 "--out", str(run), *TINY_SETS]) == 0
+    return run

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ...fileio import atomic_write_text, dir_mode, disk_full_message, is_disk_full
+from ...fileio import atomic_write_text, dir_mode, disk_full_message, is_disk_full, kind_of
 from ...readers import read_bytes
 from ...validation import show
 from ...models import save_model
@@ -342,6 +342,8 @@ def resolve_model_file(path: str | os.PathLike, log: Callable[[str], None] | Non
             raise CheckpointError(f"{p} is a model file: the EMA weights are read from a run or checkpoint directory")
         return p
     if not p.is_dir():
+        if os.path.exists(p):  # a FIFO, a device: never opened (reading one would block or never end)
+            raise CheckpointError(f"{p} is {kind_of(os.stat(p).st_mode)}, not a model file or run directory")
         raise CheckpointError(f"{p} does not exist")
     if (p / MODEL_FILE).is_file():  # a checkpoint directory
         if not (p / name).is_file():

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 from ...data import DATASETS
 from ...models import ViTConfig
+from ...models.budget import check_buildable
 from ...models.registry import list_models
 from ...moe import EVAL_MODES
 from ...readers import yaml_value
@@ -356,6 +357,7 @@ class TrainConfig:
             set_model_field(nested, str(key), value)
         self.model_config = nested
         mc = self._model = resolve_model_config(self)  # the one build of the run's model config
+        check_buildable(mc, "the model")  # a model too large for memory fails here, before any data loads
         if self.ep_size > 1:
             experts = mc.experts_per_moe_block()
             f.need(bool(experts), "ep_size", "1 for a dense model (expert parallelism needs MoE layers)")
