@@ -48,7 +48,11 @@ def add_parser(sub) -> None:
 
 
 def check_out(out: str | None, force: bool) -> Path | None:
-    """--out: a .csv or .json file whose folder exists; an existing file only with --force."""
+    """--out: a .csv or .json file whose folder exists; an existing file only with --force (and never
+    what `vitmoe.outputs` protects)."""
+    from ..fileio import file_in_the_way
+    from ..outputs import check_output_file
+
     if out is None:
         return None
     path = Path(out)
@@ -56,11 +60,9 @@ def check_out(out: str | None, force: bool) -> Path | None:
         raise CLIError(f"--out {out}: give a file ending in {' or '.join(OUT_FORMATS)} (the format is taken from it)")
     if path.is_dir():
         raise CLIError(f"--out {out} is a folder: give a file name ending in {' or '.join(OUT_FORMATS)}")
-    if not path.parent.is_dir() and str(path.parent) != "":
+    if not path.parent.is_dir() and str(path.parent) != "" and file_in_the_way(path) is None:
         raise CLIError(f"--out {out}: the folder {path.parent} does not exist")
-    if path.exists() and not force:
-        raise CLIError(f"--out {out} already exists: choose another file or pass --force to replace it")
-    return path
+    return check_output_file(path, "--out", force=force)  # vitmoe.outputs: never a run's files, a link, a device
 
 
 def to_csv(predictions, k: int) -> str:

@@ -16,7 +16,6 @@ directory its image-processor config (ViTImageProcessor's defaults without one).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any, Callable
 from ..data.preprocess import Preprocessing
 from ..models import ModelFileError, VisionTransformer, read_metadata
 from ..models.hf import PREPROCESSOR_FILE, is_hf_dir, load_pretrained, read_hf_config
+from ..readers import MAX_CONFIG_BYTES, load_json
 
 
 @dataclass
@@ -185,8 +185,8 @@ def _hf_preprocessing(path: Path, model: VisionTransformer) -> Preprocessing:
     if not file.is_file():
         return Preprocessing(cfg.img_size, chans, (_HF_DEFAULT_MEAN,) * chans, (_HF_DEFAULT_STD,) * chans, cfg.img_size)
     try:
-        p = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        p = load_json(file, "preprocessor config", MAX_CONFIG_BYTES)  # bounded, a regular file, one-line errors
+    except (OSError, ValueError) as e:  # PathError (a ValueError) included
         raise ModelFileError(f"{file} is not a readable JSON file: {e}") from None
     if not isinstance(p, dict):
         raise ModelFileError(f"{file} must hold a JSON object")
