@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..readers import open_regular
 from . import download as dl
 from .info import DATASETS, DatasetError, ImageData
 from .sources import describe, resolve_data_dir, search_roots
@@ -73,7 +74,7 @@ def _read_batch(path: Path, name: str, label_key: str, num_classes: int) -> tupl
             f"(delete it so the archive is extracted or downloaded again)"
         )
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path, name) as fh:  # regular files only: a FIFO would block the reader
             # latin1: the official pickles were written by Python 2 and hold byte strings.
             entry = _ArrayUnpickler(fh, encoding="latin1").load()
     except Exception as exc:  # EOFError, UnpicklingError, ValueError from a cut numpy buffer, ...

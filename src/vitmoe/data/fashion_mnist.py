@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import struct
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..readers import open_regular
 from . import download as dl
 from .info import DATASETS, DatasetError, ImageData
 from .sources import describe, resolve_data_dir, search_roots
@@ -51,7 +53,9 @@ def _read_idx(path: Path, header_format: str, item_bytes) -> tuple[tuple[int, ..
     """
     header_len = struct.calcsize(header_format)
     try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as fh:
+        # regular files only (vitmoe.readers): a FIFO in the data folder would block the reader
+        with open_regular(path, NAME) as raw, (gzip.GzipFile(fileobj=raw) if path.suffix == ".gz"
+                                               else contextlib.nullcontext(raw)) as fh:
             head = fh.read(header_len)
             if len(head) < header_len:
                 raise DatasetError(f"{NAME}: {path} is truncated: {len(head)} bytes is shorter than the "
@@ -176,13 +180,13 @@ def _idx_header(path: Path, size: int) -> tuple[tuple[int, ...], int]:
     raw files by their size, .gz files by the gzip trailer (ISIZE, the length mod 2**32)."""
     try:
         if path.suffix == ".gz":
-            with gzip.open(path, "rb") as fh:
+            with open_regular(path, NAME) as f, gzip.GzipFile(fileobj=f) as fh:
                 raw = fh.read(size)
-            with open(path, "rb") as fh:
+            with open_regular(path, NAME) as fh:
                 fh.seek(-4, os.SEEK_END)
                 length = struct.unpack("<I", fh.read(4))[0]
         else:
-            with open(path, "rb") as fh:
+            with open_regular(path, NAME) as fh:
                 raw = fh.read(size)
             length = path.stat().st_size
     except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..fileio import DiskFullError, PathError, atomic_write, atomic_write_text, disk_full_message, kind_of
+from ..fileio import DiskFullError, atomic_write, atomic_write_text, disk_full_message, kind_of
 from ..readers import MAX_CONFIG_BYTES, load_json, open_regular
 from .info import DatasetError, DatasetInfo, ImageData, folder_path
 
