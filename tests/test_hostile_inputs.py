@@ -19,10 +19,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, TINY_SETS
-from hostile_utils import deadline, one_error, snapshot
+from hostile_utils import deadline, one_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file, save_file
 
 import vitmoe
 from vitmoe.cli.main import main
@@ -326,7 +325,6 @@ def test_a_huge_width_is_answered_at_once(capsys, stop_before_work, tmp_path):
 # -- 4. model files: generated headers and metadata -------------------------------------------------------
 @pytest.fixture(scope="module")
 def moe_bytes():
-    import io
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
