@@ -185,6 +185,24 @@ def test_export_into_a_run_would_shadow_its_checkpoints(world, capsys):
              "would replace its own config.json of the run")
 
 
+def test_export_never_writes_into_the_filesystem_root(world, capsys):
+    from vitmoe.cli.export import outputs
+
+    probes = [Path("/") / name for name in outputs("hf")]
+    if any(os.path.lexists(p) for p in probes):
+        pytest.skip("this machine has such a file in /")
+    _refused(["export", str(world["dense"]), "/", "--force"], world, capsys, "system folder /", probes=probes)
+
+
+def test_predict_out_follows_the_policy(world, capsys):
+    images = world["tmp"] / "images"
+    images.mkdir()
+    for target, needle in ((world["run"] / "summary.json", "would replace its own summary.json"),
+                           (_fifo(world["tmp"] / "p.csv"), "a FIFO"),
+                           (world["run"] / "checkpoints" / "p.csv", "its checkpoints/ of the run")):
+        _refused(["predict", str(world["run"]), str(images), "--out", str(target), "--force"], world, capsys, needle)
+
+
 def test_train_refuses_the_filesystem_root_and_system_folders(world, capsys, no_data):
     for out, needle in (("/", "filesystem root"), ("/etc", "system folder /etc"), (f"/usr/{PROBE}", "system folder /usr")):
         _refused(["train", "--dataset", "digits", "--out", out, *TINY_SETS], world, capsys, needle,

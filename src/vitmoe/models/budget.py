@@ -53,7 +53,8 @@ def available_memory() -> int | None:
 
 
 def size_fields(cfg: ViTConfig) -> str:
-    return ", ".join(f"{name}={getattr(cfg, name)}" for name in SIZE_FIELDS)
+    shown = [n for n in SIZE_FIELDS if (n != "num_experts" or cfg.is_moe) and (n != "head_hidden" or cfg.head == "mlp")]
+    return ", ".join(f"{name}={getattr(cfg, name)}" for name in shown)
 
 
 def check_buildable(cfg: ViTConfig, where: str = "model") -> int:
