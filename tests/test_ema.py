@@ -199,7 +199,7 @@ def test_eval_merge_and_analyze_read_the_ema_with_ema_flag(tmp_path, digits512, 
     capsys.readouterr()
     assert main(["analyze", str(run), "--images", "0", "--out", str(tmp_path / "a")]) == 0
     assert "was its EMA's: pass --ema" in capsys.readouterr().err
-    assert main(["analyze", str(run), "--ema", "--images", "0", "--out", str(tmp_path / "a")]) == 0
+    assert main(["analyze", str(run), "--ema", "--images", "0", "--out", str(tmp_path / "a"), "--force"]) == 0
     assert "pass --ema" not in capsys.readouterr().err
 
     Trainer(_cfg(tmp_path, "plain", epochs=1, ema_decay=0.0), **quiet).fit()

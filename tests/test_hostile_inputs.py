@@ -314,7 +314,7 @@ def test_a_huge_width_is_answered_at_once(capsys, stop_before_work, tmp_path):
     assert code == 0, err
     code, err = _cli(["info", "vit", "--set", "model.embed_dim=1000000001"], capsys)
     assert code == 2
-    one_error(err, "... (32 in all)")  # the head counts that divide it, listed lazily and cut
+    one_error(err, "...] (32 in all)")  # the head counts that divide it, listed lazily and cut
     code, err = _cli(["train", "--dataset", "digits", "--out", str(tmp_path / "r"), "--set",
                       "model.embed_dim=1000000000", "--set", "model.num_heads=1"], capsys)
     assert code == 2

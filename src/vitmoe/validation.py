@@ -35,7 +35,7 @@ def show(value: Any, limit: int = SHOWN_CHARS) -> str:
 
 
 def divisors_text(n: Any, limit: int = 24) -> str:
-    """'one of 1, 2, 3, 4, 6, 12' for a positive int n, computed in O(sqrt n) steps and only for n up
+    """'one of [1, 2, 3, 4, 6, 12]' for a positive int n, computed in O(sqrt n) steps and only for n up
     to 10**12 (at most a million steps); larger n: 'a divisor of N'."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         return "a positive divisor"
@@ -49,8 +49,9 @@ def divisors_text(n: Any, limit: int = 24) -> str:
                 large.append(n // d)
         d += 1
     found = small + large[::-1]
-    shown = ", ".join(map(str, found[:limit])) + (f", ... ({len(found)} in all)" if len(found) > limit else "")
-    return f"one of {shown}"
+    if len(found) <= limit:
+        return f"one of {found}"
+    return f"one of [{', '.join(map(str, found[:limit]))}, ...] ({len(found)} in all)"
 
 
 class Fields:
