@@ -36,7 +36,9 @@ the image size (else the largest divisor below it).
 Run directory (--out, default runs/MODEL-DATASET-TIME): config.yaml (resolved settings),
 metrics.jsonl (one line per epoch), summary.json (updated every epoch), checkpoints/ (latest
 and best, crash-safe). Continue a killed run with --resume RUN (only --epochs and execution
-flags may change). One process writes a run: it holds RUN/.vitmoe.lock while it trains, and a
+flags may change); --resume auto --out RUN continues RUN if it exists and starts it otherwise (the
+same command line then serves a first start and every restart; torchrun --max-restarts K and
+--max-restarts K with --gpu N restart failed workers that way). One process writes a run: it holds RUN/.vitmoe.lock while it trains, and a
 second `vitmoe train` on the same directory (--out or --resume) fails at once naming its pid
 (`vitmoe eval` and `vitmoe report` may read a running run). --out must be new, empty or a
 vitmoe run; another folder is refused unless --force. Extending a finished run (--resume RUN --epochs N): by default the cosine is
@@ -89,8 +91,10 @@ def add_parser(sub) -> None:
     g.add_argument("--config", default=None, metavar="FILE", help="YAML file of TrainConfig fields (see configs/)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field after flags and config (repeatable); model fields as model.FIELD")
-    g.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue a run from its latest checkpoint with its saved config")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR|auto",
+                   help="continue a run from its latest checkpoint with its saved config; 'auto': continue the "
+                        "--out run if it exists (same configuration; epochs and execution settings may differ), "
+                        "else start it, as an elastic restart does (torchrun --max-restarts, --max-restarts)")
     g.add_argument("--force", action="store_true",
                    help="train in an --out folder that is not empty and not a vitmoe run, adding the run's files "
                         "beside what is there; even then vitmoe never replaces a file it did not write (a "
@@ -177,9 +181,14 @@ def build_config(args: argparse.Namespace):
     from ..rundir import CONFIG_FILE
     from ..training.config import TrainConfig, parse_set
 
+    from ..training.restart import AUTO
+
     flags = flag_overrides(args)
     sets = parse_set(args.set)
-    if args.resume:
+    if args.resume == AUTO and "out" not in flags:
+        raise CLIError("--resume auto continues or starts the run in --out: give --out RUN_DIR (a run directory "
+                       "named auto is --resume ./auto)")
+    if args.resume and args.resume != AUTO:
         if args.init is not None:
             raise CLIError(f"--init cannot be combined with --resume: a resumed run continues from its own checkpoint "
                            f"(start a new run with --init {args.init} instead)")
@@ -227,28 +236,36 @@ def run(args: argparse.Namespace) -> int:
     from ..rundir import SUMMARY_FILE
     from ..training.config.spec import resolve
     from ..training.launch import launch, run_worker, under_torchrun
+    from ..training.restart import AUTO, check_restartable, holds_run
 
     cfg = build_config(args)
     if args.noswitch and args.experts is not None:
         warn(f"--experts {args.experts} is ignored with --noswitch (dense vit), as in the source project")
+    if under_torchrun():
+        check_restartable(cfg)  # before `resolve` names a default --out
     spec = resolve(cfg)  # once in this process (the model config validate() built is reused)
     if not args.resume and int(os.environ.get("RANK", 0)) == 0:
         msg = size_warning(spec)
         if msg:
             warn(msg)
     if under_torchrun():  # torchrun started this process as one worker: rank 0's run directory is used
-        result = run_worker(spec.config, resume=bool(args.resume), log=echo, force=args.force)
+        # "auto" (and every restart) is decided by rank 0 in the worker, after the ranks have met
+        resume = AUTO if args.resume == AUTO else bool(args.resume)
+        result = run_worker(spec.config, resume=resume, log=echo, force=args.force)
         if int(os.environ.get("RANK", 0)) == 0:
             s = result.summary
             echo(f"summary: {result.run_dir / SUMMARY_FILE} (best {s['best_acc']:.2f}% at epoch {s['best_epoch']})")
         return 0
-    if cfg.nproc > 1:
-        s = launch(spec.config, resume=bool(args.resume), force=args.force, verbose=args.verbose)
+    resume = holds_run(spec.config) if args.resume == AUTO else bool(args.resume)
+    if args.resume == AUTO:
+        echo(f"--resume auto: {'continuing' if resume else 'starting'} {spec.run_dir}")
+    if cfg.nproc > 1 or cfg.max_restarts > 0:
+        s = launch(spec.config, resume=resume, force=args.force, verbose=args.verbose)
         echo(f"summary: {spec.run_dir / SUMMARY_FILE} (best {s['best_acc']:.2f}% at epoch {s['best_epoch']})")
         return 0
     from ..training import train
 
-    result = train(spec, resume=bool(args.resume), log=echo, force=args.force)
+    result = train(spec, resume=resume, log=echo, force=args.force)
     s = result.summary
     echo(f"summary: {result.run_dir / SUMMARY_FILE} (best {s['best_acc']:.2f}% at epoch {s['best_epoch']})")
     return 0

@@ -19,6 +19,10 @@ the lock of the one process writing it, and whether `--out` may take a folder.
   stale lock (a leftover file is ignored; a clean end removes it). Readers (`vitmoe eval`,
   `vitmoe report`) take no lock: every file of a run is written atomically or appended to.
   flock locks belong to an open file description: two opens in one process exclude each other too.
+  **Handover.** A restarted job (an elastic restart, `vitmoe.training.restart`) takes the lock of
+  the attempt that failed: its writer is dead, so the lock is free, or it is dying (a worker left
+  on a lost node fails within dist_timeout_s of losing its peers), so the new writer waits for it
+  (`acquire(wait_s=...)`) instead of failing; two writers never hold it at once.
 * **The folder.** `check_run_dir` accepts a directory that does not exist, is empty (or holds only
   vitmoe's lock file and launcher.log), or is a vitmoe run (`is_run_dir`, or a checkpoint);
   a fresh run refuses a run that has a checkpoint (resume it instead). Anything else is somebody's
@@ -214,14 +218,17 @@ class RunLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self, wait_s: float = 0.0) -> "RunLock":
+        """Take the lock; a holder is waited for up to `wait_s` seconds (a restarted job's writer
+        waiting for the failed attempt's, see the module docstring), then named in the error."""
         if self._fd is not None:
             return self
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RunDirError(f"cannot create the run directory {self.run_dir}: {e.strerror}") from None
-        deadline = time.monotonic() + _HOLDER_WAIT_S
+        start = time.monotonic()
+        deadline = start + _HOLDER_WAIT_S
         while True:
             fd = _open(self.path, os.O_RDWR | os.O_CREAT)
             try:
@@ -229,8 +236,15 @@ class RunLock:
             except BlockingIOError:
                 text = _holder(fd)
                 os.close(fd)
-                if text or time.monotonic() > deadline:
-                    raise in_use_error(self.run_dir, text) from None
+                now = time.monotonic()
+                if text and now - start < wait_s:
+                    time.sleep(0.2)  # a dying holder: flock is dropped when its process is gone
+                    continue
+                if text or now > deadline:
+                    error = in_use_error(self.run_dir, text)
+                    if wait_s > 0:
+                        error = RunDirError(f"{error} (waited {wait_s:g}s for it to stop)")
+                    raise error from None
                 time.sleep(0.02)  # just taken and not yet written, or a momentary probe
                 continue
             # A holder that released meanwhile removed the file we opened: lock the one the name points to.
@@ -318,10 +332,12 @@ def check_run_dir(run_dir: str | os.PathLike, resume: bool = False, force: bool 
                           "beside other files but never replaces them: choose another --out")
 
 
-def lock_run_dir(run_dir: str | os.PathLike, resume: bool = False, force: bool = False) -> RunLock:
-    """Take the run directory's lock, then check it again under the lock (another run may have
-    finished there since the first check); the lock is released when the check fails."""
-    lock = RunLock(run_dir).acquire()
+def lock_run_dir(run_dir: str | os.PathLike, resume: bool = False, force: bool = False,
+                 wait_s: float = 0.0) -> RunLock:
+    """Take the run directory's lock (waiting up to `wait_s` for a holder, see RunLock.acquire), then
+    check it again under the lock (another run may have finished there since the first check); the
+    lock is released when the check fails."""
+    lock = RunLock(run_dir).acquire(wait_s)
     try:
         check_run_dir(run_dir, resume, force, check_lock=False)
     except BaseException:

@@ -8,6 +8,9 @@
 Every worker builds a DistContext and runs the same Trainer; only rank 0 writes the run
 directory (holding its lock, vitmoe.rundir) and prints. A worker that dies makes the launcher
 stop the others; a worker stuck in a collective fails after `dist_timeout_s` instead of hanging.
+With `max_restarts` K (torchrun's --max-restarts, or `vitmoe train --gpu N --max-restarts K`) the
+launcher then starts them all again, up to K times, and they continue the run from its newest
+verified checkpoint (`restart`: which run, the lock handover, each attempt's own store keys).
 
 `launch` first checks in this process what can fail early (the dataset's files, the run
 directory: in use, an existing run, a folder that is not vitmoe's), so such errors are one line
@@ -114,14 +117,17 @@ def _timed_out(message: str) -> bool:
     return "timed out" in message.lower() or "timeout" in message.lower()
 
 
-def run_worker(cfg: TrainConfig, resume: bool, log=None, force: bool = False):
+def run_worker(cfg: TrainConfig, resume: bool | str, log=None, force: bool = False):
     """Join the process group described by the environment and train (this process is one rank).
     `cfg` is checked (`validate()`); its run directory and process count are set here, from rank 0
-    and the world, before the run is resolved. Returns this rank's TrainResult."""
+    and the world, before the run is resolved. `resume`: True, False or "auto" (`restart.AUTO`:
+    continue --out if it holds this run); an elastic restart decides as "auto" does unless True.
+    Returns this rank's TrainResult."""
     import torch.distributed as dist
 
     from .distributed.context import DistContext, resolve_device
     from .loop.trainer import Trainer
+    from .restart import decides_itself, global_restart_count, join_process_group, max_restarts, restart_count
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -132,20 +138,30 @@ def run_worker(cfg: TrainConfig, resume: bool, log=None, force: bool = False):
         torch.cuda.set_device(local_rank)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=cfg.dist_timeout_s))
+    join_process_group("nccl" if use_cuda else "gloo", rank, world, timedelta(seconds=cfg.dist_timeout_s))
     try:
-        ctx = DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device, is_main=rank == 0)
+        restart = global_restart_count(device)
+        ctx = DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device, is_main=rank == 0,
+                          restart=restart)
+        log = log or (lambda m: print(m, flush=True))
         # One run directory for all ranks: rank 0's choice (a default name holds a timestamp).
         cfg = cfg.with_run(out=ctx.broadcast_object(cfg.out or default_out(cfg)), nproc=world)
+        if decides_itself(resume, restart):
+            resume = _resume_decision(ctx, cfg)
+        if restart and ctx.is_main:
+            log(f"elastic restart {restart} (of at most {max_restarts()}) after a worker failed: "
+                f"{'continuing' if resume else 'starting'} {cfg.out}")
         trainer = None
         try:
-            trainer = Trainer(resolve(cfg), ctx, resume=resume, log=log or (lambda m: print(m, flush=True)), force=force)
+            trainer = Trainer(resolve(cfg), ctx, resume=bool(resume), log=log, force=force)
             return trainer.fit()
         except Exception as e:
             if not _lost_peers(e):
                 raise
             hint = _resume_hint(cfg.out)
+            if max_restarts() > restart_count():  # this line is not the end of the job
+                hint = (f"The elastic agent restarts the workers, continuing from the newest checkpoint "
+                        f"({max_restarts() - restart_count()} restart(s) left).")
             err = WorkerFailedError(
                 f"rank {rank} lost its peers {_position(trainer)} (a worker died or stalled past dist_timeout_s="
                 f"{cfg.dist_timeout_s:g}s): {str(e).strip().splitlines()[0]}." + (f" {hint}" if hint else ""))
@@ -153,6 +169,23 @@ def run_worker(cfg: TrainConfig, resume: bool, log=None, force: bool = False):
             raise err from e
     finally:
         dist.destroy_process_group()
+
+
+def _resume_decision(ctx, cfg: TrainConfig) -> bool:
+    """Rank 0's answer to "does --out hold this run?" (`restart.holds_run`), the same on every rank:
+    all ranks load the same checkpoint, or all fail with rank 0's one line."""
+    from .restart import holds_run
+
+    answer: tuple[str, object] = ("ok", False)
+    if ctx.is_main:
+        try:
+            answer = ("ok", holds_run(cfg))
+        except RunDirError as e:
+            answer = ("error", str(e))
+    kind, value = ctx.broadcast_object(answer)
+    if kind == "error":
+        raise RunDirError(value)
+    return bool(value)
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
@@ -194,6 +227,9 @@ def _record_failure(error_dir: str, e: BaseException) -> None:
 
 
 def _elastic_entry(cfg_dict: dict, resume: bool, error_dir: str | None = None, force: bool = False) -> dict:
+    if error_dir:  # a restarted worker: its failed attempt's record is not this attempt's
+        with contextlib.suppress(OSError):
+            (Path(error_dir) / f"rank-{os.environ.get('RANK', 0)}.json").unlink()
     try:
         return run_worker(TrainConfig.from_dict(cfg_dict).validate(), resume, force=force).summary
     except BaseException as e:
@@ -349,11 +385,13 @@ def launch(cfg: TrainConfig, resume: bool = False, force: bool = False, verbose:
     check_ep_size(cfg.ep_size, n)
     cfg = cfg.with_run(out=cfg.out or default_out(cfg))  # one run directory for every worker
     preflight(cfg, resume, force)
+    # max_restarts: the agent starts every worker again after one fails; they continue the run (restart.py)
     lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()),
-                      rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
+                      rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=cfg.max_restarts,
                       monitor_interval=0.5, start_method="spawn")
-    print(f"launching {n} worker processes ({'nccl' if gpu else 'gloo'}"
-          f"{f', expert parallel groups of {cfg.ep_size}' if cfg.ep_size > 1 else ''})", flush=True)
+    print(f"launching {n} worker process{'es' if n > 1 else ''} ({'nccl' if gpu else 'gloo'}"
+          f"{f', expert parallel groups of {cfg.ep_size}' if cfg.ep_size > 1 else ''}"
+          f"{f', up to {cfg.max_restarts} restart(s)' if cfg.max_restarts else ''})", flush=True)
     error_dir = tempfile.mkdtemp(prefix="vitmoe-workers-")
     launcher_text = io.StringIO()
     try:

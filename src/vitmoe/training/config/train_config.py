@@ -48,7 +48,7 @@ FIELD_CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODE
 # Fields that may differ when resuming a run (they do not change what is being trained).
 RESUMABLE_FIELDS = frozenset({
     "epochs", "log_every", "tensorboard", "compile", "amp", "device", "nproc", "keep_checkpoints",
-    "data_dir", "eval_mode", "threshold", "out", "progress", "ep_size", "dist_timeout_s", "time_budget_s",
+    "data_dir", "eval_mode", "threshold", "out", "progress", "ep_size", "dist_timeout_s", "max_restarts", "time_budget_s",
     "resume_schedule", "stream_above_mb", "ema_decay",
 })
 # A collective that waits longer than a week is a hang; torch's timedelta overflows far above it.
@@ -187,6 +187,8 @@ class TrainConfig:
     number of processes and of every expert count; 1: every rank holds all experts)."""
     dist_timeout_s: float = 300.0
     """Seconds a rank waits for its peers before the job fails naming the rank that stalled (a dead peer ends the job, not a hang)."""
+    max_restarts: int = 0
+    """Times the workers of a --gpu N run are started again after one failed, each time continuing from the newest verified checkpoint (under torchrun, its own --max-restarts)."""
     seed: int = 0
     """Random seed: weights, data order, augmentation."""
     deterministic: bool = True
@@ -339,6 +341,7 @@ class TrainConfig:
         f.integer("nproc", 1)
         f.integer("ep_size", 1)
         f.number("dist_timeout_s", 1.0, MAX_DIST_TIMEOUT_S)
+        f.integer("max_restarts", 0, 1000)
         f.integer("seed", 0, 2**63 - 1)
         f.boolean("deterministic")
         if self.eval_mode is not None:

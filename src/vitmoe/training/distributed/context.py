@@ -17,6 +17,8 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     is_main: bool = True
+    restart: int = 0
+    """Elastic restarts before this attempt (TORCHELASTIC_RESTART_COUNT): > 0 continues a failed attempt's run."""
 
     @property
     def distributed(self) -> bool:

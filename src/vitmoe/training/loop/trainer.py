@@ -93,7 +93,8 @@ class Trainer:
         self._log = log or print
         self.force, self._lock, self.tb = force, RunLock(self.run_dir), None
         if self.dist.is_main:  # in use by another process, a run not resumed, a folder vitmoe did not make
-            check_run_dir(self.run_dir, resume, force)
+            # (a restart's lock is waited for in setup: the failed attempt's writer may still be dying)
+            check_run_dir(self.run_dir, resume, force, check_lock=not self.dist.restart)
         self._train_data, self._test_data = train_data, test_data
         self.state = TrainState()
         self.dead_notes = DeadExpertNotes(self.spec.model)  # what the log last said about dead experts
@@ -154,7 +155,9 @@ class Trainer:
 
         self.state = TrainState()
         if dist.is_main:  # one writer per run directory, from before its first write until fit() ends
-            self._lock = lock_run_dir(self.run_dir, self.resume, self.force)
+            # a restart takes over from the failed attempt's writer, which may still be dying (rundir's handover)
+            self._lock = lock_run_dir(self.run_dir, self.resume, self.force,
+                                      wait_s=cfg.dist_timeout_s if dist.restart else 0.0)
         if self.resume:
             self._restore()
         if dist.is_main:
