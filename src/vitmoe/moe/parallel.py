@@ -11,6 +11,7 @@ collectives carry autograd, so gradients return to the rank that owns each token
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable
 
 import torch
@@ -41,20 +42,23 @@ class ExpertParallel:
         return self.rank * n, n
 
 
-def init_expert_parallel(ep_size: int) -> ExpertParallel:
-    """Create the EP and replica process groups (every rank must call this, in the same order)."""
+def init_expert_parallel(ep_size: int, timeout: timedelta | None = None) -> ExpertParallel:
+    """Create the EP and replica process groups (every rank must call this, in the same order).
+    `timeout`: how long a collective of these groups waits for a silent peer; give the world's
+    (`init_process_group`'s): `new_group` does not inherit it and waits 30 minutes by default, so a
+    frozen peer would hang the exchange long after the rest of the job gave up."""
     world, rank = dist.get_world_size(), dist.get_rank()
     if ep_size < 1 or world % ep_size:
         raise ValueError(f"ep_size={ep_size} must be >= 1 and divide the world size {world}")
     ep_group = replica_group = None
     for g in range(world // ep_size):
         ranks = list(range(g * ep_size, (g + 1) * ep_size))
-        pg = dist.new_group(ranks)
+        pg = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             ep_group = pg
     for i in range(ep_size):
         ranks = list(range(i, world, ep_size))
-        pg = dist.new_group(ranks)
+        pg = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             replica_group = pg
     return ExpertParallel(ep_size, rank % ep_size, ep_group, replica_group)

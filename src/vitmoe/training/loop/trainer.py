@@ -13,6 +13,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -134,7 +135,7 @@ class Trainer:
         self.ep = None
         check_ep_size(cfg.ep_size, dist.world_size)
         if cfg.ep_size > 1:
-            self.ep = init_expert_parallel(cfg.ep_size)
+            self.ep = init_expert_parallel(cfg.ep_size, timedelta(seconds=cfg.dist_timeout_s))
             expert_parallel.shard_experts(self.model, self.ep)
         self.route_generators = seed_random_routers(self.model, cfg.seed, device)
         self.info = model_info(spec.model)
