@@ -22,15 +22,27 @@ arrays' shapes, dtypes and label range and the class names in order are checked 
 cache that fails is rebuilt). Arrays are written through memory maps whose blocks are reserved
 first (`posix_fallocate`), so a full disk is one DiskFullError that leaves no temporary file behind,
 never a SIGBUS.
+
+**One builder.** The ranks of a multi-process run start on the same folder at once (torchrun starts
+them together; on a shared filesystem, every node's too). A cache is built under an exclusive flock
+on `s{img_size}.lock` beside it: the first process builds, the others wait for it (saying whom they
+wait for) and then read what it wrote. flock is dropped when its holder dies however it dies, so a
+crashed build never blocks the next one, which starts over (the crashed one wrote no manifest) and
+removes the crashed one's temporary files. The manifest names the process that built it (`built_by`).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import math
 import os
+import socket
 import stat
+import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,7 +347,7 @@ def _build(scan: FolderScan, img_size: int, test_fraction: float, skip_bad: bool
     skipped = sorted([scan.files[i][0] for i in bad] + list(scan.special or []))
     manifest = {"key": key, "version": CACHE_VERSION, "root": str(root), "img_size": img_size, "in_chans": chans,
                 "classes": scan.classes, "mean": mean, "std": std, "skipped": skipped,
-                "train": int(train_idx.size), "test": int(test_idx.size)}
+                "train": int(train_idx.size), "test": int(test_idx.size), "built_by": _me()}
     atomic_write_text(cache / "manifest.json", json.dumps(manifest, indent=1))  # last: the cache is now valid
     return manifest
 
@@ -355,6 +367,36 @@ def _write_split(cache: Path, split: str, arr: np.ndarray, rows: np.ndarray, lab
             np.save(fh, labels)
 
     atomic_write(cache / f"{split}-labels.npy", write_labels)
+
+
+def _me() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+@contextlib.contextmanager
+def _build_lock(cache: Path):
+    """Held while `cache` is checked and built: one builder, the others wait (module docstring)."""
+    path = cache.parent / f"{cache.name}.lock"
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
+    except OSError as e:
+        raise DatasetError(f"cannot create the image cache lock {path}: {e.strerror} (choose another place with "
+                           f"--data-dir)") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+            print(f"vitmoe: waiting for {holder} to build the image cache {cache}", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):  # who builds, for those who wait (the lock holds without it)
+            me = _me()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {me['pid']} on {me['host']}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # drops the lock; the file stays (removing a lock file others may hold open races)
 
 
 def _finite_list(v, n: int, positive: bool = False) -> bool:
@@ -456,11 +498,14 @@ def prepare_folder(name: str, img_size: int | None = None, test_fraction: float 
     cache = cache_dir_of(root, img_size, data_dir)
     manifest = _read_manifest(cache, key, scan, img_size)
     if manifest is None:
-        try:
-            manifest = _build(scan, img_size, test_fraction, skip_bad_images, cache, key)
-        except PermissionError as e:
-            raise DatasetError(f"folder dataset {root}: cannot write the image cache {cache}: {e.strerror} "
-                               f"(choose another place with --data-dir)") from None
+        with _build_lock(cache):
+            manifest = _read_manifest(cache, key, scan, img_size)  # built meanwhile by the one we waited for
+            if manifest is None:
+                try:
+                    manifest = _build(scan, img_size, test_fraction, skip_bad_images, cache, key)
+                except PermissionError as e:
+                    raise DatasetError(f"folder dataset {root}: cannot write the image cache {cache}: {e.strerror} "
+                                       f"(choose another place with --data-dir)") from None
     if manifest["skipped"]:
         warnings.warn(f"folder dataset {root}: skipped {len(manifest['skipped'])} unreadable image(s) "
                       f"(--skip-bad-images), e.g. {manifest['skipped'][0]}", stacklevel=2)
