@@ -5,6 +5,11 @@ member) writing OUT/<cell>/seed-<s>. OUT/sweep.json records the plan, so running
 command again resumes: finished members are skipped, killed ones continue from their last
 checkpoint (`--resume`), unstarted ones start. Every member's configuration is checked before
 the first one trains.
+
+`--launcher slurm` trains the members on a cluster instead: one SLURM job array, a task per
+unfinished member running `vitmoe sweep ... --member I` (vitmoe.cli.slurm), submitted at once;
+`--collect` (or the same command once every member is done) then reports exactly as the local
+sweep does. Submitting again skips finished members and those still queued or running.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import itertools
 import json
 import math
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +63,16 @@ def add_parser(sub) -> None:
                         "one member per job of a scheduler or a queue; the same command without --member "
                         "then trains what is left and reports")
     p.add_argument("--dry-run", action="store_true", help="check every member and print the plan; train nothing")
+    p.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                   help="local (default): train the members here, one after another; slurm: submit the unfinished "
+                        "members as one SLURM job array (sbatch --array, a task per member, OUT/logs/ per member) and "
+                        "return at once; report with --collect")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: report the members that have finished (the same table and statistics as "
+                        "the local sweep) and name those that have not")
+    from .slurm import add_slurm_options
+
+    add_slurm_options(p)
     p.set_defaults(func=run)
 
 
@@ -204,6 +220,21 @@ def dense_twin_cells(args: argparse.Namespace, cells: list[dict[str, str]]) -> d
     return twins
 
 
+def plan_argv(args: argparse.Namespace) -> list[str]:
+    """The flags that define the sweep's plan (`plan`), as a command line: what a job running one of
+    its members (`--member I`) is given, so it finds the same plan."""
+    argv = ["--out", str(args.out), "--seeds", str(args.seeds)]
+    for item in args.grid:
+        argv += ["--grid", item]
+    for flag, value in (("--config", args.config), ("--epochs", args.epochs), ("--time-budget", args.time_budget),
+                        ("--dataset", args.dataset), ("--data-dir", args.data_dir)):
+        if value is not None:
+            argv += [flag, str(value)]
+    for item in args.set:
+        argv += ["--set", item]
+    return argv + (["--vs-dense"] if args.vs_dense else [])
+
+
 def member_overrides(args: argparse.Namespace, cell: dict[str, str], seed: int, out: Path) -> dict:
     """The TrainConfig overrides of one member, applied to --config (what `member_argv` spells as flags)."""
     from ..training.config import parse_set
@@ -218,11 +249,13 @@ def member_overrides(args: argparse.Namespace, cell: dict[str, str], seed: int, 
     return {**o, "seed": seed, "out": str(out)}
 
 
-def _check_members(args, members) -> None:
-    """Build and check every member's TrainConfig (no data touched): bad input fails before any training."""
+def _check_members(args, members) -> list:
+    """Build and check every member's TrainConfig (no data touched): bad input fails before any training.
+    Returns the checked configs."""
     from ..training.checkpoints.warm_start import adopt_architecture, check_init
     from ..training.config import load_config
 
+    checked = []
     for cell, seed, out in members:
         try:
             cfg = load_config(args.config, member_overrides(args, cell, seed, out))
@@ -233,6 +266,8 @@ def _check_members(args, members) -> None:
                 check_init(cfg.init, cfg.checked_model)
         except Exception as e:  # ConfigError: name the member, keep the message
             raise CLIError(f"sweep member {cell_name(cell)}: {e}") from None
+        checked.append(cfg)
+    return checked
 
 
 def finished(out: Path) -> bool:
@@ -250,8 +285,7 @@ def finished(out: Path) -> bool:
 def run(args: argparse.Namespace) -> int:
     from ..outputs import check_output_folder
     from ..readers import load_json
-    from ..report import load_run
-    from ..report.sweep import SWEEP_FILES, sweep_results
+    from ..report.sweep import SWEEP_FILES
     from ..rundir import LOCK_FILE, RunLock, has_checkpoint, is_run_dir
 
     recorded, members = plan(args)
@@ -271,27 +305,41 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--out {root} is not empty and not a sweep: choose another folder")
     if args.member is not None and not 0 <= args.member < len(members):
         raise CLIError(f"--member {args.member}: the sweep has members 0 to {len(members) - 1}")
+    if args.member is not None and (args.launcher != "local" or args.collect):
+        raise CLIError(f"--member {args.member} trains one member here: it cannot be combined with "
+                       f"{'--collect' if args.collect else '--launcher ' + args.launcher}")
+    if args.launcher == "slurm":
+        from .slurm import check_slurm_options
+
+        check_slurm_options(args)
+    if args.collect and not saved.is_file():
+        raise CLIError(f"--collect: {root} holds no sweep ({PLAN_FILE} is missing); start it first")
     for name in (PLAN_FILE, *SWEEP_FILES):  # the sweep's own files: rewritten on every resume, never a link or device
         check_output_folder(root, "--out", names=[name], force=True)
-    _check_members(args, members)
+    configs = _check_members(args, members)
     if args.dry_run:
         for cell, seed, out in members:
             echo(f"{out}: vitmoe train {' '.join(member_argv(args, cell, seed, out))}")
         return 0
     # One whole sweep per folder: a second one fails here, naming the first's pid. Jobs of one member each
-    # (--member) run side by side by design; each member's own run lock keeps two off one member.
+    # (--member, the tasks of a SLURM array) run side by side by design; each member's own run lock keeps
+    # two off one member.
     lock = RunLock(root).acquire() if args.member is None else None
     try:
-        return _run_members(args, root, saved, recorded, members, load_run, sweep_results)
+        if args.collect:
+            return _collect(args, recorded, members, root)
+        return _run_members(args, root, saved, recorded, members, configs)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run_members(args, root: Path, saved: Path, recorded: dict, members, load_run, sweep_results) -> int:
+def _run_members(args, root: Path, saved: Path, recorded: dict, members, configs) -> int:
     from ..fileio import atomic_write_bytes, check_write_target, open_append
 
     atomic_write_bytes(saved, json.dumps(recorded, indent=2).encode())
+    if args.launcher == "slurm":
+        return _submit(args, recorded, members, root, max(c.nproc for c in configs))
     failed = []
     for i, (cell, seed, out) in enumerate(members, 1):
         if args.member is not None and i - 1 != args.member:
@@ -315,12 +363,70 @@ def _run_members(args, root: Path, saved: Path, recorded: dict, members, load_ru
                 lines = log.read_text(errors="replace").splitlines()
                 why = next((ln for ln in reversed(lines) if ln.startswith("vitmoe: error: ")), tail[0])
                 raise CLIError(f"sweep stopped: {tag} failed: {why.removeprefix('vitmoe: error: ')} (log: {log})")
-    done = [(cell, load_run(out)) for cell, _, out in members if finished(out)]
-    if done and args.member is None:
-        text, files = sweep_results(done, list(recorded["grid"]), root, getattr(args, "twins", None))
-        echo(text)
-        echo(f"written: {', '.join(str(f) for f in files)}")
+    if args.member is None:
+        _report(args, recorded, members, root)
     if failed:
         raise CLIError(f"{len(failed)} of {len(members)} members failed ({', '.join(failed)}); run the same "
                        "command again to retry them")
+    return 0
+
+
+def _report(args: argparse.Namespace, recorded: dict, members, root: Path) -> int:
+    """The sweep's table, plot and JSON over its finished members; returns how many those are."""
+    from ..report import load_run
+    from ..report.sweep import sweep_results
+
+    done = [(cell, load_run(out)) for cell, _, out in members if finished(out)]
+    if done:
+        text, files = sweep_results(done, list(recorded["grid"]), root, getattr(args, "twins", None))
+        echo(text)
+        echo(f"written: {', '.join(str(f) for f in files)}")
+    return len(done)
+
+
+def _collect(args: argparse.Namespace, recorded: dict, members, root: Path) -> int:
+    """--collect: report the finished members, name the others (queued ones when SLURM can say)."""
+    import shutil
+
+    unfinished = [(i, cell, seed) for i, (cell, seed, out) in enumerate(members) if not finished(out)]
+    if len(unfinished) == len(members):
+        raise CLIError(f"--collect: no member of the sweep in {root} has finished yet (logs: {root / 'logs'})")
+    if unfinished:
+        queued: set[int] = set()
+        if shutil.which("squeue"):
+            from .slurm import queued_members
+
+            try:
+                queued = queued_members(root)
+            except CLIError:
+                pass
+        names = [f"{i} ({cell_name(cell)} seed {seed}{', queued or running' if i in queued else ''})"
+                 for i, cell, seed in unfinished]
+        warn(f"{len(unfinished)} of {len(members)} members have not finished: {', '.join(names)}; the table holds "
+             f"the {len(members) - len(unfinished)} that have (logs: {root / 'logs'})")
+    _report(args, recorded, members, root)
+    return 0
+
+
+def _submit(args: argparse.Namespace, recorded: dict, members, root: Path, nproc: int) -> int:
+    """--launcher slurm: the unfinished members not already queued, as one job array (vitmoe.cli.slurm)."""
+    from . import slurm
+
+    todo = [i for i, (_, _, out) in enumerate(members) if not finished(out)]
+    if not todo:
+        echo(f"all {len(members)} members have finished")
+        _report(args, recorded, members, root)
+        return 0
+    queued = slurm.queued_members(root)
+    fresh = [i for i in todo if i not in queued]
+    collect = "vitmoe sweep " + " ".join(shlex.quote(a) for a in plan_argv(args)) + " --collect"
+    if not fresh:
+        echo(f"the {len(todo)} unfinished members are queued or running already; when they are done: {collect}")
+        return 0
+    command = [sys.executable, "-m", "vitmoe", "sweep", *plan_argv(args), "--member"]
+    job = slurm.submit(args, root, command, fresh, args.slurm_cpus or nproc)
+    skipped = len(members) - len(fresh)
+    echo(f"submitted SLURM job array {job}: members {', '.join(map(str, fresh))} of {len(members)}"
+         + (f" ({skipped} finished or queued, skipped)" if skipped else "")
+         + f"; logs in {root / 'logs'}; when they are done: {collect}")
     return 0
