@@ -10,7 +10,8 @@ Subpackages, lowest first (each imports only those above it in this list):
 * `loop`: the Trainer, TrainState, the step, meters, optimizer (`fastest_adam`, also for your own
   loops) and lr schedule, loaders, summary.
 
-`launch` starts the processes of a multi-process run (each runs the loop); the run directory's
+`launch` starts the processes of a multi-process run (each runs the loop), `restart` decides whether a
+(re)started run continues its run directory (`--resume auto`, elastic restarts); the run directory's
 names and lock are `vitmoe.rundir`'s, batch mixing is `vitmoe.data.mix`.
 """
 from .checkpoints.checkpoint import CheckpointError, latest_checkpoint, load_state, resolve_model_file, save_checkpoint
