@@ -101,13 +101,19 @@ def test_sweep_members_run_as_a_job_array_and_collect_like_the_local_sweep(clust
     assert [r["cell"] for r in table] == [{"model.num_experts": "2"}, {"model.num_experts": "4"}]
     assert collected.stdout.split("written:")[0] == local.stdout.split("finished earlier, skipped\n")[-1].split("written:")[0]
 
+    # Everything finished: submitting again reports instead of submitting.
+    done = _sweep(out, "--launcher", "slurm")
+    assert done.returncode == 0 and "all 2 members have finished" in done.stdout and "written:" in done.stdout
+    assert len(list((out / "slurm").glob("array-*.sbatch"))) == 1
+
     # A member killed before its end (its summary from before its last epoch) is the only one submitted again.
     killed = members[1] / "summary.json"
     killed.write_text(json.dumps(dict(json.loads(killed.read_text()), epochs=0)))
     partial = _sweep(out, "--collect")
     assert partial.returncode == 0 and "1 of 2 members have not finished: 1 (model.num_experts=4 seed 0)" in partial.stderr
     resub = _sweep(out, "--launcher", "slurm")
-    assert re.search(r"members 1 of 2 \(1 finished or queued, skipped\)", resub.stdout), resub.stdout + resub.stderr
-    wait_until(lambda: finished(members[1]), 300, "the resubmitted member did not finish")
-    done = _sweep(out, "--launcher", "slurm")  # everything finished: it reports instead of submitting
-    assert done.returncode == 0 and "all 2 members have finished" in done.stdout and "written:" in done.stdout
+    m = re.search(r"submitted SLURM job array (\d+): members 1 of 2 \(1 finished or queued, skipped\)", resub.stdout)
+    assert m, resub.stdout + resub.stderr
+    subprocess.run(["scancel", m.group(1)], check=True)  # seen what was submitted: no need to train it again
+    script = sorted((out / "slurm").glob("array-*.sbatch"))[-1].read_text()
+    assert "#SBATCH --array=1\n" in script and '--member "$SLURM_ARRAY_TASK_ID"' in script
