@@ -25,8 +25,8 @@ never a SIGBUS.
 
 **One builder.** The ranks of a multi-process run start on the same folder at once (torchrun starts
 them together; on a shared filesystem, every node's too). A cache is built under an exclusive flock
-on `s{img_size}.lock` beside it: the first process builds, the others wait for it (saying whom they
-wait for) and then read what it wrote. flock is dropped when its holder dies however it dies, so a
+on `s{img_size}.lock` beside it (removed when the build ends): the first process builds, the others
+wait for it (saying whom they wait for) and then read what it wrote. flock is dropped when its holder dies however it dies, so a
 crashed build never blocks the next one, which starts over (the crashed one wrote no manifest) and
 removes the crashed one's temporary files. The manifest names the process that built it (`built_by`).
 """
@@ -375,28 +375,43 @@ def _me() -> dict:
 
 @contextlib.contextmanager
 def _build_lock(cache: Path):
-    """Held while `cache` is checked and built: one builder, the others wait (module docstring)."""
+    """Held while `cache` is checked and built: one builder, the others wait (module docstring). The lock
+    file is removed when the build ends, so nothing is left beside the cache; a waiter that then holds
+    a removed file opens the name again (as vitmoe.rundir's RunLock does)."""
     path = cache.parent / f"{cache.name}.lock"
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
-    except OSError as e:
-        raise DatasetError(f"cannot create the image cache lock {path}: {e.strerror} (choose another place with "
-                           f"--data-dir)") from None
-    try:
+    said = False
+    while True:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
+        except OSError as e:
+            raise DatasetError(f"cannot create the image cache lock {path}: {e.strerror} (choose another place "
+                               f"with --data-dir)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
-            print(f"vitmoe: waiting for {holder} to build the image cache {cache}", file=sys.stderr, flush=True)
+            if not said:
+                holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+                print(f"vitmoe: waiting for {holder} to build the image cache {cache}", file=sys.stderr, flush=True)
+                said = True
             fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+        except OSError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the builder we waited for removed this file: take the name's current one
+    try:
         with contextlib.suppress(OSError):  # who builds, for those who wait (the lock holds without it)
             me = _me()
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {me['pid']} on {me['host']}".encode(), 0)
         yield
     finally:
-        os.close(fd)  # drops the lock; the file stays (removing a lock file others may hold open races)
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # still held: a process that opened it finds it removed and opens the name again
+        os.close(fd)  # drops the lock
 
 
 def _finite_list(v, n: int, positive: bool = False) -> bool:
