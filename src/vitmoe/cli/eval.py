@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import CLIError, HelpFormatter, echo, model_file, warn
+from .common import CLIError, HelpFormatter, echo, model_file
 from .options import add_checkpoint_options, add_data_dir_option, add_dataset_option, add_device_option, seed_arg
 
 
@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--mode", choices=list(EVAL_MODES), default=None,
                    help="eval mode of randomly routed layers (default: the checkpoint's, normally merged)")
     add_dataset_option(p, help="test set (default: the checkpoint's training dataset; a folder:PATH run's folder is read "
-                        "with the run's img_size / folder_test_fraction / skip_bad_images from its config.yaml)")
+                        "with the run's img_size / folder_test_fraction / skip_bad_images / folder_resize from its config.yaml)")
     add_data_dir_option(p, help="dataset directory (default: the run's own data_dir from its config.yaml, then $DATA, "
                         "then ./data)")
     p.add_argument("--batch", type=int, default=500, help="evaluation batch size")
@@ -103,9 +103,9 @@ def prepare_eval(checkpoint, mode=None, dataset=None, data_dir=None, batch=500, 
     cfg = model.config
     options = {}
     if is_folder(dataset):  # read as in training: the run's settings, else the model's image size
-        options = {"img_size": saved.get("img_size") or cfg.img_size,
-                   "test_fraction": saved.get("folder_test_fraction"),
-                   "skip_bad_images": bool(saved.get("skip_bad_images", False))}
+        from ..training.config.data import saved_folder_options
+
+        options = saved_folder_options(saved, cfg.img_size)
     data = load_dataset(dataset, "test", data_dir, **options)
     if (data.info.in_chans, data.info.num_classes) != (cfg.in_chans, cfg.num_classes):
         raise CLIError(f"{path} was built for {cfg.in_chans}-channel images and {cfg.num_classes} classes; "
@@ -149,7 +149,7 @@ def evaluate_checkpoint(checkpoint, mode=None, dataset=None, data_dir=None, batc
     per_class = per_class or is_folder(dataset)
     preds, labels = [], []
     hook = model.register_forward_hook(lambda m, i, out: preds.append(out.argmax(-1))) if per_class else None
-    res = evaluate(model, _Recording(loader, labels) if per_class else loader, dev, amp=amp)
+    res = evaluate(model, _Shown(loader, labels if per_class else None), dev, amp=amp)
     if hook is not None:
         hook.remove()
     r = {"checkpoint": str(path), "dataset": dataset, "classes": classes, "images": res["n"], "test_acc": res["acc"],
@@ -164,16 +164,28 @@ def evaluate_checkpoint(checkpoint, mode=None, dataset=None, data_dir=None, batc
     return r
 
 
-class _Recording:
-    """A loader that keeps the labels it yields (for per-class accuracy)."""
+class _Shown:
+    """The test loader with a progress bar on stderr (only when it is a terminal: tqdm's disable=None),
+    keeping the labels it yields in `labels` when given (for per-class accuracy)."""
 
-    def __init__(self, loader, labels: list):
+    def __init__(self, loader, labels: list | None = None):
         self.loader, self.labels = loader, labels
 
+    def __len__(self) -> int:
+        return len(self.loader)
+
     def __iter__(self):
-        for x, y in self.loader:
-            self.labels.append(y)
-            yield x, y
+        import sys
+
+        from tqdm import tqdm
+
+        with tqdm(total=len(self.loader), desc="evaluating", unit="batch", file=sys.stderr, leave=False,
+                  disable=None, dynamic_ncols=True) as bar:
+            for x, y in self.loader:
+                if self.labels is not None:
+                    self.labels.append(y)
+                yield x, y
+                bar.update(1)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -212,7 +224,7 @@ def run_capacity_curve(args: argparse.Namespace) -> int:
                        (Path(path).parent.parent.name == "checkpoints") else Path(path).parent)
     check_output_folder(out, "--out", names=CURVE_FILES, force=args.force)
     try:
-        curve = capacity_curve(model, loader, dev, sorted(set(args.capacity_factors)), args.priorities)
+        curve = capacity_curve(model, _Shown(loader), dev, sorted(set(args.capacity_factors)), args.priorities)
     except ValueError as e:
         raise CLIError(f"--capacity-factors: {path}: {e}") from None
     written = write_curve(curve, out, title=f"{Path(path).name} on {dataset}")

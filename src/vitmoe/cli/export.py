@@ -97,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
     except ModelFileError as e:
         pre = None
         warn(f"{e}; writing no {PREPROCESSOR_FILE} (transformers' pipeline would use ViTImageProcessor's defaults)")
-    if pre is not None and pre.size != pre.input_size:
-        warn(f"the model was trained on {pre.size}x{pre.size} images resized to {pre.input_size}x{pre.input_size}; "
+    if pre is not None and pre.side != pre.input_size:
+        warn(f"the model was trained on {pre.side}x{pre.side} images resized to {pre.input_size}x{pre.input_size}; "
              f"{PREPROCESSOR_FILE} resizes files to {pre.input_size}x{pre.input_size} in one step, so probabilities "
              "can differ slightly from `vitmoe predict`'s")
     names = class_names(src, model.config.num_classes)
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         export_onnx(exported, out / ONNX_FILE)
         if pre is not None:
             atomic_write_text(out / PREPROCESSOR_FILE, json.dumps(
-                hf_preprocessor_config(pre.input_size, pre.mean, pre.std), indent=2) + "\n")
+                hf_preprocessor_config(pre), indent=2) + "\n")
         labels = names or [f"LABEL_{i}" for i in range(model.config.num_classes)]
         atomic_write_text(out / LABELS_FILE, json.dumps({"id2label": dict(enumerate(labels))}, indent=2) + "\n")
         written = [n for n in outputs("onnx") if n != PREPROCESSOR_FILE or pre is not None]

@@ -55,7 +55,7 @@ __all__ = [
 
 def get_info(name: str, **folder_options) -> DatasetInfo:
     """A dataset's `DatasetInfo` by name. For `folder:PATH` the folder is scanned and its cache loaded
-    (or built) with `folder_options` (img_size, test_fraction, skip_bad_images, data_dir: see
+    (or built) with `folder_options` (img_size, test_fraction, skip_bad_images, resize, data_dir: see
     `vitmoe.data.folder`)."""
     key = canonical_name(name)
     if is_folder(key):
@@ -72,7 +72,7 @@ def load_dataset(
 
     Raises `DatasetError` (a ValueError) for unknown names, missing data (naming the directories searched)
     and truncated/corrupt files (naming the file). `download` only applies to cifar10/100 and fashion-mnist.
-    `folder:PATH` datasets take `folder_options` (img_size, test_fraction, skip_bad_images) and come
+    `folder:PATH` datasets take `folder_options` (img_size, test_fraction, skip_bad_images, resize) and come
     memory-mapped from their cache (`vitmoe.data.folder`).
     """
     key = canonical_name(name)

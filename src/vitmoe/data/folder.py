@@ -6,9 +6,20 @@ run's seed), stratified split puts `round(test_fraction * n)` images of each cla
 stays in train). Class names are the train folder names, sorted; label = index.
 
 Images are decoded once with Pillow (all-grayscale folders give 1 channel, any colour image makes the
-whole dataset RGB; alpha is dropped), resized to `img_size` x `img_size` (Pillow bilinear, antialiased
-when shrinking; the aspect ratio is not kept) into a uint8 cache `PATH/.vitmoe-cache/s{img_size}/`
-(for a read-only PATH: under the data directory, see `cache_dir_of`): train.npy, test.npy and their
+whole dataset RGB; alpha is dropped) and resized (Pillow bilinear, antialiased when shrinking) by the
+`resize` policy:
+
+* `stretch` (default): the whole image to `img_size` x `img_size`, the aspect ratio not kept; the
+  batches are these images (training: padded random crop and flip). Right for small, square-ish
+  images such as CIFAR-like folders.
+* `crop`: the shorter side to `stored_side(img_size)` = img_size / 0.875 (256 for 224) and the
+  centred square of that side; training batches are random-resized crops of it (Inception's,
+  `augment.resized_crop_boxes`) resized to img_size, test batches its centred img_size window: the
+  ImageNet recipe ViT/DeiT fine-tune with, so photos are not squashed. (A crop can only see the
+  stored square: the ends of the longer side beyond it are not kept.)
+
+The images go into a uint8 cache `PATH/.vitmoe-cache/s{img_size}/` (`crop`: `c{img_size}/`; for a
+read-only PATH: under the data directory, see `cache_dir_of`): train.npy, test.npy and their
 labels written atomically, then manifest.json. The manifest holds a key of every file's name, class, size and mtime plus the image size, split settings and `skip_bad_images`: an unchanged folder
 loads the arrays memory-mapped in well under a second, a changed one is decoded again. Normalisation
 statistics come from the training split.
@@ -56,6 +67,18 @@ from .info import DatasetError, DatasetInfo, ImageData, folder_path
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DEFAULT_IMG_SIZE = 32
+RESIZE_POLICIES = ("stretch", "crop")
+"""How a file becomes a square (module docstring): `stretch` resizes the whole image, aspect ratio not
+kept (transformers' ViTImageProcessor); `crop` resizes the shorter side and keeps the centred square
+(transformers' processors with `size: {shortest_edge}`, torchvision's Resize(int) + CenterCrop)."""
+CROP_FRACTION = 0.875
+"""`crop` policy: the evaluation window's share of the shorter side (224 of 256, ImageNet's)."""
+
+
+def stored_side(img_size: int, resize: str) -> int:
+    """The side a folder's images are cached at: img_size for `stretch`, img_size / CROP_FRACTION
+    rounded for `crop` (224 -> 256, 32 -> 37)."""
+    return int(round(img_size / CROP_FRACTION)) if resize == "crop" else img_size
 DEFAULT_TEST_FRACTION = 0.2
 SPLIT_SEED = 0
 CACHE_DIR = ".vitmoe-cache"
@@ -159,15 +182,30 @@ def split_indices(labels: np.ndarray, test_fraction: float, seed: int = SPLIT_SE
     return np.setdiff1d(np.arange(len(labels)), test_idx).astype(np.int64), test_idx
 
 
-def decode_image(path: Path, img_size: int, gray: bool) -> np.ndarray:
-    """One image as uint8 [C, img_size, img_size] (Pillow: convert, then antialiased bilinear resize)."""
+def decode_image(path: Path, img_size: int, gray: bool, resize: str = "stretch", window: int | None = None) -> np.ndarray:
+    """One image as uint8 [C, img_size, img_size] (Pillow: convert, then antialiased bilinear resize):
+    `stretch` resizes the whole image; `crop` resizes the shorter side to img_size (the longer to
+    int(img_size * long / short), as transformers' processors compute it) and keeps a centred square.
+    `window`: the side of the centred crop that will be taken from the square later; the square is
+    placed so that this window is the resized image's own centred one (one-step centre crops, as in
+    transformers and torchvision, put it (L - window) // 2 from the edge, which a centred square's
+    centred window misses by a pixel when img_size - window is odd)."""
     from PIL import Image
 
     with open_regular(path, "image") as f, Image.open(f) as im:  # a file swapped for a FIFO never blocks
         if im.mode.startswith("I") or im.mode == "F":
             # 16/32-bit and float images: Pillow's convert to 8 bits clips at 255 instead of scaling.
             im = _to_8bit(im)
-        im = im.convert("L" if gray else "RGB").resize((img_size, img_size), Image.Resampling.BILINEAR)
+        im = im.convert("L" if gray else "RGB")
+        if resize == "crop":
+            w, h = im.size
+            size = (img_size, int(img_size * h / w)) if w <= h else (int(img_size * w / h), img_size)
+            im = im.resize(size, Image.Resampling.BILINEAR)
+            c = window or img_size
+            left, top = ((n - c) // 2 - (img_size - c) // 2 for n in size)
+            im = im.crop((left, top, left + img_size, top + img_size))
+        else:
+            im = im.resize((img_size, img_size), Image.Resampling.BILINEAR)
     a = np.asarray(im, dtype=np.uint8)
     return a[None] if gray else a.transpose(2, 0, 1)
 
@@ -204,8 +242,9 @@ class FolderData:
         return self.train if split == "train" else self.test
 
 
-def _key(scan: FolderScan, img_size: int, test_fraction: float, skip_bad: bool) -> str:
-    spec = {"version": CACHE_VERSION, "img_size": img_size, "files": scan.files, "classes": scan.classes,
+def _key(scan: FolderScan, img_size: int, test_fraction: float, skip_bad: bool, resize: str) -> str:
+    spec = {"version": CACHE_VERSION, "img_size": img_size, **({"resize": resize} if resize != "stretch" else {}),
+            "files": scan.files, "classes": scan.classes,
             "test_fraction": None if scan.has_test else float(test_fraction), "split_seed": SPLIT_SEED,
             "skip_bad_images": bool(skip_bad), **({"special": scan.special} if scan.special else {})}
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
@@ -285,7 +324,10 @@ def _reserved_array(path: str | os.PathLike, shape: tuple[int, ...]) -> np.ndarr
     return arr
 
 
-def _build(scan: FolderScan, img_size: int, test_fraction: float, skip_bad: bool, cache: Path, key: str) -> dict:
+def _build(scan: FolderScan, img_size: int, test_fraction: float, skip_bad: bool, cache: Path, key: str,
+           resize: str = "stretch", window: int | None = None) -> dict:
+    """Decode the folder into `cache` at side `img_size` (the stored side) with the `resize` policy
+    (`window`: the evaluation crop's side, see decode_image)."""
     from tqdm import tqdm
 
     root, where = scan.root, f"folder dataset {scan.root}"
@@ -314,7 +356,7 @@ def _build(scan: FolderScan, img_size: int, test_fraction: float, skip_bad: bool
             if i in bad:
                 continue
             try:
-                arr[i] = decode_image(p, img_size, gray)
+                arr[i] = decode_image(p, img_size, gray, resize, window)
             except Exception as e:  # noqa: BLE001
                 if not skip_bad:
                     raise _bad(where, p, e) from None
@@ -345,7 +387,8 @@ def _build(scan: FolderScan, img_size: int, test_fraction: float, skip_bad: bool
         del arr
         all_path.unlink(missing_ok=True)
     skipped = sorted([scan.files[i][0] for i in bad] + list(scan.special or []))
-    manifest = {"key": key, "version": CACHE_VERSION, "root": str(root), "img_size": img_size, "in_chans": chans,
+    manifest = {"key": key, "version": CACHE_VERSION, "root": str(root), "img_size": img_size, "resize": resize,
+                "in_chans": chans,
                 "classes": scan.classes, "mean": mean, "std": std, "skipped": skipped,
                 "train": int(train_idx.size), "test": int(test_idx.size), "built_by": _me()}
     atomic_write_text(cache / "manifest.json", json.dumps(manifest, indent=1))  # last: the cache is now valid
@@ -473,19 +516,20 @@ def _writable(folder: Path) -> bool:
     return os.access(cache, os.W_OK)
 
 
-def cache_dir_of(root: Path, img_size: int, data_dir: str | os.PathLike[str] | None = None) -> Path:
-    """`PATH/.vitmoe-cache/s{img_size}`, or, when PATH cannot be written, a folder of its own under the
+def cache_dir_of(root: Path, img_size: int, data_dir: str | os.PathLike[str] | None = None,
+                 resize: str = "stretch") -> Path:
+    """`PATH/.vitmoe-cache/s{img_size}` (`crop`: `c{img_size}`), or, when PATH cannot be written, a folder of its own under the
     data directory (`--data-dir`, `$DATA`, `./data`): `folder-cache/NAME-HASH/s{img_size}`. A cache
     reached through a symbolic link is refused (DatasetError)."""
     if _writable(root):
-        cache = root / CACHE_DIR / f"s{img_size}"
+        cache = root / CACHE_DIR / f"{resize[0]}{img_size}"
         _check_cache_dir(cache, root / CACHE_DIR)
         return cache
     from .sources import resolve_data_dir
 
     tag = hashlib.sha256(str(root).encode()).hexdigest()[:12]
     base = resolve_data_dir(data_dir) / "folder-cache"
-    cache = base / f"{root.name or 'root'}-{tag}" / f"s{img_size}"
+    cache = base / f"{root.name or 'root'}-{tag}" / f"{resize[0]}{img_size}"
     _check_cache_dir(cache, base)
     return cache
 
@@ -495,29 +539,34 @@ _MEMO: dict[tuple, tuple[str, FolderData]] = {}
 
 def prepare_folder(name: str, img_size: int | None = None, test_fraction: float | None = None,
                    skip_bad_images: bool = False, rescan: bool = True,
-                   data_dir: str | os.PathLike[str] | None = None) -> FolderData:
+                   data_dir: str | os.PathLike[str] | None = None, resize: str | None = None) -> FolderData:
     """Scan the folder, load its cache (or decode and write it) and return both splits and the info.
+    `resize`: RESIZE_POLICIES (None: stretch), see the module docstring.
 
     `rescan=False` returns this process's last result for the same options without listing the folder
     again (for metadata lookups); loading for training rescans, so a changed folder is never missed."""
     root = Path(os.path.abspath(folder_path(name)))
     img_size = DEFAULT_IMG_SIZE if img_size is None else int(img_size)
     test_fraction = DEFAULT_TEST_FRACTION if test_fraction is None else float(test_fraction)
-    opts = (str(root), img_size, test_fraction, bool(skip_bad_images))
+    resize = resize or "stretch"
+    if resize not in RESIZE_POLICIES:
+        raise ValueError(f"folder resize must be one of {', '.join(RESIZE_POLICIES)}, got {resize!r}")
+    side = stored_side(img_size, resize)
+    opts = (str(root), img_size, test_fraction, bool(skip_bad_images), resize)
     if not rescan and opts in _MEMO:
         return _MEMO[opts][1]
     scan = scan_folder(root, skip_bad_images)
-    key = _key(scan, img_size, test_fraction, skip_bad_images)
+    key = _key(scan, img_size, test_fraction, skip_bad_images, resize)
     if opts in _MEMO and _MEMO[opts][0] == key:
         return _MEMO[opts][1]
-    cache = cache_dir_of(root, img_size, data_dir)
-    manifest = _read_manifest(cache, key, scan, img_size)
+    cache = cache_dir_of(root, img_size, data_dir, resize)
+    manifest = _read_manifest(cache, key, scan, side)
     if manifest is None:
         with _build_lock(cache):
-            manifest = _read_manifest(cache, key, scan, img_size)  # built meanwhile by the one we waited for
+            manifest = _read_manifest(cache, key, scan, side)  # built meanwhile by the one we waited for
             if manifest is None:
                 try:
-                    manifest = _build(scan, img_size, test_fraction, skip_bad_images, cache, key)
+                    manifest = _build(scan, side, test_fraction, skip_bad_images, cache, key, resize, img_size)
                 except PermissionError as e:
                     raise DatasetError(f"folder dataset {root}: cannot write the image cache {cache}: {e.strerror} "
                                        f"(choose another place with --data-dir)") from None
@@ -530,7 +579,8 @@ def prepare_folder(name: str, img_size: int | None = None, test_fraction: float 
                       stacklevel=2)
     info = DatasetInfo(name=f"folder:{root}", num_classes=len(manifest["classes"]), in_chans=manifest["in_chans"],
                        img_size=img_size, mean=tuple(manifest["mean"]), std=tuple(manifest["std"]),
-                       crop_padding=max(1, img_size // 8), hflip=True, classes=list(manifest["classes"]))
+                       crop_padding=max(1, img_size // 8), hflip=True, classes=list(manifest["classes"]),
+                       stored_size=side if resize == "crop" else None, train_images=int(manifest["train"]))
     splits = {}
     for split in ("train", "test"):
         # copy-on-write map: writable for torch without touching the file, pages read on demand

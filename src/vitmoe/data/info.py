@@ -31,8 +31,22 @@ class DatasetInfo:
     crop_padding: int  # zero padding of the random crop (0 = no crop)
     hflip: bool  # whether horizontal flips preserve the label
     classes: list[str] = field(default_factory=list)
+    stored_size: int | None = None
+    """Side of the stored images when they are larger than `img_size` (a folder cached with
+    `folder_resize: crop`): every batch is an img_size crop of them, random-resized in training
+    (`augment.resized_crop_boxes`, which replaces the padded crop), centred otherwise."""
+
+    train_images: int | None = None
+    """Images in the training split, where known before loading it (folders: from the cache)."""
+
+    @property
+    def stored_side(self) -> int:
+        """The side of the images as held in an ImageData split."""
+        return self.stored_size or self.img_size
 
     def __post_init__(self) -> None:
+        if self.stored_size is not None and self.stored_size < self.img_size:
+            raise ValueError(f"{self.name}: stored_size {self.stored_size} is smaller than img_size {self.img_size}")
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
             raise ValueError(f"{self.name}: mean/std need one value per channel ({self.in_chans})")
         if len(self.classes) != self.num_classes:
@@ -49,7 +63,7 @@ class ImageData:
 
     def __post_init__(self) -> None:
         info = self.info
-        expected = (info.in_chans, info.img_size, info.img_size)
+        expected = (info.in_chans, info.stored_side, info.stored_side)
         if self.images.dtype != torch.uint8 or self.images.dim() != 4 or tuple(self.images.shape[1:]) != expected:
             raise ValueError(
                 f"{info.name}: images must be uint8 [N, {expected[0]}, {expected[1]}, {expected[2]}], "

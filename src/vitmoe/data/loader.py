@@ -36,6 +36,9 @@ class DeviceLoader:
       seeded by (seed, epoch, batch index), and sliced per rank. So every batch is a pure function of
       (seed, epoch, batch index): independent of world size, and `iter_epoch(epoch, start_batch)` resumes
       mid-epoch exactly. The loader keeps no other state.
+    * Images stored larger than the dataset's side (`DatasetInfo.stored_size`: a folder cached with
+      `folder_resize: crop`) give img_size crops: random-resized in training with augmentation
+      (`augment.resized_crop_boxes`, in place of the padded crop), centred otherwise.
     * `augment_policy` ("none" | "autoaugment" | "randaugment", see `data.autoaugment`) adds AutoAugment
       (CIFAR-10 policy) or RandAugment (2 ops, magnitude 9/31) between the crop and the flip, drawn the same
       way. Its draws come after the crop and flip draws, so crops and flips do not depend on the policy.
@@ -78,7 +81,7 @@ class DeviceLoader:
         self.augment = bool(augment) and self.train
         self.augment_policy = augment_policy
         self.epoch = 0
-        side = tuple(data.images.shape[2:])
+        side = (self.info.img_size,) * 2  # after the crop of images stored larger (stored_size)
         self.resize_to = None if resize_to is None or (int(resize_to),) * 2 == side else int(resize_to)
         if self.resize_to is not None and self.resize_to < 1:
             raise ValueError(f"resize_to must be a positive image side, got {resize_to}")
@@ -104,6 +107,8 @@ class DeviceLoader:
         return self.images[idx], self.labels[idx]
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.info.img_size:  # stored larger and not random-cropped: the centre
+            x = aug.center_crop(x, self.info.img_size)
         if self.resize_to is not None:
             x = F.interpolate(x.float(), size=(self.resize_to, self.resize_to), mode="bilinear",
                               align_corners=False, antialias=True)
@@ -167,10 +172,15 @@ class DeviceLoader:
         # Draw for the whole global batch and keep this rank's rows, so ranks get independent draws and
         # the augmented epoch does not depend on world_size.
         gen = device_generator(self.device, derive_seed(self.seed, epoch, _AUG_STREAM, batch))
-        offsets = aug.crop_offsets(global_n, self.info.crop_padding, gen) if self.info.crop_padding > 0 else None
+        side, stored = self.info.img_size, self.info.stored_side
+        boxes = aug.resized_crop_boxes(global_n, stored, stored, gen) if stored != side else None
+        offsets = (aug.crop_offsets(global_n, self.info.crop_padding, gen)
+                   if self.info.crop_padding > 0 and boxes is None else None)
         flips = aug.flip_mask(global_n, gen) if self.info.hflip else None
         # Drawn last so that adding a policy leaves the crop and flip draws unchanged.
-        plan = policy_plan(self.augment_policy, global_n, tuple(x.shape[2:]), gen)
+        plan = policy_plan(self.augment_policy, global_n, (side, side), gen)
+        if boxes is not None:
+            x = aug.resized_crop_at(x, self._shard(boxes), side)
         if offsets is not None:
             x = aug.crop_at(x, self.info.crop_padding, self._shard(offsets))
         if plan is not None:

@@ -157,9 +157,9 @@ def _dataset_preprocessing(src: ModelSource, model: VisionTransformer,
     try:
         options = {}
         if is_folder(dataset):
-            options = {"img_size": saved.get("img_size") or cfg.img_size,
-                       "test_fraction": saved.get("folder_test_fraction"),
-                       "skip_bad_images": bool(saved.get("skip_bad_images", False)), "data_dir": saved.get("data_dir")}
+            from ..training.config.data import saved_folder_options
+
+            options = dict(saved_folder_options(saved, cfg.img_size), data_dir=saved.get("data_dir"))
         info = get_info(dataset, **options)
     except DatasetError as e:
         raise ModelFileError(f"{src.path} does not record its preprocessing and its dataset cannot be read for it: "
@@ -192,19 +192,31 @@ def _hf_preprocessing(path: Path, model: VisionTransformer) -> Preprocessing:
         raise ModelFileError(f"{file} must hold a JSON object")
 
     def unsupported(name: str, why: str) -> ModelFileError:
-        return ModelFileError(f"{file}: field {name}={p.get(name)!r} {why}; vitmoe predicts with ViTImageProcessor's "
-                              "steps only (bilinear resize of the whole image, rescale by 1/255, normalise)")
+        return ModelFileError(f"{file}: field {name}={p.get(name)!r} {why}; vitmoe predicts with a bilinear resize "
+                              "(of the whole image, or of its shorter side followed by a centre crop), a rescale by "
+                              "1/255 and a normalisation only")
 
     size = p.get("size", {"height": cfg.img_size, "width": cfg.img_size})
     if isinstance(size, int):
         size = {"height": size, "width": size}
-    if not p.get("do_resize", True) or not isinstance(size, dict) or size.get("height") != size.get("width") \
-            or not isinstance(size.get("height"), int):
-        raise unsupported("size", "is not a square resize (height = width)")
+    crop = None
+    if p.get("do_center_crop"):
+        crop = p.get("crop_size", {"height": cfg.img_size, "width": cfg.img_size})
+        crop = {"height": crop, "width": crop} if isinstance(crop, int) else crop
+        if not isinstance(crop, dict) or crop.get("height") != crop.get("width") or not isinstance(crop.get("height"), int):
+            raise unsupported("crop_size", "is not a square crop (height = width)")
+        crop = crop["height"]
+    if not p.get("do_resize", True) or not isinstance(size, dict):
+        raise unsupported("size", "is not a resize")
+    if isinstance(size.get("shortest_edge"), int) and len(size) == 1 and crop is not None:
+        side, resize = size["shortest_edge"], "crop"  # e.g. BitImageProcessor, CLIPImageProcessor
+    elif size.get("height") == size.get("width") and isinstance(size.get("height"), int):
+        side, resize = size["height"], "stretch"
+    else:
+        raise unsupported("size", "is neither a square resize (height = width) nor a shortest_edge resize followed "
+                          "by a centre crop")
     if p.get("resample", _PIL_BILINEAR) != _PIL_BILINEAR:
         raise unsupported("resample", "is not bilinear (2)")
-    if p.get("do_center_crop"):
-        raise unsupported("do_center_crop", "asks for a centre crop")
     if p.get("do_rescale", True) is False or abs(float(p.get("rescale_factor", 1 / 255)) * 255 - 1) > 1e-6:
         raise unsupported("rescale_factor", "is not 1/255")
     mean, std = p.get("image_mean", _HF_DEFAULT_MEAN), p.get("image_std", _HF_DEFAULT_STD)
@@ -215,7 +227,8 @@ def _hf_preprocessing(path: Path, model: VisionTransformer) -> Preprocessing:
     if chans == 1 and len(mean) == 3 and len(set(mean)) == 1 and len(set(std)) == 1:
         mean, std = mean[:1], std[:1]
     try:
-        return Preprocessing(size["height"], chans, tuple(mean), tuple(std), cfg.img_size)
+        return Preprocessing(side, chans, tuple(mean), tuple(std), cfg.img_size, resize=resize,
+                             crop=crop if crop is not None and crop != side else None)
     except ValueError as e:
         raise ModelFileError(f"{file}: {e}") from None
 

@@ -307,16 +307,28 @@ def state_to_hf(model: VisionTransformer) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in out.items()}
 
 
-def hf_preprocessor_config(size: int, mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
-    """preprocessor_config.json of transformers' ViTImageProcessor: the whole image resized to
-    size x size (Pillow bilinear), rescaled by 1/255, normalised per channel (RGB: a 1-channel
-    mean/std is repeated for the channels `rgb_input` reads)."""
-    mean, std = [float(m) for m in mean], [float(s) for s in std]
+def hf_preprocessor_config(preprocessing: Any) -> dict[str, Any]:
+    """preprocessor_config.json for transformers' image processors, from a vitmoe.data.Preprocessing:
+    its resize (Pillow bilinear), rescale by 1/255 and per-channel normalisation (RGB: a 1-channel
+    mean/std is repeated for the channels `rgb_input` reads).
+
+    Without a crop: ViTImageProcessor, the whole image to the model's side in one resize. With one:
+    BitImageProcessor, which resizes (`size: {shortest_edge}` for the `crop` policy, `{height,
+    width}` for `stretch`) and takes the centred `crop_size` window as vitmoe does (top = (H - c) // 2)."""
+    pre = preprocessing
+    mean, std = [float(m) for m in pre.mean], [float(s) for s in pre.std]
     if len(mean) == 1:
         mean, std = mean * 3, std * 3
-    return {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
-            "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-            "image_mean": mean, "image_std": std, "do_convert_rgb": True}
+    common = {"resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+              "image_mean": mean, "image_std": std, "do_convert_rgb": True}
+    if pre.crop is None and pre.resize == "stretch":
+        side = pre.input_size
+        return {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": side, "width": side},
+                **common}
+    size = {"shortest_edge": pre.size} if pre.resize == "crop" else {"height": pre.size, "width": pre.size}
+    crop = pre.crop or pre.size
+    return {"image_processor_type": "BitImageProcessor", "do_resize": True, "size": size, "do_center_crop": True,
+            "crop_size": {"height": crop, "width": crop}, **common}
 
 
 def export_hf(model: VisionTransformer, out: str | os.PathLike, class_names: Sequence[str] | None = None,
@@ -328,8 +340,8 @@ def export_hf(model: VisionTransformer, out: str | os.PathLike, class_names: Seq
 
     `preprocessing` (a vitmoe.data.Preprocessing: how the model's inputs were made) adds
     `OUT/preprocessor_config.json`, so `transformers.pipeline("image-classification", model=OUT)`
-    feeds image files as vitmoe does (one bilinear resize to the model's side, then its
-    normalisation). That pipeline always gives RGB images: a 1-channel model is then written as
+    feeds image files as vitmoe does (its resize and centre crop, then its normalisation;
+    `hf_preprocessor_config`). That pipeline always gives RGB images: a 1-channel model is then written as
     the 3-channel `rgb_input(model)`."""
     problem = hf_export_problem(model.config)
     if problem:
@@ -338,7 +350,7 @@ def export_hf(model: VisionTransformer, out: str | os.PathLike, class_names: Seq
     if preprocessing is not None:
         if model.config.in_chans == 1:
             model = rgb_input(model)
-        processor = hf_preprocessor_config(model.config.img_size, preprocessing.mean, preprocessing.std)
+        processor = hf_preprocessor_config(preprocessing)
     out = Path(out)
     config = hf_config(model.config, class_names)
     tensors = state_to_hf(model)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ...readers import yaml_value
 
 from ...data import DatasetError, DatasetInfo, canonical_name, dataset_choices, get_info, is_folder
+from ...data.folder import RESIZE_POLICIES
 from ...validation import Fields
 
 if TYPE_CHECKING:
@@ -30,7 +31,15 @@ def folder_options(cfg: "TrainConfig") -> dict[str, Any]:
     if not is_folder(cfg.dataset):
         return {}
     return {"img_size": cfg.img_size, "test_fraction": cfg.folder_test_fraction,
-            "skip_bad_images": cfg.skip_bad_images}
+            "skip_bad_images": cfg.skip_bad_images, "resize": cfg.folder_resize}
+
+
+def saved_folder_options(saved: dict[str, Any], img_size: int) -> dict[str, Any]:
+    """`folder_options` of a run from its config.yaml as read back (`saved`; fields it lacks take
+    their defaults, `img_size` the model's side): how evaluation and prediction read its folder."""
+    return {"img_size": saved.get("img_size") or img_size, "test_fraction": saved.get("folder_test_fraction"),
+            "skip_bad_images": bool(saved.get("skip_bad_images", False)),
+            "resize": saved.get("folder_resize") or "stretch"}
 
 
 def dataset_info(cfg: "TrainConfig") -> DatasetInfo:
@@ -45,7 +54,8 @@ def input_size(cfg: "TrainConfig") -> int:
 
 
 def check_data_fields(cfg: "TrainConfig", f: Fields) -> None:
-    """dataset, data_dir, img_size, folder_test_fraction, skip_bad_images, stream_above_mb, norm_mean/std."""
+    """dataset, data_dir, img_size, folder_test_fraction, skip_bad_images, folder_resize, stream_above_mb,
+    norm_mean/std."""
     try:
         cfg.dataset = canonical_name(cfg.dataset)
     except DatasetError as e:
@@ -56,6 +66,7 @@ def check_data_fields(cfg: "TrainConfig", f: Fields) -> None:
     f.integer("img_size", 1, MAX_IMG_SIZE, optional=True)
     f.number("folder_test_fraction", 0.0, 1.0, strict_lo=True, strict_hi=True)
     f.boolean("skip_bad_images")
+    f.choice("folder_resize", RESIZE_POLICIES)
     f.number("stream_above_mb", 0.0)
     for name, positive in (("norm_mean", False), ("norm_std", True)):
         check_channels(cfg, f, name, positive)

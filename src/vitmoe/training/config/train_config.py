@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ...data import DATASETS
+from ...data.folder import RESIZE_POLICIES as FOLDER_RESIZE_POLICIES
 from ...models import ViTConfig
 from ...models.budget import check_buildable
 from ...models.registry import list_models
@@ -44,7 +45,8 @@ DATASET_NAMES = tuple(DATASETS)
 AUGMENT_POLICIES = ("none", "autoaugment", "randaugment")
 # The allowed values of the fields that take one of a few names (the checks and the flags read them).
 FIELD_CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES, "device": DEVICES,
-                 "augment_policy": AUGMENT_POLICIES, "resume_schedule": RESUME_SCHEDULES, "eval_mode": EVAL_MODES}
+                 "augment_policy": AUGMENT_POLICIES, "resume_schedule": RESUME_SCHEDULES, "eval_mode": EVAL_MODES,
+                 "folder_resize": FOLDER_RESIZE_POLICIES}
 # Fields that may differ when resuming a run (they do not change what is being trained).
 RESUMABLE_FIELDS = frozenset({
     "epochs", "log_every", "tensorboard", "compile", "amp", "device", "nproc", "keep_checkpoints",
@@ -95,6 +97,11 @@ class TrainConfig:
     folder_test_fraction: float = 0.2
     """folder:PATH without a test/ (or val/) folder: the fraction of each class split off (seeded) as test."""
     skip_bad_images: bool = False
+    folder_resize: str = "stretch"
+    """folder:PATH: how files become img_size squares. "stretch": the whole image resized, aspect ratio not
+    kept, padded random crops in training. "crop": the shorter side resized to img_size / 0.875 and
+    random-resized crops of img_size in training, the centred img_size window in evaluation and
+    prediction (the ImageNet recipe; for photos at pretrained sizes such as 224)."""
     """folder:PATH: skip unreadable images (counted in a warning) instead of failing on the first."""
     stream_above_mb: float = 4096.0
     """A split larger than this (MB of uint8 pixels) stays in host memory (a folder's memory-mapped
