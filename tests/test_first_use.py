@@ -190,3 +190,69 @@ def test_readme_list_models_comment_is_true():
     shown = re.findall(r"'([a-z0-9_]+)'", line)
     assert shown == [n for n in names if n in shown] and shown[0] == names[0] and shown[-1] == names[-1]
     assert f"all {len(names)}, sorted" in line and names == sorted(names)
+
+
+def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_resume(tmp_path):
+    """SIGINT (Ctrl-C) to a real `vitmoe train` process after its first checkpoint: exit 130 with one
+    line naming the newest checkpoint and the resume command, which then continues the run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vitmoe", "train", "--dataset", "digits", "--model", "vit", "--epochs", "100000",
+           "--device", "cpu", "--out", str(run), *TINY_SETS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any((run / "checkpoints").glob("epoch-*")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"vitmoe: interrupted; {re.escape(str(run))} keeps its checkpoints up to epoch-(\d+); "
+                        rf"continue it with `vitmoe train --resume {re.escape(str(run))}`", last), last
+    done = int(re.search(r"epoch-(\d+)", last).group(1))
+    assert main(["train", "--resume", str(run), "--epochs", str(done + 1)]) == 0
+    assert json.loads((run / "summary.json").read_text())["epochs"] == done + 1
+
+
+def test_eval_shows_progress_on_a_terminal(tiny_run, monkeypatch, capsys):
+    """`vitmoe eval` draws a tqdm bar on stderr when it is a terminal, and nothing extra otherwise."""
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert main(["eval", str(tiny_run)]) == 0
+    assert "evaluating" not in capsys.readouterr().err
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    assert main(["eval", str(tiny_run)]) == 0
+    assert "evaluating" in term.getvalue() and "batch" in term.getvalue()
+
+
+def test_analysis_figures_say_what_their_colours_mean(tmp_path, monkeypatch):
+    """The position maps share one colour bar; the tinted images carry a legend of every expert's
+    colour (and grey for dropped tokens)."""
+    import numpy as np
+
+    from vitmoe.report import analysis_plots as ap
+
+    figs = []
+    monkeypatch.setattr(ap, "_save", lambda fig, path: figs.append(fig) or path)
+    ap.plot_position_experts(np.random.default_rng(0).random((16, 5)), "block 1", tmp_path / "p.png")
+    (fig,) = figs
+    bars = [a for a in fig.axes if a.get_label() == "<colorbar>"]
+    assert len(bars) == 1 and bars[0].get_ylabel() == "share of the position's tokens"
+    routes = np.array([[0, 1, 2, -1], [3, 3, 0, 1]])
+    ap.plot_routed_images(np.zeros((2, 1, 8, 8)), routes, 4, "block 1", tmp_path / "r.png")
+    legend = figs[1].legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["expert 0", "expert 1", "expert 2", "expert 3", "dropped"]

@@ -194,6 +194,26 @@ def test_digits_default_model_warns_with_its_size(monkeypatch, capsys):
     assert size_warning(resolve(_config(["--dataset", "cifar10"]))) is None  # the source recipe's own size
 
 
+
+def test_size_warning_for_a_small_folder(tmp_path):
+    from conftest import FOLDER_CLASSES, write_image
+
+    for c, name in enumerate(FOLDER_CLASSES):
+        for i in range(10):
+            write_image(tmp_path / "imgs" / name / f"{i}.png", (20, 20), c, 10 * c + i)
+    folder = ["--dataset", f"folder:{tmp_path / 'imgs'}", "--img-size", "16"]
+    spec = resolve(_config(folder))
+    n = vitmoe.model_info(spec.model).total_params
+    assert size_warning(spec) == (
+        f"model switch_vit has {n:,} parameters (~{n * 12 / 1e9:.1f} GB per checkpoint), far more than 24 training "
+        f"images need; for a small model run `vitmoe demo` or add --dmodel 64 --heads 4 --set model.depth=4 "
+        f"--set model.mlp_hidden=128 --experts 8")
+    # the model the warning suggests does not warn (under the floor of 5M parameters)
+    small = folder + "--dmodel 64 --heads 4 --set model.depth=4 --set model.mlp_hidden=128 --experts 8".split()
+    n_small = vitmoe.model_info(resolve(_config(small)).model).total_params
+    assert 3_500 * 24 < n_small < 5_000_000 and size_warning(resolve(_config(small))) is None
+
+
 # -- 9. every router; one --set spelling ---------------------------------------------------------------
 def test_router_choices_are_every_layer_router():
     from vitmoe.moe import LAYER_ROUTERS

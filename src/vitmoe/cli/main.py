@@ -65,8 +65,8 @@ def _run(args: argparse.Namespace) -> int:
         msg = str(e) if not isinstance(e, FileNotFoundError) or not e.filename else f"{e.strerror}: {e.filename}"
         print(error_line(msg), file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:
-        print("vitmoe: interrupted", file=sys.stderr, flush=True)
+    except KeyboardInterrupt as e:  # a command may say what the interruption left (train: how to resume)
+        print(f"vitmoe: interrupted{f'; {e}' if str(e) else ''}", file=sys.stderr, flush=True)
         return 130
     except Exception as e:  # noqa: BLE001 - only the NaN stop and a failed worker are expected here
         from ..training.launch import WorkerFailedError

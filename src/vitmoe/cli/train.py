@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 from pathlib import Path
 
 from .common import CLIError, HelpFormatter, echo, warn
@@ -153,27 +154,46 @@ def moe_key(name: str) -> str:
 # A model much larger than this for its dataset is almost certainly an accident (the default is the
 # source project's 242M-parameter switch_vit, sized for CIFAR): warn, naming the count and a fix.
 LARGE_MODEL_PARAMS = {"digits": 5_000_000}
+PARAMS_PER_TRAIN_IMAGE = 3_500
+"""Other datasets whose training-split size is known before training (folders): more parameters than
+this many per training image, and than the digits limit, is "far too large" (the digits limit over
+its 1,437 training images; the small model the warning suggests stays under it)."""
 SMALL_MODEL_FLAGS = "--dmodel 64 --heads 4 --set model.depth=4 --set model.mlp_hidden=128 --experts 8"
 
 
 def size_warning(spec) -> str | None:
     """One line when the model is far too large for the dataset (e.g. the default switch_vit on 8x8
-    digits), computed from `vitmoe.models.model_info`; None otherwise (`spec`: the RunSpec)."""
+    digits, or on a folder of a few hundred images), computed from `vitmoe.models.model_info`; None
+    otherwise (`spec`: the RunSpec)."""
     from ..models import model_info
 
-    cfg, model_cfg = spec.config, spec.model
+    cfg, model_cfg, data = spec.config, spec.model, spec.dataset
     limit = LARGE_MODEL_PARAMS.get(cfg.dataset)
+    if limit is None and data.train_images:
+        limit = max(LARGE_MODEL_PARAMS["digits"], PARAMS_PER_TRAIN_IMAGE * data.train_images)
     if limit is None:
         return None
     info = model_info(model_cfg)
     if info.total_params <= limit:
         return None
-    side = spec.dataset.img_size
+    what = (f"the {data.img_size}x{data.img_size} {cfg.dataset} images" if cfg.dataset in LARGE_MODEL_PARAMS
+            else f"{data.train_images:,} training images")
     flags = SMALL_MODEL_FLAGS if model_cfg.moe_block_indices() else SMALL_MODEL_FLAGS.rsplit(" --experts", 1)[0]
     # float32 weights + Adam's two moments: 12 bytes per parameter in every checkpoint
     return (f"model {cfg.model} has {info.total_params:,} parameters (~{info.total_params * 12 / 1e9:.1f} GB per "
-            f"checkpoint), far more than the {side}x{side} {cfg.dataset} images need; for a small model run "
-            f"`vitmoe demo` or add {flags}")
+            f"checkpoint), far more than {what} need; for a small model run `vitmoe demo` or add {flags}")
+
+
+def _resume_hint(run_dir) -> str:
+    """What Ctrl-C leaves: the newest checkpoint and the command that continues from it ('' when the
+    run wrote none yet)."""
+    from ..rundir.layout import all_epoch_dirs
+
+    done = all_epoch_dirs(run_dir)
+    if not done:
+        return ""
+    return (f"{run_dir} keeps its checkpoints up to {done[-1].name}; continue it with "
+            f"`vitmoe train --resume {shlex.quote(str(run_dir))}`")
 
 
 def build_config(args: argparse.Namespace):
@@ -259,13 +279,16 @@ def run(args: argparse.Namespace) -> int:
     resume = holds_run(spec.config) if args.resume == AUTO else bool(args.resume)
     if args.resume == AUTO:
         echo(f"--resume auto: {'continuing' if resume else 'starting'} {spec.run_dir}")
-    if cfg.nproc > 1 or cfg.max_restarts > 0:
-        s = launch(spec.config, resume=resume, force=args.force, verbose=args.verbose)
-        echo(f"summary: {spec.run_dir / SUMMARY_FILE} (best {s['best_acc']:.2f}% at epoch {s['best_epoch']})")
-        return 0
-    from ..training import train
+    try:
+        if cfg.nproc > 1 or cfg.max_restarts > 0:
+            s = launch(spec.config, resume=resume, force=args.force, verbose=args.verbose)
+            echo(f"summary: {spec.run_dir / SUMMARY_FILE} (best {s['best_acc']:.2f}% at epoch {s['best_epoch']})")
+            return 0
+        from ..training import train
 
-    result = train(spec, resume=resume, log=echo, force=args.force)
+        result = train(spec, resume=resume, log=echo, force=args.force)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_resume_hint(spec.run_dir)) from None
     s = result.summary
     echo(f"summary: {result.run_dir / SUMMARY_FILE} (best {s['best_acc']:.2f}% at epoch {s['best_epoch']})")
     return 0

@@ -53,11 +53,14 @@ def plot_position_experts(shares: np.ndarray, layer: str, path: Path) -> Path:
     rows = math.ceil(E / cols)
     fig = _figure(1.4 * cols + 0.6, 1.5 * rows + 0.5)
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    im = None
     for e, ax in enumerate(axes):
         ax.set_axis_off()
         if e < E and side * side == P:
-            ax.imshow(shares[:, e].reshape(side, side), cmap="magma", vmin=0, vmax=1)
+            im = ax.imshow(shares[:, e].reshape(side, side), cmap="magma", vmin=0, vmax=1)
             ax.set_title(f"expert {e}", fontsize=7)
+    if im is not None:  # one scale for every panel (vmin 0, vmax 1)
+        fig.colorbar(im, ax=axes.tolist(), shrink=0.8).set_label("share of the position's tokens", fontsize=7)
     fig.suptitle(f"{layer}: share of each patch position's tokens", fontsize=9)
     return _save(fig, path)
 
@@ -71,7 +74,7 @@ def plot_routed_images(images: np.ndarray, routes: np.ndarray, experts: int, lay
     cols = min(n, 8)
     rows = math.ceil(n / cols)
     palette = colormaps["tab20"].resampled(max(experts, 2))
-    fig = _figure(1.5 * cols, 1.5 * rows + 0.4)
+    fig = _figure(1.5 * cols, 1.5 * rows + 0.4 + 0.25 * math.ceil(max(experts, 1) / 8))
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for i, ax in enumerate(axes):
         ax.set_axis_off()
@@ -85,5 +88,13 @@ def plot_routed_images(images: np.ndarray, routes: np.ndarray, experts: int, lay
         tint = tint.reshape(side, side, 3).repeat(math.ceil(rgb.shape[0] / side), 0).repeat(
             math.ceil(rgb.shape[1] / side), 1)[: rgb.shape[0], : rgb.shape[1]]
         ax.imshow(0.55 * rgb + 0.45 * tint)
+    # Which colour is which expert (and grey: a token no expert took, dropped by capacity).
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=palette(e), label=f"expert {e}") for e in range(experts)]
+    if (routes < 0).any():
+        handles.append(Patch(color=(0.5, 0.5, 0.5), label="dropped"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=6, frameon=False)
+    fig.subplots_adjust(bottom=0.08 + 0.05 * math.ceil(len(handles) / 8))
     fig.suptitle(f"{layer}: patches tinted by expert", fontsize=9)
     return _save(fig, path)
