@@ -19,6 +19,14 @@ gives the median of `--repeats` rounds and the ratio to the dense layer in the s
   labml       the source project's layer (labml.ai SwitchFeedForward): a loop over every expert
   hf          the transformers library's sparse-MoE loop: one nn.Linear pair per expert that
               received tokens, gathered with torch.where and added back with index_add_
+
+After the table, the floor of each (experts, dtype) group: the fwd+bwd matmul FLOPs at the rate
+this machine's matmul reaches at the dense layer's own shape, and the bytes the weights must move
+at this machine's copy bandwidth (per parameter: fp32 reads it in forward and backward and writes
+its gradient, 12 bytes; bf16 autocast also casts it to bf16 and the bf16 gradient back, 18 bytes),
+both measured in the same process; the floor is the larger of the two (perfect overlap), so no
+implementation of the layer on this machine can be faster. "floor x dense" is the moe floor over
+the dense floor: the part of the measured "x dense" that no kernel work can remove.
 """
 from __future__ import annotations
 
@@ -126,6 +134,46 @@ def bench(args, E: int, amp: bool, device: torch.device) -> None:
               flush=True)
 
 
+def _median_time(fn, repeats: int = 7) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def machine_rates(args, device: torch.device) -> dict[str, float]:
+    """FLOP/s of the dense layer's matmul shape in fp32 and bf16, and copy bandwidth (bytes/s)."""
+    T, D, H = args.batch * args.tokens, args.dim, args.hidden
+    rates = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(T, D, device=device, dtype=dt)
+        w = torch.randn(D, H, device=device, dtype=dt)
+        rates[name] = 2 * T * D * H / _median_time(lambda: (a @ w, sync(device)))
+    src = torch.randn(64 * 2**20, device=device)  # 256 MB
+    dst = torch.empty_like(src)
+    rates["bandwidth"] = 2 * src.nbytes / _median_time(lambda: (dst.copy_(src), sync(device)))
+    return rates
+
+
+def floor_line(args, E: int, amp: bool, rates: dict[str, float]) -> str:
+    T, D, H = args.batch * args.tokens, args.dim, args.hidden
+    flops = 12 * T * D * H  # two matmuls, forward + two in backward; top-1 does the dense layer's FLOPs
+    rate = rates["bf16" if amp else "fp32"]
+    per_param = 18 if amp else 12
+    floors = []
+    for params in (2 * D * H, 2 * D * H * E):  # dense, then the experts (routing FLOPs left out: <1 %)
+        compute, memory = flops / rate, params * per_param / rates["bandwidth"]
+        floors.append((max(compute, memory), compute, memory))
+    (dense, _, _), (moe, c, m) = floors
+    return (f"floor, {E} experts {'bf16' if amp else 'fp32'}: matmuls {c * 1e3:.1f} ms at "
+            f"{rate / 1e9:.0f} GFLOP/s, expert weights {m * 1e3:.1f} ms ({2 * D * H * E * per_param / 1e6:.0f} MB at "
+            f"{rates['bandwidth'] / 1e9:.1f} GB/s): moe {moe * 1e3:.1f} ms, dense {dense * 1e3:.1f} ms, "
+            f"floor x dense {moe / dense:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64])
@@ -155,6 +203,11 @@ def main() -> None:
     for amp in args.amp:
         for E in args.experts:
             bench(args, E, amp == "bf16", device)
+    rates = machine_rates(args, device)
+    print()
+    for amp in args.amp:
+        for E in args.experts:
+            print(f"# {floor_line(args, E, amp == 'bf16', rates)}")
 
 
 if __name__ == "__main__":
