@@ -361,3 +361,22 @@ def test_import_does_not_load_matplotlib():
     # Plotting is optional work; `vitmoe report` and the trainer import this package eagerly.
     code = "import sys, vitmoe.report; sys.exit('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_field_added_later_at_its_default_is_the_same_configuration(tmp_path):
+    """A run written before a TrainConfig field existed (its config.yaml lacks it) groups with runs
+    that hold the field at its default, and an execution setting (max_restarts) never splits a
+    configuration; a field at another value does."""
+    from vitmoe.report.groups import group_runs
+
+    base = "model: vit\ndataset: digits\nlr: 0.01\n"
+    runs = []
+    for i, extra in enumerate(["", "max_restarts: 0\nfolder_resize: stretch\n", "max_restarts: 3\n",
+                               "folder_resize: crop\n"]):
+        d = write_run(tmp_path / f"r{i}", config=base + f"seed: {i}\n" + extra,
+                      summary=summary("vit", "vit", None, 1000, 90.0 + i, 1, None, 1.0, 1.0),
+                      metrics=[epoch_rec(1, 90.0 + i)])
+        runs.append(load_run(d))
+    groups = group_runs(runs)
+    assert [len(g.runs) for g in groups] == [3, 1]
+    assert [g.label for g in groups] == ["vit (folder_resize=stretch)", "vit (folder_resize=crop)"]

@@ -15,7 +15,7 @@ from .stats import Summary, differ, summarize
 
 # Fields of config.yaml that do not make a different configuration.
 NOT_CONFIGURATION = {"seed", "out", "data_dir", "progress", "log_every", "tensorboard", "device", "keep_checkpoints",
-                     "dist_timeout_s", "nproc", "threshold"}
+                     "dist_timeout_s", "nproc", "threshold", "max_restarts"}
 
 METRICS: dict[str, tuple[str, Callable[[RunResult], float | None], int]] = {
     # key: (column title, value of a run, digits)
@@ -33,10 +33,27 @@ def _final_acc(run: RunResult) -> float | None:
     return run.test_accs[-1] if run.metrics else None
 
 
+def _defaults() -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from ..training.config import TrainConfig
+
+    return asdict(TrainConfig())
+
+
+def configuration(run: RunResult) -> dict[str, Any]:
+    """The fields of a run's config.yaml that make its configuration: not its seed or bookkeeping,
+    and not a field at its default value, so a run written before a field existed (its config
+    lacks the field) is the same configuration as one that holds the default."""
+    defaults = _defaults()
+    return {k: v for k, v in run.config.items()
+            if k not in NOT_CONFIGURATION and not (k in defaults and v == defaults[k])}
+
+
 def configuration_key(run: RunResult) -> str:
     """What a run's configuration is, without its seed and bookkeeping (JSON, sorted keys)."""
-    cfg = {k: v for k, v in run.config.items() if k not in NOT_CONFIGURATION}
-    if not cfg:  # no config.yaml: only the name is known
+    cfg = configuration(run) if run.config else {}
+    if not cfg:  # no config.yaml (or every field at its default): the name tells runs apart
         cfg = {"name": run.name}
     return json.dumps(cfg, sort_keys=True, default=str)
 
@@ -79,10 +96,11 @@ def _disambiguate(groups: list[Group]) -> None:
     for same in names.values():
         if len(same) < 2:
             continue
-        cfgs = [{k: v for k, v in g.runs[0].config.items() if k not in NOT_CONFIGURATION} for g in same]
+        cfgs = [configuration(g.runs[0]) for g in same]
         keys = sorted({k for c in cfgs for k in c if any(c.get(k) != o.get(k) for o in cfgs)})
+        defaults = _defaults()
         for g, c in zip(same, cfgs):
-            g.label += " (" + ", ".join(f"{k}={_short(c.get(k))}" for k in keys) + ")"
+            g.label += " (" + ", ".join(f"{k}={_short(c.get(k, defaults.get(k)))}" for k in keys) + ")"
 
 
 def _short(value: Any) -> str:
