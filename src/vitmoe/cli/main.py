@@ -8,11 +8,11 @@ import warnings
 from typing import Sequence
 
 from .. import __version__
-from . import analyze, demo, eval as eval_cmd, export, info, merge, predict, report, sweep, train, upcycle
+from . import analyze, bench, demo, eval as eval_cmd, export, info, merge, predict, report, sweep, train, upcycle
 from .common import ArgumentParser, HelpFormatter, error_line, user_errors
 
-SUBCOMMANDS = (train, eval_cmd, predict, analyze, sweep, merge, upcycle, export, info, report, demo)
-LONG_RUNNING = ("train", "sweep", "demo", "eval", "analyze")
+SUBCOMMANDS = (train, eval_cmd, predict, analyze, sweep, merge, upcycle, export, info, report, bench, demo)
+LONG_RUNNING = ("train", "sweep", "demo", "eval", "analyze", "bench")
 """Commands that run many forward/backward passes: worth a second start on a better allocator."""
 
 

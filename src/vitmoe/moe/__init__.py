@@ -1,4 +1,5 @@
-"""Mixture-of-Experts MLP layers: routers, dispatch, grouped experts, routed and soft layers."""
+"""Mixture-of-Experts MLP layers: routers, dispatch, grouped experts (with the per-machine table of
+the faster expert computation, kernel_table), routed and soft layers."""
 from .base_layer import MoELayer, find_moe_layers
 from .collect import MoECollector, collect_moe_outputs
 from .config import EVAL_MODES, LAYER_ROUTERS, MoEConfig

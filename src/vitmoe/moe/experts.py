@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..runtime import allocator_decided, before_large_cpu_tensors
 from ..validation import Fields
 from .routers.options import Options
+from .kernel_table import measured_choice, shape_key
 from .parallel import ExpertParallel, gather_experts
 
 EXPERT_INITS = ("shared", "independent")
@@ -28,7 +29,8 @@ class ExpertOptions(Options):
     AdaMix); "independent": one draw per expert."""
     dispatch: str = "auto"
     """Expert computation: "grouped" (torch._grouped_mm), "padded" (batched matmul over
-    capacity-padded queues) or "auto" (grouped where the device and dtype support it)."""
+    capacity-padded queues) or "auto" (what `vitmoe bench` measured fastest for this device, dtype
+    and shape, else grouped where the device and dtype support it; vitmoe.moe.kernel_table)."""
 
     def check(self, f: Fields, experts: Sequence[int]) -> None:
         super().check(f, experts)
@@ -111,6 +113,8 @@ class GroupedExperts(nn.Module):
         self.bucket_rows: bool | None = None
         """Grouped path: round each expert's row count up to a few sizes per octave (True), never
         (False), or where it pays (None: CPU bf16/fp16, see `_bucket_rows`)."""
+        self.last_shape_key: str | None = None
+        """The kernel-table key of the last "auto" forward (vitmoe.moe.kernel_table; `vitmoe bench`)."""
         self.static_shapes: bool | None = None
         """Grouped path: keep shapes independent of routing (no host read of the kept count).
         None: only off the CPU, where reading a device count would stall the stream."""
@@ -155,10 +159,20 @@ class GroupedExperts(nn.Module):
         """
         self._before_step(x_SD)
         x_SD = x_SD.to(self._compute_dtype(x_SD))
-        use_grouped = self.dispatch_path == "grouped" or (self.dispatch_path == "auto" and grouped_mm_supported(x_SD))
-        if use_grouped:
+        if self._uses_grouped(x_SD):
             return self._grouped(x_SD, counts_E, expert_S)
         return self._padded(x_SD, counts_E, expert_S, capacity)
+
+    def _uses_grouped(self, x_SD: Tensor) -> bool:
+        """The path of `dispatch`: "auto" takes the machine's measured choice (kernel_table, keyed by
+        shapes only: no host sync), else grouped where it runs."""
+        if self.dispatch_path != "auto":
+            return self.dispatch_path == "grouped"
+        if not grouped_mm_supported(x_SD):
+            return False
+        (E, D, H), rows = self.w1.shape, max(1, x_SD.shape[0] // self.w1.shape[0])
+        self.last_shape_key = shape_key(x_SD.device.type, x_SD.dtype, D, H, E, rows)
+        return measured_choice(self.last_shape_key) != "padded"
 
     def _grouped(self, x_SD: Tensor, counts_E: Tensor, expert_S: Tensor) -> Tensor:
         S = x_SD.shape[0]
