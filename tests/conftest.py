@@ -10,6 +10,22 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_machine_kernel_table(tmp_path_factory):
+    """Tests never read this machine's measured dispatch table (`vitmoe bench` writes it in
+    ~/.cache/vitmoe): `dispatch: auto` is the shipped default in every test, here and in CI.
+    Set in the environment, so worker processes the tests start inherit it."""
+    import os
+
+    old = os.environ.get("VITMOE_CACHE")
+    os.environ["VITMOE_CACHE"] = str(tmp_path_factory.mktemp("vitmoe-cache"))
+    yield
+    if old is None:
+        os.environ.pop("VITMOE_CACHE", None)
+    else:
+        os.environ["VITMOE_CACHE"] = old
+
+
 # A width every preset accepts, small enough that a forward/backward takes milliseconds.
 TINY = dict(embed_dim=24, depth=2, num_heads=2, mlp_hidden=32, head_hidden=16)
 # The model the training tests train on digits, as TrainConfig.model_config: an epoch takes about
