@@ -135,7 +135,7 @@ def test_the_window_is_the_one_step_centre_crop(tmp_path):
         full = np.asarray(im.convert("RGB").resize((37, int(37 * 90 / 33)), Image.Resampling.BILINEAR))
     top = (full.shape[0] - 32) // 2
     square = fd.decode_image(p, 37, gray=False, resize="crop", window=32)
-    assert np.array_equal(aug.center_crop(torch.from_numpy(square), 32).numpy(),
+    assert np.array_equal(aug.center_crop(torch.from_numpy(square.copy()), 32).numpy(),
                           full[top:top + 32, 2:34].transpose(2, 0, 1))
 
 
@@ -237,3 +237,53 @@ def test_train_predict_and_export_agree_on_crop_folders(tmp_path, capsys):
         np.testing.assert_allclose([g["score"] for g in got], p.probs, atol=1e-5)
     # and the export reads back as the same preprocessing
     assert vitmoe.load_classifier(out).preprocessing == clf.preprocessing
+
+
+def test_hf_processors_other_than_vit_must_spell_out_their_steps(tmp_path):
+    """An integer size is a shortest edge for BitImageProcessor, and its defaults (bicubic, CLIP's
+    statistics) are not ViTImageProcessor's: a file that leaves them out is refused, naming them."""
+    from vitmoe.inference.sources import _hf_preprocessing
+    from vitmoe.models import ModelFileError, create_model
+
+    model = create_model("vit", img_size=32, embed_dim=16, depth=1, num_heads=2, mlp_hidden=16, num_classes=3)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "BitImageProcessor", "size": 224, "do_center_crop": True, "crop_size": 224}))
+    with pytest.raises(ModelFileError, match="BitImageProcessor without resample, image_mean, image_std"):
+        _hf_preprocessing(tmp_path, model)
+    full = {"image_processor_type": "BitImageProcessor", "size": 37, "do_center_crop": True, "crop_size": 32,
+            "resample": 2, "image_mean": [0.5] * 3, "image_std": [0.25] * 3}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(full))
+    pre = _hf_preprocessing(tmp_path, model)
+    assert (pre.resize, pre.size, pre.crop, pre.input_size) == ("crop", 37, 32, 32)  # 37 is a shortest edge
+
+
+def test_hf_export_crops_at_the_models_side():
+    """A crop that is not the model's side (an imported 384 model whose processor crops 224) is
+    written scaled to the model's side, so the pipeline feeds the model its own size."""
+    pre = Preprocessing(size=256, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3, input_size=384, resize="crop", crop=224)
+    cfg = vitmoe.models.hf.hf_preprocessor_config(pre)
+    assert cfg["crop_size"] == {"height": 384, "width": 384} and cfg["size"] == {"shortest_edge": 439}
+
+
+def test_extreme_aspect_ratios_are_refused_before_a_huge_resize(tmp_path):
+    p = _photo(tmp_path / "line.png", (20, 1300), 0)  # 65:1
+    with pytest.raises(ValueError, match=r"20x1300 pixels: an aspect ratio beyond 64:1"):
+        fd.decode_image(p, 16, gray=False, resize="crop")
+    assert fd.decode_image(p, 16, gray=False).shape == (3, 16, 16)  # stretch reads it as before
+    root = _tree(tmp_path / "imgs")
+    bad = root / "train" / FOLDER_CLASSES[0] / "line.png"
+    bad.write_bytes(p.read_bytes())
+    with pytest.raises(vitmoe.data.DatasetError, match=r"cannot read image .*line.png: ValueError: 20x1300 pixels"):
+        load_dataset(f"folder:{root}", "train", img_size=16, resize="crop")
+    fd._MEMO.clear()
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image"):
+        data = load_dataset(f"folder:{root}", "train", img_size=16, resize="crop", skip_bad_images=True)
+    assert len(data) == 12
+
+
+def test_train_help_keeps_each_folder_fields_own_text(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "skip unreadable images (counted in a warning) instead of failing on the first" in text
+    assert "how files become img_size squares" in text

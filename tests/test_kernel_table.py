@@ -88,3 +88,17 @@ def test_bench_of_a_dense_model_is_one_line(capsys):
     assert main(["bench", "--set", "model=vit", "--set", "dataset=digits", *TINY_SETS, "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("vitmoe: error: model vit has no routed expert layer")
+
+
+def test_the_table_is_not_read_under_compile_or_when_experts_are_split(monkeypatch):
+    """Under torch.compile (reading it would break the graph) and with expert parallelism (a rank's
+    share and rows follow the routing) auto takes the grouped path whatever the table says."""
+    auto, _ = _layers()
+    kt.record({"cpu/float32/D24/H40/E4/R16": "padded", "cpu/bfloat16/D24/H40/E4/R16": "padded"})
+    x = torch.randn(60, 24, dtype=torch.bfloat16)  # grouped_mm runs bf16 under compile too
+    assert auto.experts._uses_grouped(x) is False
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert auto.experts._uses_grouped(x) is True
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    monkeypatch.setattr(type(auto.experts), "sharded", property(lambda self: True))
+    assert auto.experts._uses_grouped(x) is True

@@ -371,8 +371,8 @@ def test_a_field_added_later_at_its_default_is_the_same_configuration(tmp_path):
 
     base = "model: vit\ndataset: digits\nlr: 0.01\n"
     runs = []
-    for i, extra in enumerate(["", "max_restarts: 0\nfolder_resize: stretch\n", "max_restarts: 3\n",
-                               "folder_resize: crop\n"]):
+    for i, extra in enumerate(["", "max_restarts: 0\nfolder_resize: stretch\nbetas: [0.9, 0.999]\n",
+                               "max_restarts: 3\nresolved_model_config: {embed_dim: 16}\n", "folder_resize: crop\n"]):
         d = write_run(tmp_path / f"r{i}", config=base + f"seed: {i}\n" + extra,
                       summary=summary("vit", "vit", None, 1000, 90.0 + i, 1, None, 1.0, 1.0),
                       metrics=[epoch_rec(1, 90.0 + i)])

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     for name, layer in find_moe_layers(model):
         experts = getattr(layer, "experts", None)
         if experts is None or not hasattr(experts, "_uses_grouped"):
-            continue  # Soft MoE: no routed expert computation to choose for
+            continue  # a layer without stacked experts: nothing to choose
         width = experts.w1.shape[1]
         x = torch.randn(batch, tokens, width, device=device)
         probe = copy.deepcopy(layer)

@@ -71,6 +71,9 @@ RESIZE_POLICIES = ("stretch", "crop")
 """How a file becomes a square (module docstring): `stretch` resizes the whole image, aspect ratio not
 kept (transformers' ViTImageProcessor); `crop` resizes the shorter side and keeps the centred square
 (transformers' processors with `size: {shortest_edge}`, torchvision's Resize(int) + CenterCrop)."""
+MAX_CROP_ASPECT = 64
+"""`crop` policy: images longer than this many times their width (or wider than tall) are refused
+(or skipped with skip_bad_images): a 100000x1 image would otherwise be resized to 25.6M x 256."""
 CROP_FRACTION = 0.875
 """`crop` policy: the evaluation window's share of the shorter side (224 of 256, ImageNet's)."""
 
@@ -200,6 +203,9 @@ def decode_image(path: Path, img_size: int, gray: bool, resize: str = "stretch",
         if resize == "crop":
             w, h = im.size
             size = (img_size, int(img_size * h / w)) if w <= h else (int(img_size * w / h), img_size)
+            if max(size) > MAX_CROP_ASPECT * img_size:  # the resize would hold long x img_size pixels
+                raise ValueError(f"{w}x{h} pixels: an aspect ratio beyond {MAX_CROP_ASPECT}:1, which the crop "
+                                 f"policy would resize to {size[0]}x{size[1]} before cutting its centre")
             im = im.resize(size, Image.Resampling.BILINEAR)
             c = window or img_size
             left, top = ((n - c) // 2 - (img_size - c) // 2 for n in size)

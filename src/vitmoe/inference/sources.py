@@ -196,11 +196,23 @@ def _hf_preprocessing(path: Path, model: VisionTransformer) -> Preprocessing:
                               "(of the whole image, or of its shorter side followed by a centre crop), a rescale by "
                               "1/255 and a normalisation only")
 
+    # Missing fields take the processor's own defaults, which differ by processor (an integer size is
+    # a shortest edge for BitImageProcessor, its default resample bicubic, its mean/std CLIP's, ...):
+    # vitmoe knows ViTImageProcessor's, so any other processor must spell out what it does.
+    kind = str(p.get("image_processor_type") or "ViTImageProcessor")
+    vit = kind.removesuffix("Fast") == "ViTImageProcessor"
+    if not vit:
+        missing = [k for k in ("size", "resample", "image_mean", "image_std", "do_center_crop") if k not in p]
+        if missing:
+            raise ModelFileError(f"{file}: {kind} without {', '.join(missing)}: vitmoe knows ViTImageProcessor's "
+                                 "defaults only; write these fields into the file")
     size = p.get("size", {"height": cfg.img_size, "width": cfg.img_size})
     if isinstance(size, int):
-        size = {"height": size, "width": size}
+        size = {"height": size, "width": size} if vit else {"shortest_edge": size}
     crop = None
     if p.get("do_center_crop"):
+        if "crop_size" not in p and not vit:
+            raise ModelFileError(f"{file}: {kind} with do_center_crop and no crop_size: write the crop size into the file")
         crop = p.get("crop_size", {"height": cfg.img_size, "width": cfg.img_size})
         crop = {"height": crop, "width": crop} if isinstance(crop, int) else crop
         if not isinstance(crop, dict) or crop.get("height") != crop.get("width") or not isinstance(crop.get("height"), int):

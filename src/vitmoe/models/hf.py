@@ -325,8 +325,11 @@ def hf_preprocessor_config(preprocessing: Any) -> dict[str, Any]:
         side = pre.input_size
         return {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": side, "width": side},
                 **common}
-    size = {"shortest_edge": pre.size} if pre.resize == "crop" else {"height": pre.size, "width": pre.size}
     crop = pre.crop or pre.size
+    side = pre.size
+    if crop != pre.input_size:  # a resize after the crop (step 3) cannot be written: scale both to the model's side
+        side, crop = int(round(pre.size * pre.input_size / crop)), pre.input_size
+    size = {"shortest_edge": side} if pre.resize == "crop" else {"height": side, "width": side}
     return {"image_processor_type": "BitImageProcessor", "do_resize": True, "size": size, "do_center_crop": True,
             "crop_size": {"height": crop, "width": crop}, **common}
 

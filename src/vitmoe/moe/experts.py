@@ -165,11 +165,15 @@ class GroupedExperts(nn.Module):
 
     def _uses_grouped(self, x_SD: Tensor) -> bool:
         """The path of `dispatch`: "auto" takes the machine's measured choice (kernel_table, keyed by
-        shapes only: no host sync), else grouped where it runs."""
+        shapes only: no host sync), else grouped where it runs. Not under torch.compile (reading the
+        table would break the graph) and not when the experts are split over ranks (each rank's
+        share and rows follow the routing; `vitmoe bench` measures whole layers): grouped there."""
         if self.dispatch_path != "auto":
             return self.dispatch_path == "grouped"
         if not grouped_mm_supported(x_SD):
             return False
+        if self.sharded or torch.compiler.is_compiling():
+            return True
         (E, D, H), rows = self.w1.shape, max(1, x_SD.shape[0] // self.w1.shape[0])
         self.last_shape_key = shape_key(x_SD.device.type, x_SD.dtype, D, H, E, rows)
         return measured_choice(self.last_shape_key) != "padded"

@@ -15,7 +15,9 @@ from .stats import Summary, differ, summarize
 
 # Fields of config.yaml that do not make a different configuration.
 NOT_CONFIGURATION = {"seed", "out", "data_dir", "progress", "log_every", "tensorboard", "device", "keep_checkpoints",
-                     "dist_timeout_s", "nproc", "threshold", "max_restarts"}
+                     "dist_timeout_s", "nproc", "threshold", "max_restarts",
+                     # derived from the fields above (config.yaml keeps them for reading, not as settings)
+                     "resolved_model_config", "name"}
 
 METRICS: dict[str, tuple[str, Callable[[RunResult], float | None], int]] = {
     # key: (column title, value of a run, digits)
@@ -34,11 +36,10 @@ def _final_acc(run: RunResult) -> float | None:
 
 
 def _defaults() -> dict[str, Any]:
-    from dataclasses import asdict
-
+    """TrainConfig's defaults as config.yaml reads back (tuples as lists)."""
     from ..training.config import TrainConfig
 
-    return asdict(TrainConfig())
+    return json.loads(json.dumps(TrainConfig().to_dict(), default=str))
 
 
 def configuration(run: RunResult) -> dict[str, Any]:

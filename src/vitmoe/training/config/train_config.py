@@ -97,12 +97,12 @@ class TrainConfig:
     folder_test_fraction: float = 0.2
     """folder:PATH without a test/ (or val/) folder: the fraction of each class split off (seeded) as test."""
     skip_bad_images: bool = False
+    """folder:PATH: skip unreadable images (counted in a warning) instead of failing on the first."""
     folder_resize: str = "stretch"
     """folder:PATH: how files become img_size squares. "stretch": the whole image resized, aspect ratio not
     kept, padded random crops in training. "crop": the shorter side resized to img_size / 0.875 and
     random-resized crops of img_size in training, the centred img_size window in evaluation and
     prediction (the ImageNet recipe; for photos at pretrained sizes such as 224)."""
-    """folder:PATH: skip unreadable images (counted in a warning) instead of failing on the first."""
     stream_above_mb: float = 4096.0
     """A split larger than this (MB of uint8 pixels) stays in host memory (a folder's memory-mapped
     cache) and is streamed to the device batch by batch instead of being copied there whole."""
