@@ -78,13 +78,11 @@ def run(args: argparse.Namespace) -> int:
         experts = getattr(layer, "experts", None)
         if experts is None or not hasattr(experts, "_uses_grouped"):
             continue  # a layer without stacked experts: nothing to choose
-        width = experts.w1.shape[1]
-        x = torch.randn(batch, tokens, width, device=device)
-        probe = copy.deepcopy(layer)
-        probe.experts.dispatch_path = "auto"
+        # this model is bench's own: its layers run "auto" once to name their table keys
+        experts.dispatch_path = "auto"
         with torch.no_grad(), autocast_context(cfg.amp, device):
-            probe(x)
-        key = probe.experts.last_shape_key
+            layer(torch.randn(batch, tokens, experts.w1.shape[1], device=device))
+        key = experts.last_shape_key
         if key is not None and key not in shapes:
             shapes[key] = (name, layer)
     if not shapes:
@@ -99,10 +97,9 @@ def run(args: argparse.Namespace) -> int:
         width = layer.experts.w1.shape[1]
         x = torch.randn(batch, tokens, width, device=device, requires_grad=True)
         g = torch.randn_like(x)
-        paths = {}
-        for path in ("grouped", "padded"):
-            paths[path] = copy.deepcopy(layer)
-            paths[path].experts.dispatch_path = path
+        paths = {"grouped": layer, "padded": copy.deepcopy(layer)}
+        for path, m in paths.items():
+            m.experts.dispatch_path = path
         times = {path: [] for path in paths}
         for r in range(2 + args.repeats):
             for path, m in paths.items():

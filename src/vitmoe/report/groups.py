@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Callable, Iterable
 
 from .runs import RunResult
@@ -35,6 +36,7 @@ def _final_acc(run: RunResult) -> float | None:
     return run.test_accs[-1] if run.metrics else None
 
 
+@lru_cache(maxsize=1)
 def _defaults() -> dict[str, Any]:
     """TrainConfig's defaults as config.yaml reads back (tuples as lists)."""
     from ..training.config import TrainConfig
