@@ -15,7 +15,8 @@ def add_parser(sub) -> None:
         "eval", help="evaluate a checkpoint on a test set", formatter_class=HelpFormatter,
         description="Evaluate a model .safetensors file, or a run directory (its latest or best checkpoint, the "
                     "trained weights or their EMA), on the "
-                    "test split. The dataset defaults to the one the checkpoint was trained on.")
+                    "test split (or the training split, unaugmented). The dataset defaults to the one the checkpoint "
+                    "was trained on.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="model .safetensors file or run directory")
     add_checkpoint_options(p)
     p.add_argument("--mode", choices=list(EVAL_MODES), default=None,
@@ -24,6 +25,8 @@ def add_parser(sub) -> None:
                         "with the run's img_size / folder_test_fraction / skip_bad_images / folder_resize from its config.yaml)")
     add_data_dir_option(p, help="dataset directory (default: the run's own data_dir from its config.yaml, then $DATA, "
                         "then ./data)")
+    p.add_argument("--split", choices=["test", "train"], default="test",
+                   help="which split to evaluate: test, or train (its images without augmentation)")
     p.add_argument("--batch", type=int, default=500, help="evaluation batch size")
     from ..training.config.train_config import AMP_MODES
 
@@ -35,6 +38,10 @@ def add_parser(sub) -> None:
     p.add_argument("--per-class", action="store_true",
                    help="also the accuracy of each class, by name (always shown for folder:PATH datasets)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--superclasses", type=int, default=None, metavar="E",
+                   help="group the classes this model confuses into E super-classes (Mobile V-MoE), from the "
+                        "confusion matrix on --split (use --split train to keep the test set out of the design), "
+                        "and print the model.moe.superclasses setting that guides a per-image router with E experts")
     p.add_argument("--capacity-factors", type=float, nargs="+", default=None, metavar="F",
                    help="capacity-accuracy curve (V-MoE): evaluate at each eval capacity factor, with position "
                         "priority and with Batch Prioritized Routing, and write capacity.json/.md/.png (accuracy "
@@ -75,8 +82,9 @@ def saved_config(checkpoint, model_file) -> dict:
 
 
 def prepare_eval(checkpoint, mode=None, dataset=None, data_dir=None, batch=500, device="auto", seed=0,
-                 which="latest", ema=False):
-    """(model file, model, test loader, dataset name, class names, device), read as in training."""
+                 which="latest", ema=False, split="test"):
+    """(model file, model, loader of `split`, dataset name, class names, device), read as in training
+    (the training split without augmentation)."""
     import torch
 
     from ..data import DeviceLoader, is_folder, load_dataset
@@ -106,7 +114,7 @@ def prepare_eval(checkpoint, mode=None, dataset=None, data_dir=None, batch=500, 
         from ..training.config.data import saved_folder_options
 
         options = saved_folder_options(saved, cfg.img_size)
-    data = load_dataset(dataset, "test", data_dir, **options)
+    data = load_dataset(dataset, split, data_dir, **options)
     if (data.info.in_chans, data.info.num_classes) != (cfg.in_chans, cfg.num_classes):
         raise CLIError(f"{path} was built for {cfg.in_chans}-channel images and {cfg.num_classes} classes; "
                        f"dataset {dataset} ({data.info.in_chans} channels, {data.info.num_classes} classes) "
@@ -133,26 +141,34 @@ def run_amp(checkpoint, model_file) -> str:
 
 
 def evaluate_checkpoint(checkpoint, mode=None, dataset=None, data_dir=None, batch=500, device="auto", seed=0,
-                        per_class=False, which="latest", ema=False, amp=None) -> dict:
-    """`amp`: "off", "bf16" or "fp16"; None: the run's (`run_amp`), as its training log measured."""
+                        per_class=False, which="latest", ema=False, amp=None, split="test",
+                        superclasses: int | None = None) -> dict:
+    """`amp`: "off", "bf16" or "fp16"; None: the run's (`run_amp`), as its training log measured.
+    `superclasses`: also the confusion matrix and the class -> expert map of that many super-classes."""
     import torch
 
     from ..data import is_folder
     from ..inference.classifier import has_random_routes
     from ..training import evaluate
 
+    if superclasses is not None and superclasses < 1:
+        raise CLIError(f"--superclasses {superclasses}: a positive number of experts")
     path, model, loader, dataset, classes, dev = prepare_eval(checkpoint, mode, dataset, data_dir, batch, device, seed,
-                                                              which, ema)
+                                                              which, ema, split)
+    if superclasses is not None and superclasses > len(classes):
+        raise CLIError(f"--superclasses {superclasses}: at most the number of classes ({len(classes)} in {dataset})")
     amp_source = "given" if amp is not None else ("the run's" if saved_config(checkpoint, path) else "default")
     amp = amp if amp is not None else run_amp(checkpoint, path)
     cfg = model.config
     per_class = per_class or is_folder(dataset)
+    keep = per_class or superclasses is not None
     preds, labels = [], []
-    hook = model.register_forward_hook(lambda m, i, out: preds.append(out.argmax(-1))) if per_class else None
-    res = evaluate(model, _Shown(loader, labels if per_class else None), dev, amp=amp)
+    hook = model.register_forward_hook(lambda m, i, out: preds.append(out.argmax(-1))) if keep else None
+    res = evaluate(model, _Shown(loader, labels if keep else None), dev, amp=amp)
     if hook is not None:
         hook.remove()
-    r = {"checkpoint": str(path), "dataset": dataset, "classes": classes, "images": res["n"], "test_acc": res["acc"],
+    r = {"checkpoint": str(path), "dataset": dataset, "split": split, "classes": classes, "images": res["n"],
+         "test_acc": res["acc"],
          "test_loss": res["loss"], "mode": cfg.moe.eval_mode if has_random_routes(model) else None, "amp": amp,
          "amp_source": amp_source,
          "params": sum(p.numel() for p in model.parameters()), "images_per_s": res["images_per_s"]}
@@ -161,6 +177,12 @@ def evaluate_checkpoint(checkpoint, mode=None, dataset=None, data_dir=None, batc
         n = torch.bincount(y, minlength=len(classes))
         hit = torch.bincount(y[p == y], minlength=len(classes))
         r["per_class"] = {c: [100.0 * hit[i].item() / max(n[i].item(), 1), n[i].item()] for i, c in enumerate(classes)}
+    if superclasses is not None:
+        from ..report.superclasses import confusion_matrix, superclasses_from_confusion
+
+        confusion = confusion_matrix(torch.cat(labels).cpu(), torch.cat(preds).cpu(), len(classes))
+        r["confusion"] = confusion.tolist()
+        r["superclasses"] = superclasses_from_confusion(confusion, superclasses)
     return r
 
 
@@ -192,18 +214,32 @@ def run(args: argparse.Namespace) -> int:
     if args.capacity_factors is not None:
         return run_capacity_curve(args)
     r = evaluate_checkpoint(args.checkpoint, args.mode, args.dataset, args.data_dir, args.batch, args.device, args.seed,
-                            args.per_class, args.which, args.ema, args.amp)
+                            args.per_class, args.which, args.ema, args.amp, args.split, args.superclasses)
     if args.json:
         echo(json.dumps(r))
     else:
         mode = f", eval mode {r['mode']}" if r["mode"] else ""
         precision = {"off": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[r["amp"]]
         precision += {"given": "", "the run's": " as the run trained (--amp to change)", "default": ""}[r["amp_source"]]
-        echo(f"{r['checkpoint']}: test accuracy {r['test_acc']:.2f}%  test loss {r['test_loss']:.4f}  "
-             f"({r['images']:,} {r['dataset']} test images{mode}, {precision}, {r['params']:,} parameters)")
+        echo(f"{r['checkpoint']}: {r['split']} accuracy {r['test_acc']:.2f}%  {r['split']} loss {r['test_loss']:.4f}  "
+             f"({r['images']:,} {r['dataset']} {r['split']} images{mode}, {precision}, {r['params']:,} parameters)")
         for name, (acc, n) in r.get("per_class", {}).items():
             echo(f"  {name}: {acc:.2f}% of {n:,}")
+        if "superclasses" in r:
+            echo(superclass_text(r["superclasses"], r["classes"], r["split"]))
     return 0
+
+
+def superclass_text(expert_of_class: list[int], classes: list[str], split: str) -> str:
+    """The super-classes, one line per expert, and the setting that guides a per-image router with them."""
+    experts = max(expert_of_class) + 1
+    lines = [f"{experts} super-classes from the confusion matrix on the {split} split:"]
+    for e in range(experts):
+        lines.append(f"  expert {e}: " + ", ".join(c for c, x in zip(classes, expert_of_class) if x == e))
+    value = "[" + ",".join(map(str, expert_of_class)) + "]"
+    lines.append(f"guide a per-image router with {experts} experts: --set model.moe.router=image "
+                 f"--set model.num_experts={experts} --set model.moe.superclasses={value}")
+    return "\n".join(lines)
 
 
 def run_capacity_curve(args: argparse.Namespace) -> int:

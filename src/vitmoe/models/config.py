@@ -221,6 +221,10 @@ class ViTConfig:
         moe_fields.need(not self.moe.residual or bool(blocks), "residual", "False when no block is MoE (moe_layers is 'none')")
         moe_fields.need(self.moe.image_pool != "cls" or self.pool == "cls", "image_pool",
                         f"'mean' unless the model has a class token (pool is {self.pool!r}, not 'cls')")
+        moe_fields.need(self.moe.superclasses is None or len(self.moe.superclasses) == self.num_classes,
+                        "superclasses", f"one expert per class: a list of num_classes={self.num_classes} entries")
+        moe_fields.need(self.moe.superclasses is None or bool(blocks), "superclasses",
+                        "null when no block is MoE (moe_layers is 'none')")
 
     def mlp_layer(self, block: int) -> tuple[type[nn.Module], dict[str, Any]]:
         """Block `block`'s MLP class and keyword arguments: the one place where the config picks

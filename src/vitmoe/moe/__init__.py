@@ -8,7 +8,7 @@ from .experts import DISPATCH_PATHS, EXPERT_INITS, GroupedExperts, grouped_mm_su
 from .layer import MoEMlp
 from .routers import (
     ROUTERS, SECOND_POLICIES, Copies, ExpertChoiceRouter, Options, RandomRouter, Router, Routing, TopKRouter,
-    load_balancing_loss, register_router, router_class, router_z_loss, seed_random_routers,
+    load_balancing_loss, register_router, router_class, router_z_loss, routing_labels, seed_random_routers,
 )
 from .soft import SoftMoE, SoftRouting
 
@@ -17,5 +17,5 @@ __all__ = [
     "RandomRouter", "ExpertChoiceRouter", "SoftRouting", "ROUTERS", "register_router", "router_class", "LAYER_ROUTERS", "SECOND_POLICIES", "Options", "dispatch",
     "dispatch_copies", "dispatch_routing", "combine", "expert_capacity", "Dispatch", "load_balancing_loss",
     "router_z_loss", "EVAL_MODES", "EXPERT_INITS", "DISPATCH_PATHS", "grouped_mm_supported",
-    "find_moe_layers", "collect_moe_outputs", "MoECollector", "seed_random_routers",
+    "find_moe_layers", "collect_moe_outputs", "MoECollector", "seed_random_routers", "routing_labels",
 ]

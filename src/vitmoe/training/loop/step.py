@@ -8,6 +8,8 @@ and optimizer moments through the optimizer step (training.recipe.freeze).
 
 fp32, bf16 and fp16 take the same path: the GradScaler is enabled only for fp16 (loss scaling;
 disabled, its scale/unscale_/update do nothing and its step is the optimizer's step).
+Per-image routers with super-class guidance see the batch's labels (or soft targets) during the
+forward passes (vitmoe.moe.routers.image.routing_labels).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...models import ModelOutput
+from ...moe import routing_labels
 from ..distributed import expert_parallel
 from ..config.train_config import TrainConfig
 from ..evaluation.evaluate import autocast_context
@@ -80,7 +83,8 @@ class TrainStep:
         cfg = self.cfg
         passes = []
         for _ in range(cfg.forwards_per_step):
-            with autocast_context(cfg.amp, self.device):
+            # Super-class guidance (moe.superclasses) trains per-image routers on the labels.
+            with autocast_context(cfg.amp, self.device), routing_labels(self.model, y if targets is None else targets):
                 passes.append(self.forward(x, return_aux=True))
         if targets is None:
             ce = [F.cross_entropy(p.logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="sum") * scale
