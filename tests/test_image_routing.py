@@ -1,12 +1,12 @@
 """Per-image routing (router "image", Mobile V-MoE): against a float64 transcription, whole images
-per expert, the balance loss over images by hand, capacity in images, expert parallelism."""
+per expert, the balance loss over images by hand, capacity in images, expert parallelism (super-class guidance too)."""
 import pytest
 import torch
 import torch.nn.functional as F
 from dist_utils import run_workers
 
 from vitmoe.models import model_config, model_info
-from vitmoe.moe import MoEMlp, collect_moe_outputs
+from vitmoe.moe import MoEMlp, collect_moe_outputs, routing_labels
 from vitmoe.moe.parallel import init_expert_parallel
 from vitmoe.training.distributed.expert_parallel import shard_experts
 from vitmoe.validation import ConfigError
@@ -120,8 +120,21 @@ def _ep_worker(rank, world):
     ref = make(k=2, cf=1.0)
     y_ref = ref(x)
     m = make(k=2, cf=1.0)
-    shard_experts(m, init_expert_parallel(world))
+    group = init_expert_parallel(world)
+    shard_experts(m, group)
     torch.testing.assert_close(m(x), y_ref, rtol=1e-12, atol=1e-12)
+    # Super-class guidance: the replicated router's term and gradient are each rank's own images'.
+    labels, superclasses = torch.tensor([0, 4, 5]), [0, 1, 2, 3, 0, 1]
+    ref, m = make(k=2, cf=1.0, superclasses=superclasses), make(k=2, cf=1.0, superclasses=superclasses)
+    shard_experts(m, group)
+    terms = []
+    for layer in (ref, m):
+        with routing_labels(layer, labels), collect_moe_outputs(layer) as moe:
+            out = layer(x)
+        term = moe.layer_aux()[""]["superclass"]
+        terms.append((out, term, torch.autograd.grad(term, layer.router.weight)[0]))
+    for a, b in zip(*terms):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_expert_parallel_equals_one_process():

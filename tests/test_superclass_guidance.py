@@ -1,8 +1,8 @@
 """Super-class guidance of per-image routers (Mobile V-MoE): the router's cross-entropy against each
 image's super-class expert by hand (hard and soft labels), only in training and only inside
-`routing_labels`, its gradient reaching the router alone, the weight in the training loss, the
-config checks, the grouping of classes from a confusion matrix, and `vitmoe eval --superclasses`
-on a real run."""
+`routing_labels`, its gradient reaching the router (and what feeds it) but not the experts, its
+weight in the training loss, the config checks, the grouping of classes from a confusion matrix,
+and `vitmoe eval --superclasses` on a real run."""
 import json
 
 import pytest
@@ -69,7 +69,7 @@ def test_no_term_without_labels_and_labels_do_not_outlive_the_block():
     assert m.router.labels is None  # cleared on the error too
 
 
-def test_the_term_moves_the_router_only_and_is_weighted_in_the_loss():
+def test_the_term_trains_the_router_not_the_experts_and_is_weighted_in_the_loss():
     m = make(superclass_weight=0.7, balance_loss_weight=0.0, z_loss_weight=0.0)
     x = torch.randn(6, 5, D, dtype=torch.float64)
     with routing_labels(m, torch.tensor([0, 1, 2, 3, 4, 5])), collect_moe_outputs(m) as moe:
