@@ -1,6 +1,6 @@
 """Super-classes from a confusion matrix: the class -> expert map that guides per-image routers.
 
-Mobile V-MoE (Daxberger et al. 2023, section 3.2) trains a dense model, reads its confusion matrix
+Mobile V-MoE (Daxberger et al. 2023) trains a dense model, reads its confusion matrix
 and groups the classes it confuses into as many super-classes as there are experts, so that each
 expert specialises in classes that are hard to tell apart; the router is then trained to send an
 image to its class's super-class (`moe.superclasses`, vitmoe.moe.routers.image).

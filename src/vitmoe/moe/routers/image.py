@@ -9,7 +9,7 @@ Switch balance loss and the z-loss over images. A routing row then stands for an
 counts images (an expert over capacity drops whole images, never part of one), and every expert's
 matmul gets whole images' rows.
 
-Super-class guidance (Mobile V-MoE, section 3.2): with `superclasses`, a map from each class to an
+Super-class guidance (Mobile V-MoE): with `superclasses`, a map from each class to an
 expert, the router is also trained to send each image to its class's expert, by a cross-entropy of
 the router's softmax against that expert (`superclass` auxiliary term, weight `superclass_weight`),
 so that classes the model confuses share an expert (`vitmoe eval RUN --superclasses E` groups the
@@ -59,7 +59,8 @@ class ImageOptions(Options):
         f.need(self.router == "image", "superclasses", "null unless router is 'image' (it guides the per-image router)")
         bound = min(experts) if experts else None
         f.need(isinstance(classes, (list, tuple)) and len(classes) > 0
-               and all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < (bound or 1 << 62) for e in classes),
+               and all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 and (bound is None or e < bound)
+                       for e in classes),
                "superclasses", "a list with one expert index per class, each an integer in "
                + (f"[0, {bound})" if bound else "[0, experts)"))
         self.superclasses = list(classes)
@@ -127,9 +128,9 @@ def superclass_loss(logits_BE: Tensor, labels: Tensor, expert_of_class: Tensor) 
                          "routing_labels must hold the labels of the batch the model is called on")
     if labels.dim() == 1:
         return F.cross_entropy(logits_BE, expert_of_class[labels])
+    # F.cross_entropy takes class probabilities too: each class's mass moved to its expert.
     onehot_CE = F.one_hot(expert_of_class, logits_BE.shape[-1]).to(logits_BE.dtype)
-    target_BE = labels.to(logits_BE.dtype) @ onehot_CE
-    return -(target_BE * F.log_softmax(logits_BE, dim=-1)).sum(-1).mean()
+    return F.cross_entropy(logits_BE, labels.to(logits_BE.dtype) @ onehot_CE)
 
 
 def guided_routers(model: nn.Module) -> list[ImageRouter]:
