@@ -61,6 +61,37 @@ def test_conv_tokenizer_layers_are_cct_s():
         tok(torch.randn(1, 1, 32, 32))
 
 
+
+@pytest.mark.parametrize("side,chans", [(28, 1), (32, 3)])
+def test_channels_last_tokenizer_equals_the_nchw_float64_reference_with_gradients(side, chans):
+    # The tokenizer runs its pooling in channels-last (NCHW max pooling is a scalar loop on CPUs);
+    # outputs and gradients must be those of the plain NCHW network, and the tokens a dense [B, N, D].
+    tok = ConvTokenizer(side, chans, 48, layers=2, kernel=3).double()
+    pooled_layouts = []
+    for m in tok.layers:
+        if isinstance(m, torch.nn.MaxPool2d):
+            m.register_forward_hook(lambda mod, inp, out: pooled_layouts.append(
+                inp[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(4, chans, side, side, dtype=torch.float64, requires_grad=True)
+    out = tok(x)
+    assert out.is_contiguous() and pooled_layouts == [True, True]
+    ref_tok = ConvTokenizer(side, chans, 48, layers=2, kernel=3).double()
+    ref_tok.load_state_dict(tok.state_dict())
+    x_ref = x.detach().clone().requires_grad_(True)
+    h = x_ref
+    for layer in ref_tok.layers:
+        h = layer(h)
+        assert h.is_contiguous()  # the reference stays NCHW throughout
+    ref = h.flatten(2).transpose(1, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+    for (name, p), q in zip(tok.named_parameters(), ref_tok.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
+        assert p.is_contiguous()  # parameters keep their layout: checkpoints and safetensors unchanged
+
 # --- sequence pooling ----------------------------------------------------------------------------
 def test_seq_pool_weights_sum_to_one_and_pool_by_hand():
     pool = SeqPool(6).double()
