@@ -77,5 +77,16 @@ def test_eval_command_writes_the_curve(tmp_path, capsys):
     assert curve["rows"][0]["moe_gflops_per_image"] < curve["rows"][2]["moe_gflops_per_image"]
     for name in ("capacity.json", "capacity.md", "capacity.png"):
         assert (run / "analysis" / name).stat().st_size > 0
+    assert curve["split"] == "test" and "| test acc % |" in (run / "analysis" / "capacity.md").read_text()
     assert main(["eval", str(run), "--capacity-factors", "0"]) == 2
     assert "--capacity-factors 0.0: each factor must be a finite number > 0" in capsys.readouterr().err
+    # The curve on the training split (unaugmented); the flags of the plain evaluation are refused, not ignored.
+    assert main(["eval", str(run), "--capacity-factors", "8", "--split", "train", "--json", "--out",
+                 str(tmp_path / "train-curve")]) == 0
+    train_curve = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert train_curve["split"] == "train" and "| train acc % |" in (tmp_path / "train-curve" / "capacity.md").read_text()
+    assert main(["eval", str(run), "--split", "train", "--json"]) == 0
+    assert train_curve["baseline"]["acc"] == pytest.approx(json.loads(capsys.readouterr().out)["train_acc"])
+    for flag in (["--superclasses", "2"], ["--per-class"]):
+        assert main(["eval", str(run), "--capacity-factors", "1", *flag]) == 2
+        assert f"{flag[0]} and --capacity-factors are separate evaluations" in capsys.readouterr().err

@@ -169,9 +169,10 @@ def test_eval_superclasses_on_a_trained_run_gives_a_setting_that_trains(tiny_run
 
     assert main(["eval", str(tiny_run), "--split", "train", "--superclasses", "4", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["split"] == "train" and r["images"] > 1000
+    assert r["split"] == "train" and r["images"] > 1000 and "test_acc" not in r and "test_loss" not in r
     conf = torch.tensor(r["confusion"])
     assert conf.sum() == r["images"] and conf.shape == (10, 10)
+    assert r["train_acc"] == pytest.approx(100.0 * conf.diag().sum().item() / r["images"])
     assert r["superclasses"] == superclasses_from_confusion(conf, 4)
     assert main(["eval", str(tiny_run), "--split", "train", "--superclasses", "4"]) == 0
     text = capsys.readouterr().out

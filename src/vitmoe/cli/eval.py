@@ -167,10 +167,10 @@ def evaluate_checkpoint(checkpoint, mode=None, dataset=None, data_dir=None, batc
     res = evaluate(model, _Shown(loader, labels if keep else None), dev, amp=amp)
     if hook is not None:
         hook.remove()
+    # Keys named for the split measured (test_acc, or train_acc with --split train), as in metrics.jsonl.
     r = {"checkpoint": str(path), "dataset": dataset, "split": split, "classes": classes, "images": res["n"],
-         "test_acc": res["acc"],
-         "test_loss": res["loss"], "mode": cfg.moe.eval_mode if has_random_routes(model) else None, "amp": amp,
-         "amp_source": amp_source,
+         f"{split}_acc": res["acc"], f"{split}_loss": res["loss"],
+         "mode": cfg.moe.eval_mode if has_random_routes(model) else None, "amp": amp, "amp_source": amp_source,
          "params": sum(p.numel() for p in model.parameters()), "images_per_s": res["images_per_s"]}
     if per_class:  # {class name: [accuracy %, test images]}, from the same pass (same random routes)
         p, y = torch.cat(preds).cpu(), torch.cat(labels).cpu()
@@ -221,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
         mode = f", eval mode {r['mode']}" if r["mode"] else ""
         precision = {"off": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[r["amp"]]
         precision += {"given": "", "the run's": " as the run trained (--amp to change)", "default": ""}[r["amp_source"]]
-        echo(f"{r['checkpoint']}: {r['split']} accuracy {r['test_acc']:.2f}%  {r['split']} loss {r['test_loss']:.4f}  "
+        split = r["split"]
+        echo(f"{r['checkpoint']}: {split} accuracy {r[split + '_acc']:.2f}%  {split} loss {r[split + '_loss']:.4f}  "
              f"({r['images']:,} {r['dataset']} {r['split']} images{mode}, {precision}, {r['params']:,} parameters)")
         for name, (acc, n) in r.get("per_class", {}).items():
             echo(f"  {name}: {acc:.2f}% of {n:,}")
@@ -252,10 +253,14 @@ def run_capacity_curve(args: argparse.Namespace) -> int:
     bad = [f for f in args.capacity_factors if not f > 0 or f != f or f == float("inf")]
     if bad:
         raise CLIError(f"--capacity-factors {bad[0]}: each factor must be a finite number > 0")
+    for flag, given in (("--superclasses", args.superclasses is not None), ("--per-class", args.per_class)):
+        if given:
+            raise CLIError(f"{flag} and --capacity-factors are separate evaluations: run `vitmoe eval` once for each")
     if args.out is not None:  # a folder that can never be written fails before the model and data load
         check_output_folder(args.out, "--out", names=CURVE_FILES, force=args.force)
     path, model, loader, dataset, _, dev = prepare_eval(args.checkpoint, args.mode, args.dataset, args.data_dir,
-                                                         args.batch, args.device, args.seed, args.which, args.ema)
+                                                         args.batch, args.device, args.seed, args.which, args.ema,
+                                                         args.split)
     out = args.out or (analysis_dir(args.checkpoint, path) if Path(args.checkpoint).is_dir() or
                        (Path(path).parent.parent.name == "checkpoints") else Path(path).parent)
     check_output_folder(out, "--out", names=CURVE_FILES, force=args.force)
@@ -263,6 +268,7 @@ def run_capacity_curve(args: argparse.Namespace) -> int:
         curve = capacity_curve(model, _Shown(loader), dev, sorted(set(args.capacity_factors)), args.priorities)
     except ValueError as e:
         raise CLIError(f"--capacity-factors: {path}: {e}") from None
+    curve["split"] = args.split
     written = write_curve(curve, out, title=f"{Path(path).name} on {dataset}")
     if args.json:
         echo(json.dumps(curve))

@@ -105,7 +105,7 @@ def capacity_curve(model: nn.Module, loader, device: torch.device, factors: Sequ
 
 def curve_table(curve: dict) -> str:
     base = curve["baseline"]
-    lines = ["| capacity factor | priority | test acc % | MoE GFLOPs / image | dropped copies / image |",
+    lines = [f"| capacity factor | priority | {curve.get('split', 'test')} acc % | MoE GFLOPs / image | dropped copies / image |",
              "|---:|---|---:|---:|---:|",
              f"| {base['factor'] or 'dropless'} (as trained) | - | {base['acc']:.2f} | "
              f"{base['moe_gflops_per_image']:.4f} | {base['dropped_copies_per_image']:.1f} |"]
@@ -145,7 +145,7 @@ def _plot(curve: dict, path: Path, title: str) -> None:
     base = curve["baseline"]
     for ax in (ax1, ax2):
         ax.axhline(base["acc"], color="grey", ls="--", lw=1, label="as trained")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(f"{curve.get('split', 'test')} accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend()
     ax1.set_xscale("log", base=2)
