@@ -62,11 +62,11 @@ def test_conv_tokenizer_layers_are_cct_s():
 
 
 
-@pytest.mark.parametrize("side,chans", [(28, 1), (32, 3)])
-def test_channels_last_tokenizer_equals_the_nchw_float64_reference_with_gradients(side, chans):
+@pytest.mark.parametrize("side,chans,layers,kernel", [(28, 1, 2, 3), (32, 3, 2, 3), (28, 1, 1, 3), (32, 3, 1, 7)])
+def test_channels_last_tokenizer_equals_the_nchw_float64_reference_with_gradients(side, chans, layers, kernel):
     # The tokenizer runs its pooling in channels-last (NCHW max pooling is a scalar loop on CPUs);
     # outputs and gradients must be those of the plain NCHW network, and the tokens a dense [B, N, D].
-    tok = ConvTokenizer(side, chans, 48, layers=2, kernel=3).double()
+    tok = ConvTokenizer(side, chans, 48, layers=layers, kernel=kernel).double()
     pooled_layouts = []
     for m in tok.layers:
         if isinstance(m, torch.nn.MaxPool2d):
@@ -74,8 +74,8 @@ def test_channels_last_tokenizer_equals_the_nchw_float64_reference_with_gradient
                 inp[0].is_contiguous(memory_format=torch.channels_last)))
     x = torch.randn(4, chans, side, side, dtype=torch.float64, requires_grad=True)
     out = tok(x)
-    assert out.is_contiguous() and pooled_layouts == [True, True]
-    ref_tok = ConvTokenizer(side, chans, 48, layers=2, kernel=3).double()
+    assert out.is_contiguous() and pooled_layouts == [True] * layers
+    ref_tok = ConvTokenizer(side, chans, 48, layers=layers, kernel=kernel).double()
     ref_tok.load_state_dict(tok.state_dict())
     x_ref = x.detach().clone().requires_grad_(True)
     h = x_ref
@@ -90,7 +90,8 @@ def test_channels_last_tokenizer_equals_the_nchw_float64_reference_with_gradient
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
     for (name, p), q in zip(tok.named_parameters(), ref_tok.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
-        assert p.is_contiguous()  # parameters keep their layout: checkpoints and safetensors unchanged
+        assert p.is_contiguous() and p.grad.is_contiguous()  # layouts kept: checkpoints, optimizers unchanged
+
 
 # --- sequence pooling ----------------------------------------------------------------------------
 def test_seq_pool_weights_sum_to_one_and_pool_by_hand():
