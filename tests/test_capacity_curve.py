@@ -84,9 +84,13 @@ def test_eval_command_writes_the_curve(tmp_path, capsys):
     assert main(["eval", str(run), "--capacity-factors", "8", "--split", "train", "--json", "--out",
                  str(tmp_path / "train-curve")]) == 0
     train_curve = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert train_curve["split"] == "train" and "| train acc % |" in (tmp_path / "train-curve" / "capacity.md").read_text()
+    assert train_curve["split"] == "train" and "| train acc % |" in (tmp_path / "train-curve" / "capacity-train.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "train-curve").iterdir()) == ["capacity-train.json", "capacity-train.md",
+                                                                             "capacity-train.png"]
     assert main(["eval", str(run), "--split", "train", "--json"]) == 0
     assert train_curve["baseline"]["acc"] == pytest.approx(json.loads(capsys.readouterr().out)["train_acc"])
     for flag in (["--superclasses", "2"], ["--per-class"]):
         assert main(["eval", str(run), "--capacity-factors", "1", *flag]) == 2
         assert f"{flag[0]} and --capacity-factors are separate evaluations" in capsys.readouterr().err
+    assert main(["eval", str(run), "--capacity-factors", "1", "--amp", "bf16"]) == 2
+    assert "--amp bf16: --capacity-factors evaluates in float32; leave --amp out" in capsys.readouterr().err

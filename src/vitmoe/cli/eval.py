@@ -1,4 +1,5 @@
-"""`vitmoe eval CHECKPOINT`: test accuracy and loss of a model file or a run's latest checkpoint."""
+"""`vitmoe eval CHECKPOINT`: accuracy and loss of a model file or a run's latest checkpoint on the test
+split (or the training split, unaugmented)."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,7 @@ def add_parser(sub) -> None:
     from ..training.config.train_config import EVAL_MODES
 
     p = sub.add_parser(
-        "eval", help="evaluate a checkpoint on a test set", formatter_class=HelpFormatter,
+        "eval", help="evaluate a checkpoint on the test set (or the training split)", formatter_class=HelpFormatter,
         description="Evaluate a model .safetensors file, or a run directory (its latest or best checkpoint, the "
                     "trained weights or their EMA), on the "
                     "test split (or the training split, unaugmented). The dataset defaults to the one the checkpoint "
@@ -167,12 +168,13 @@ def evaluate_checkpoint(checkpoint, mode=None, dataset=None, data_dir=None, batc
     res = evaluate(model, _Shown(loader, labels if keep else None), dev, amp=amp)
     if hook is not None:
         hook.remove()
-    # Keys named for the split measured (test_acc, or train_acc with --split train), as in metrics.jsonl.
+    # Keys named for the split measured: test_acc, or with --split train train_acc (an eval-mode pass
+    # over the unaugmented images, not the running training accuracy that metrics.jsonl logs).
     r = {"checkpoint": str(path), "dataset": dataset, "split": split, "classes": classes, "images": res["n"],
          f"{split}_acc": res["acc"], f"{split}_loss": res["loss"],
          "mode": cfg.moe.eval_mode if has_random_routes(model) else None, "amp": amp, "amp_source": amp_source,
          "params": sum(p.numel() for p in model.parameters()), "images_per_s": res["images_per_s"]}
-    if per_class:  # {class name: [accuracy %, test images]}, from the same pass (same random routes)
+    if per_class:  # {class name: [accuracy %, images]}, from the same pass (same random routes)
         p, y = torch.cat(preds).cpu(), torch.cat(labels).cpu()
         n = torch.bincount(y, minlength=len(classes))
         hit = torch.bincount(y[p == y], minlength=len(classes))
@@ -247,7 +249,7 @@ def run_capacity_curve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..outputs import check_output_folder
-    from ..report.capacity import CURVE_FILES, capacity_curve, curve_table, write_curve
+    from ..report.capacity import capacity_curve, curve_files, curve_table, write_curve
     from .common import analysis_dir
 
     bad = [f for f in args.capacity_factors if not f > 0 or f != f or f == float("inf")]
@@ -256,14 +258,17 @@ def run_capacity_curve(args: argparse.Namespace) -> int:
     for flag, given in (("--superclasses", args.superclasses is not None), ("--per-class", args.per_class)):
         if given:
             raise CLIError(f"{flag} and --capacity-factors are separate evaluations: run `vitmoe eval` once for each")
+    if args.amp is not None:
+        raise CLIError(f"--amp {args.amp}: --capacity-factors evaluates in float32; leave --amp out")
+    names = curve_files(args.split)
     if args.out is not None:  # a folder that can never be written fails before the model and data load
-        check_output_folder(args.out, "--out", names=CURVE_FILES, force=args.force)
+        check_output_folder(args.out, "--out", names=names, force=args.force)
     path, model, loader, dataset, _, dev = prepare_eval(args.checkpoint, args.mode, args.dataset, args.data_dir,
                                                          args.batch, args.device, args.seed, args.which, args.ema,
                                                          args.split)
     out = args.out or (analysis_dir(args.checkpoint, path) if Path(args.checkpoint).is_dir() or
                        (Path(path).parent.parent.name == "checkpoints") else Path(path).parent)
-    check_output_folder(out, "--out", names=CURVE_FILES, force=args.force)
+    check_output_folder(out, "--out", names=names, force=args.force)
     try:
         curve = capacity_curve(model, _Shown(loader), dev, sorted(set(args.capacity_factors)), args.priorities)
     except ValueError as e:

@@ -115,15 +115,22 @@ def curve_table(curve: dict) -> str:
     return "\n".join(lines)
 
 
-CURVE_FILES = ("capacity.json", "capacity.md", "capacity.png")
+def curve_files(split: str = "test") -> tuple[str, str, str]:
+    """The curve's files for a split: capacity.json/.md/.png for the test split, capacity-train.* for
+    the training split (so one curve never replaces the other)."""
+    stem = "capacity" if split == "test" else f"capacity-{split}"
+    return (f"{stem}.json", f"{stem}.md", f"{stem}.png")
+
+
+CURVE_FILES = curve_files()
 
 
 def write_curve(curve: dict, out_dir: str | Path, title: str = "") -> list[Path]:
     """capacity.json, capacity.md and capacity.png (accuracy against the factor and against
-    the MoE FLOPs spent) in `out_dir`."""
+    the MoE FLOPs spent) in `out_dir`; named for the curve's split when it is not the test split."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / name for name in CURVE_FILES]
+    paths = [out / name for name in curve_files(curve.get("split", "test"))]
     atomic_write_bytes(paths[0], json.dumps(curve, indent=2).encode())
     atomic_write_bytes(paths[1], (curve_table(curve) + "\n").encode())
     _plot(curve, paths[2], title)
@@ -160,4 +167,4 @@ def _plot(curve: dict, path: Path, title: str) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-__all__ = ["CURVE_FILES", "eval_capacity", "evaluate_spent", "capacity_curve", "curve_table", "write_curve", "PRIORITIES"]
+__all__ = ["CURVE_FILES", "curve_files", "eval_capacity", "evaluate_spent", "capacity_curve", "curve_table", "write_curve", "PRIORITIES"]
