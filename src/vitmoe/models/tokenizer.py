@@ -79,8 +79,8 @@ class ConvTokenizer(nn.Module):
     def forward(self, x_BCHW: Tensor) -> Tensor:
         if x_BCHW.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(f"expected {self.img_size}x{self.img_size} images, got {tuple(x_BCHW.shape[-2:])}")
-        # Channels-last after each convolution: CPU max pooling over NCHW is a scalar loop (27.6
-        # against 1.7 ms NHWC for 128 x 64 x 28 x 28 bf16, BENCHMARKS.md s.8), oneDNN's convolutions prefer NHWC,
+        # Channels-last after each convolution: CPU max pooling over NCHW is a scalar loop (27 against
+        # 1.6 ms NHWC for 128 x 64 x 28 x 28 bf16, BENCHMARKS.md s.8), oneDNN's convolutions prefer NHWC,
         # and the NHWC map flattens to (B, N, D) tokens without a copy. Asked for after the conv, not
         # of the input: a 1-channel input is NCHW and NHWC at once, and the conv then keeps NCHW.
         x = x_BCHW
