@@ -380,3 +380,21 @@ def test_a_field_added_later_at_its_default_is_the_same_configuration(tmp_path):
     groups = group_runs(runs)
     assert [len(g.runs) for g in groups] == [3, 1]
     assert [g.label for g in groups] == ["vit (folder_resize=stretch)", "vit (folder_resize=crop)"]
+
+
+def test_labels_name_the_nested_settings_that_differ(tmp_path):
+    """Two MoE cells of one preset that differ inside model_config are labelled by the differing
+    settings spelled as --set takes them, not by a cut-off dump of the nested dict."""
+    from vitmoe.report.groups import group_runs
+
+    runs = []
+    for i, (layers, experts) in enumerate([("all", 8), ("last:1", 4), ("all", 8)]):
+        cfg = (f"model: vit\ndataset: digits\nseed: {i}\nmodel_config:\n  moe: {{router: switch, top_k: 1}}\n"
+               f"  moe_layers: '{layers}'\n  num_experts: {experts}\n")
+        d = write_run(tmp_path / f"r{i}", config=cfg, summary=summary("vit", "vit", None, 1000, 90.0, 1, None, 1.0, 1.0),
+                      metrics=[epoch_rec(1, 90.0)])
+        runs.append(load_run(d))
+    groups = group_runs(runs)
+    assert [len(g.runs) for g in groups] == [2, 1]
+    assert [g.label for g in groups] == ["vit (model.moe_layers=all, model.num_experts=8)",
+                                         "vit (model.moe_layers=last:1, model.num_experts=4)"]

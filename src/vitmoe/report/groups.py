@@ -96,14 +96,27 @@ def _disambiguate(groups: list[Group]) -> None:
     names: dict[str, list[Group]] = {}
     for g in groups:
         names.setdefault(g.label, []).append(g)
+    defaults = _leaves(_defaults())
     for same in names.values():
         if len(same) < 2:
             continue
-        cfgs = [configuration(g.runs[0]) for g in same]
+        cfgs = [_leaves(configuration(g.runs[0])) for g in same]
         keys = sorted({k for c in cfgs for k in c if any(c.get(k) != o.get(k) for o in cfgs)})
-        defaults = _defaults()
         for g, c in zip(same, cfgs):
             g.label += " (" + ", ".join(f"{k}={_short(c.get(k, defaults.get(k)))}" for k in keys) + ")"
+
+
+def _leaves(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config's nested fields as dotted keys spelled as `--set` takes them (model_config.moe.router
+    is model.moe.router), so a label names the setting that differs, not a whole nested dict."""
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{'model' if not prefix and k == 'model_config' else k}"
+        if isinstance(v, dict) and v:
+            out.update(_leaves(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def _short(value: Any) -> str:
