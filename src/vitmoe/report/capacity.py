@@ -122,9 +122,6 @@ def curve_files(split: str = "test") -> tuple[str, str, str]:
     return (f"{stem}.json", f"{stem}.md", f"{stem}.png")
 
 
-CURVE_FILES = curve_files()
-
-
 def write_curve(curve: dict, out_dir: str | Path, title: str = "") -> list[Path]:
     """capacity.json, capacity.md and capacity.png (accuracy against the factor and against
     the MoE FLOPs spent) in `out_dir`; named for the curve's split when it is not the test split."""
@@ -167,4 +164,4 @@ def _plot(curve: dict, path: Path, title: str) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-__all__ = ["CURVE_FILES", "curve_files", "eval_capacity", "evaluate_spent", "capacity_curve", "curve_table", "write_curve", "PRIORITIES"]
+__all__ = ["curve_files", "eval_capacity", "evaluate_spent", "capacity_curve", "curve_table", "write_curve", "PRIORITIES"]
