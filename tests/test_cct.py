@@ -67,14 +67,18 @@ def test_channels_last_tokenizer_equals_the_nchw_float64_reference_with_gradient
     # The tokenizer runs its pooling in channels-last (NCHW max pooling is a scalar loop on CPUs);
     # outputs and gradients must be those of the plain NCHW network, and the tokens a dense [B, N, D].
     tok = ConvTokenizer(side, chans, 48, layers=layers, kernel=kernel).double()
-    pooled_layouts = []
+    pooled_layouts, conv_layouts = [], []
     for m in tok.layers:
         if isinstance(m, torch.nn.MaxPool2d):
             m.register_forward_hook(lambda mod, inp, out: pooled_layouts.append(
                 inp[0].is_contiguous(memory_format=torch.channels_last)))
+        if isinstance(m, torch.nn.Conv2d):  # each convolution writes NHWC itself: no layout copy after it
+            m.register_forward_hook(lambda mod, inp, out: conv_layouts.append(
+                (inp[0].stride(1), out.stride(1))))
     x = torch.randn(4, chans, side, side, dtype=torch.float64, requires_grad=True)
     out = tok(x)
     assert out.is_contiguous() and pooled_layouts == [True] * layers
+    assert [c for c in conv_layouts] == [(1, 1)] * layers  # channel stride 1: NHWC in and out, also for 1 channel
     ref_tok = ConvTokenizer(side, chans, 48, layers=layers, kernel=kernel).double()
     ref_tok.load_state_dict(tok.state_dict())
     x_ref = x.detach().clone().requires_grad_(True)

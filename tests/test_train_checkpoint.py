@@ -52,6 +52,20 @@ def test_resume_is_bit_identical(tmp_path, kill_after_epoch, digits, model):
     assert [r["epoch"] for r in lines] == [1, 2]
 
 
+def test_deterministic_runs_do_not_fill_new_tensors_with_nan(tmp_path, digits):
+    # The resume above is bit-identical without the NaN fill, which cost 7-10 % of the recipe's step.
+    tr, te = digits
+    before = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    try:
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        Trainer(tiny_cfg(tmp_path), log=lambda m: None, train_data=tr, test_data=te).setup()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.utils.deterministic.fill_uninitialized_memory is False
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = before[1]
+
+
 def _tiny_model():
     return vitmoe.create_model("switch_vit", img_size=8, in_chans=1, **TINY_MC)
 

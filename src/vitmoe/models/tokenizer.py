@@ -79,11 +79,16 @@ class ConvTokenizer(nn.Module):
     def forward(self, x_BCHW: Tensor) -> Tensor:
         if x_BCHW.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(f"expected {self.img_size}x{self.img_size} images, got {tuple(x_BCHW.shape[-2:])}")
-        # Channels-last after each convolution: CPU max pooling over NCHW is a scalar loop (27 against
-        # 1.6 ms NHWC for 128 x 64 x 28 x 28 bf16, BENCHMARKS.md s.8), oneDNN's convolutions prefer NHWC,
-        # and the NHWC map flattens to (B, N, D) tokens without a copy. Asked for after the conv, not
-        # of the input: a 1-channel input is NCHW and NHWC at once, and the conv then keeps NCHW.
-        x = x_BCHW
+        # Channels-last throughout: CPU max pooling over NCHW is a scalar loop (27 against 1.6 ms NHWC
+        # for 128 x 64 x 28 x 28 bf16, BENCHMARKS.md s.8), oneDNN's convolutions prefer NHWC, and the
+        # NHWC map flattens to (B, N, D) tokens without a copy. The input goes in NHWC strides (cheap:
+        # C channels). A contiguous 1-channel image already passes as channels-last, but with NCHW
+        # strides, which the convolution reads as NCHW; converting its 64-channel output instead costs
+        # a copy forward and backward (4.5 ms of the recipe's step, BENCHMARKS.md s.9), so 1-channel
+        # images get the NHWC strides as a view.
+        B, C, H, W = x_BCHW.shape
+        x = (x_BCHW.reshape(B, H, W, 1).permute(0, 3, 1, 2) if C == 1
+             else x_BCHW.contiguous(memory_format=torch.channels_last))
         for layer in self.layers:
             x = layer(x)
             if isinstance(layer, nn.Conv2d):

@@ -73,6 +73,10 @@ def seed_everything(seed: int, deterministic: bool, device: torch.device) -> Non
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also fills every new tensor with NaN (a debugging aid that catches kernels
+        # reading memory they did not write): 200+ fills a step, 7-10 % of the recipe's CPU step
+        # (BENCHMARKS.md s.9). vitmoe's kernels write what they read, so results do not depend on it.
+        torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 class Trainer:
