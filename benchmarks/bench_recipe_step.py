@@ -9,9 +9,9 @@ output (a 1-channel input left in NCHW strides).
 
 Each variant is a Trainer built from configs/recipes/fashion_mnist.yaml (plus --set overrides for
 the MoE rows) and set up as `vitmoe train` sets it up (seeded, deterministic, fused AdamW, clipping,
-label smoothing, bf16 autocast); the timed call is its TrainStep on the loader's own augmented
-batches. Variants alternate round by round, the order reversed every other round; the table gives
-the median ms per step.
+label smoothing, bf16 autocast) on the CPU; the timed call draws the loader's next augmented
+batch and runs its TrainStep on it. Variants alternate round by round, the order reversed every
+other round; the table gives the median ms per step.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def main() -> None:
         for model in args.models:
             for variant, (fill, copy) in VARIANTS.items():
                 cfg = TrainConfig.from_yaml(RECIPE).updated(
-                    dict(parse_set(MODELS[model]), data_dir=args.data_dir, progress=False,
+                    dict(parse_set(MODELS[model]), data_dir=args.data_dir, progress=False, device="cpu",
                          out=str(Path(tmp) / f"{len(runs)}")))
                 tr = Trainer(cfg, log=lambda m: None, train_data=train, test_data=test)
                 tr.setup()

@@ -97,6 +97,22 @@ def test_channels_last_tokenizer_equals_the_nchw_float64_reference_with_gradient
         assert p.is_contiguous() and p.grad.is_contiguous()  # layouts kept: checkpoints, optimizers unchanged
 
 
+@pytest.mark.parametrize("chans", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tokenizer_convolutions_read_and_write_nhwc_in_the_training_dtypes(chans, dtype):
+    # float64 convolutions do not go through oneDNN, whose choice of output layout follows the input's
+    # strides: in float32 and bf16 autocast each convolution too must see and write channel stride 1.
+    tok = ConvTokenizer(28, chans, 48, layers=2)
+    strides = []
+    for m in tok.layers:
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, inp, out: strides.append((inp[0].stride(1), out.stride(1))))
+    x = torch.randn(8, chans, 28, 28)
+    with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = tok(x)
+    assert out.dtype == dtype and out.is_contiguous() and strides == [(1, 1), (1, 1)]
+
+
 # --- sequence pooling ----------------------------------------------------------------------------
 def test_seq_pool_weights_sum_to_one_and_pool_by_hand():
     pool = SeqPool(6).double()

@@ -52,18 +52,39 @@ def test_resume_is_bit_identical(tmp_path, kill_after_epoch, digits, model):
     assert [r["epoch"] for r in lines] == [1, 2]
 
 
-def test_deterministic_runs_do_not_fill_new_tensors_with_nan(tmp_path, digits):
-    # The resume above is bit-identical without the NaN fill, which cost 7-10 % of the recipe's step.
+@pytest.mark.parametrize("model,dispatch,amp", [("switch_vit", "grouped", "off"), ("switch_vit", "padded", "bf16"),
+                                                ("cct_2_3x2_switch", "grouped", "bf16")])
+def test_cpu_runs_train_the_same_weights_without_the_nan_fill(tmp_path, digits, monkeypatch, model, dispatch, amp):
+    # Deterministic mode's NaN fill of new tensors is off on CPU (1-3 % of the recipe's step): no
+    # kernel a run uses may read memory it did not write, or the fill would change the weights.
+    import vitmoe.training.loop.trainer as trainer_module
+
     tr, te = digits
-    before = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.utils.deterministic.fill_uninitialized_memory)
+    mc = dict(TINY_MC, moe=dict(dispatch=dispatch))
+    if model.startswith("cct"):
+        mc = dict(embed_dim=16, num_heads=2, mlp_hidden=32, moe_layers="all", num_experts=4, moe=dict(dispatch=dispatch))
+    seen, original = [], trainer_module.seed_everything
     try:
-        torch.utils.deterministic.fill_uninitialized_memory = True
-        Trainer(tiny_cfg(tmp_path), log=lambda m: None, train_data=tr, test_data=te).setup()
-        assert torch.are_deterministic_algorithms_enabled()
-        assert torch.utils.deterministic.fill_uninitialized_memory is False
+        for fill in (True, False):
+            def seed(*a, fill=fill, **k):
+                original(*a, **k)
+                if fill:
+                    torch.utils.deterministic.fill_uninitialized_memory = True
+                seen.append(torch.utils.deterministic.fill_uninitialized_memory)
+            monkeypatch.setattr(trainer_module, "seed_everything", seed)
+            Trainer(tiny_cfg(tmp_path, f"fill-{fill}", model, epochs=1, amp=amp, model_config=mc), log=lambda m: None,
+                    train_data=tr, test_data=te).fit()
+            monkeypatch.undo()
     finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=True)
-        torch.utils.deterministic.fill_uninitialized_memory = before[1]
+        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+        torch.utils.deterministic.fill_uninitialized_memory = flags[2]
+    assert seen == [True, False]
+    a, b = _model_state(tmp_path / "fill-True"), _model_state(tmp_path / "fill-False")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def _tiny_model():

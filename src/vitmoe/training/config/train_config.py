@@ -199,8 +199,8 @@ class TrainConfig:
     seed: int = 0
     """Random seed: weights, data order, augmentation."""
     deterministic: bool = True
-    """Deterministic algorithms (torch.use_deterministic_algorithms, warn only; without its NaN fill of
-    new tensors, torch.utils.deterministic.fill_uninitialized_memory)."""
+    """Deterministic algorithms (torch.use_deterministic_algorithms, warn only; on CPU without its NaN fill
+    of new tensors, torch.utils.deterministic.fill_uninitialized_memory)."""
     eval_mode: str | None = None
     """How randomly routed layers are evaluated each epoch (merged/random/ensemble); None keeps the model's (merged)."""
 

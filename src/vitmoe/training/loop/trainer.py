@@ -73,10 +73,14 @@ def seed_everything(seed: int, deterministic: bool, device: torch.device) -> Non
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True, warn_only=True)
-        # Deterministic mode also fills every new tensor with NaN (a debugging aid that catches kernels
-        # reading memory they did not write): 200+ fills a step, 7-10 % of the recipe's CPU step
-        # (BENCHMARKS.md s.9). vitmoe's kernels write what they read, so results do not depend on it.
-        torch.utils.deterministic.fill_uninitialized_memory = False
+        if device.type == "cpu":
+            # Deterministic mode also fills every new tensor with NaN, a debugging aid that makes a kernel
+            # reading memory it did not write show up: 238 fills a step, 1-3 % of the recipe's CPU step
+            # (BENCHMARKS.md s.9). The CPU kernels vitmoe uses write what they read (a run trains the
+            # same weights bit for bit with and without it, tests/test_train_checkpoint.py); on GPUs,
+            # where fills are cheap and some grouped-matmul kernels have been reported to leave
+            # outputs unwritten, it stays on.
+            torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 class Trainer:
