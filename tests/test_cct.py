@@ -78,7 +78,7 @@ def test_channels_last_tokenizer_equals_the_nchw_float64_reference_with_gradient
     x = torch.randn(4, chans, side, side, dtype=torch.float64, requires_grad=True)
     out = tok(x)
     assert out.is_contiguous() and pooled_layouts == [True] * layers
-    assert [c for c in conv_layouts] == [(1, 1)] * layers  # channel stride 1: NHWC in and out, also for 1 channel
+    assert conv_layouts == [(1, 1)] * layers  # channel stride 1: NHWC in and out, also for 1 channel
     ref_tok = ConvTokenizer(side, chans, 48, layers=layers, kernel=kernel).double()
     ref_tok.load_state_dict(tok.state_dict())
     x_ref = x.detach().clone().requires_grad_(True)
