@@ -203,7 +203,11 @@ def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_resume(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "vitmoe", "train", "--dataset", "digits", "--model", "vit", "--epochs", "100000",
            "--device", "cpu", "--out", str(run), *TINY_SETS]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell that starts a job in the background (CI runners do) ignores SIGINT for it, children
+    # inherit that, and Python then leaves Ctrl-C ignored: give the trainer the disposition a
+    # terminal's foreground process has.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not any((run / "checkpoints").glob("epoch-*")):
