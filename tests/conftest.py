@@ -10,6 +10,21 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers_kept():
+    """Put back the handlers of the signals a test may change: torch elastic (the in-process
+    `--gpu N` launches) installs its own for these and never restores them, which would change
+    what later tests' child processes inherit and how pytest itself stops."""
+    import signal
+
+    names = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+    saved = {n: signal.getsignal(getattr(signal, n)) for n in names if hasattr(signal, n)}
+    yield
+    for n, handler in saved.items():
+        if handler is not None:
+            signal.signal(getattr(signal, n), handler)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _no_machine_kernel_table(tmp_path_factory):
     """Tests never read this machine's measured dispatch table (`vitmoe bench` writes it in

@@ -170,7 +170,7 @@ def test_a_restarted_writer_waits_for_the_dying_one(tmp_path):
     import multiprocessing as mp
 
     run, ready = tmp_path / "run", tmp_path / "ready"
-    holder = mp.get_context("spawn").Process(target=_hold, args=(str(run), 1.5, str(ready)))
+    holder = mp.get_context("spawn").Process(target=_hold, args=(str(run), 6.0, str(ready)))
     holder.start()
     try:
         while not ready.exists():

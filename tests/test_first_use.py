@@ -176,7 +176,8 @@ def test_moe_layers_take_any_leading_shape_like_linear(router):
         m(torch.randn(12))
 
 
-def test_help_texts_show_percent_signs_once(capsys):
+def test_help_texts_show_percent_signs_once(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")  # argparse wraps at the terminal's width
     for argv in (["sweep", "--help"], ["--help"]):
         with pytest.raises(SystemExit):
             main(argv)
@@ -204,10 +205,11 @@ def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_resume(tmp_path):
     cmd = [sys.executable, "-m", "vitmoe", "train", "--dataset", "digits", "--model", "vit", "--epochs", "100000",
            "--device", "cpu", "--out", str(run), *TINY_SETS]
     # A shell that starts a job in the background (CI runners do) ignores SIGINT for it, children
-    # inherit that, and Python then leaves Ctrl-C ignored: give the trainer the disposition a
-    # terminal's foreground process has.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # inherit that, and Python then leaves Ctrl-C ignored. A handled signal is reset to its default
+    # by exec, so with one here the trainer starts as a terminal's foreground process does (conftest
+    # puts this process's handler back).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while not any((run / "checkpoints").glob("epoch-*")):

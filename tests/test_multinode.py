@@ -124,5 +124,5 @@ def test_a_lost_node_ends_the_other_within_the_dist_timeout(tmp_path, fault):
     assert len(errors) == 1, output[-3000:]
     assert "lost its peers" in errors[0] and f"dist_timeout_s={timeout_s}s" in errors[0], errors[0]
     # The worker gave up within the timeout (plus the agent's own shutdown).
-    assert took < timeout_s + 20, f"the surviving node took {took:.0f}s to fail"
+    assert took < timeout_s + 45, f"the surviving node took {took:.0f}s to fail"
     print(f"{fault}: surviving node failed {took:.1f}s after the fault: {errors[0][:160]}")
