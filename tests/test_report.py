@@ -398,3 +398,18 @@ def test_labels_name_the_nested_settings_that_differ(tmp_path):
     assert [len(g.runs) for g in groups] == [2, 1]
     assert [g.label for g in groups] == ["vit (model.moe_layers=all, model.num_experts=8)",
                                          "vit (model.moe_layers=last:1, model.num_experts=4)"]
+
+
+def test_a_model_field_left_to_the_preset_is_labelled_with_the_value_it_took(tmp_path):
+    """A run that did not set the field the other configuration changed is labelled with the
+    preset's value it trained with (its resolved_model_config), not `None`."""
+    from vitmoe.report.groups import group_runs
+
+    runs = []
+    for i, (own, resolved) in enumerate([("", 0.1), ("model_config: {attn_drop_rate: 0.0}\n", 0.0)]):
+        cfg = (f"model: cct_2_3x2\ndataset: digits\nseed: {i}\n{own}"
+               f"resolved_model_config: {{attn_drop_rate: {resolved}, moe: {{router: switch}}}}\n")
+        d = write_run(tmp_path / f"r{i}", config=cfg, summary=summary("cct", "cct_2_3x2", None, 1000, 90.0, 1, None, 1.0, 1.0),
+                      metrics=[epoch_rec(1, 90.0)])
+        runs.append(load_run(d))
+    assert [g.label for g in group_runs(runs)] == ["cct (model.attn_drop_rate=0.1)", "cct (model.attn_drop_rate=0.0)"]

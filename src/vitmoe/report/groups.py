@@ -103,7 +103,11 @@ def _disambiguate(groups: list[Group]) -> None:
         cfgs = [_leaves(configuration(g.runs[0])) for g in same]
         keys = sorted({k for c in cfgs for k in c if any(c.get(k) != o.get(k) for o in cfgs)})
         for g, c in zip(same, cfgs):
-            g.label += " (" + ", ".join(f"{k}={_short(c.get(k, defaults.get(k)))}" for k in keys) + ")"
+            # A model field the run did not set took its preset's value, which the run recorded
+            # as resolved_model_config (spelled model.* here, as --set takes it).
+            used = _leaves({"model_config": g.runs[0].config.get("resolved_model_config") or {}})
+            g.label += " (" + ", ".join(f"{k}={_short(c[k] if k in c else used.get(k, defaults.get(k)))}"
+                                        for k in keys) + ")"
 
 
 def _leaves(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
