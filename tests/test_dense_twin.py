@@ -55,7 +55,8 @@ def test_expert_flops_share_by_hand():
 
 
 # -- the verdict, on run directories written by hand -----------------------------------------
-def _write(root: Path, name: str, accs: list[float], epoch_s: float, flops: int, moe: bool, steps_per_epoch=10):
+def _write(root: Path, name: str, accs: list[float], epoch_s: float, flops: int, moe: bool, steps_per_epoch=10,
+           config: str = ""):
     root.mkdir(parents=True)
     rows = [{"epoch": i + 1, "test_acc": a, "epoch_time_s": epoch_s} for i, a in enumerate(accs)]
     (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -64,7 +65,7 @@ def _write(root: Path, name: str, accs: list[float], epoch_s: float, flops: int,
                "steps": steps_per_epoch * len(accs), "dataset": "digits", "forward_flops_per_image": flops,
                "expert_flops_share": 0.4 if moe else 0.0}
     (root / "summary.json").write_text(json.dumps(summary))
-    (root / "config.yaml").write_text(f"model: {name}\nseed: {root.name}\n")
+    (root / "config.yaml").write_text(f"model: {name}\nseed: {root.name}\n{config}")
     return root
 
 
@@ -96,7 +97,12 @@ def test_verdict_equals_a_hand_computation(pair):
     assert v.epochs == 3
     a, b = [90.0, 91.0, 90.5], [86.0, 86.5, 85.0]
     assert v.equal_epochs.diff == pytest.approx(sum(a) / 3 - sum(b) / 3)
-    assert v.equal_epochs.beyond_noise is True and welch_beyond(a, b, 2.776)  # df ~ 3.6 -> t > 2.776
+    assert v.equal_epochs.beyond_noise is True and welch_beyond(a, b, 2.776)  # df ~ 3.4 -> t > 2.776
+    # Its 95 % CI by hand: Welch-Satterthwaite df, t between the table's df = 3 and 4 entries.
+    va, vb = 0.25 / 3, (sum((x - sum(b) / 3) ** 2 for x in b) / 2) / 3
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)
+    assert 3 < df < 4
+    assert v.equal_epochs.ci95 == pytest.approx((3.182 + (2.776 - 3.182) * (df - 3)) * math.sqrt(va + vb))
     # Equal time: the shortest run trained 30 s: the MoE finished 1 epoch by then, the twin 3.
     assert v.seconds == pytest.approx(30.0)
     a, b = [80.0, 81.0, 79.5], [86.0, 86.5, 85.0]
@@ -104,7 +110,15 @@ def test_verdict_equals_a_hand_computation(pair):
     assert acc_within_time(moe.runs[0], 39.0) == 80.0 and acc_within_time(moe.runs[0], 39.5) == 86.0  # 2 % past
     assert [acc_within_epochs(r, 1) for r in twin.runs] == [82.0, 82.5, 81.5]
     assert v.equal_time.diff == pytest.approx(sum(a) / 3 - sum(b) / 3)
-    assert v.equal_time.beyond_noise is True and v.equal_time.text().startswith("-5.67 (beyond noise)")
+    assert v.equal_time.beyond_noise is True and v.equal_time.text() == f"-5.67 ± {v.equal_time.ci95:.2f} (beyond noise)"
+    assert 0 < v.equal_time.ci95 < 5.67
+
+
+def test_one_seed_has_no_noise_estimate(pair):
+    moe, twin = pair
+    v = verdict(Group("moe", moe.runs[:1]), twin)
+    assert v.equal_time.ci95 is None and v.equal_time.beyond_noise is None
+    assert v.equal_time.text() == "-5.83 (noise unknown)"  # 80.0 against the twins' 86.0 / 86.5 / 85.0
 
 
 def test_report_pairs_each_moe_with_the_dense_run_of_nearest_flops(pair, tmp_path):
@@ -115,10 +129,38 @@ def test_report_pairs_each_moe_with_the_dense_run_of_nearest_flops(pair, tmp_pat
     files = make_report([*moe.runs, *twin.runs], tmp_path / "rep")
     assert "Does the MoE pay? Against its dense twin:" in files.markdown
     row = next(line for line in files.markdown.splitlines() if line.startswith("| moe | twin |"))
-    assert "+4.67 (beyond noise) at 3 ep" in row and "-5.67 (beyond noise) at 30 s" in row and "| 2.00 |" in row
-    assert files.vs_dense_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and files.vs_dense_png in files.paths
+    assert "+4.67 ± 1.58 (beyond noise) at 3 ep" in row and "-5.67 ± " in row and "| 2.00 |" in row
+    for png in (files.vs_dense_png, files.vs_dense_gap_png):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png in files.paths and png.name in files.markdown
     x, y, e = time_curve(moe)
     assert x == [20.0, 40.0, 60.0] and y == pytest.approx([sum(a[i] for a in MOE_ACCS) / 3 for i in range(3)])
+
+
+def test_a_twin_is_trained_the_same_way(tmp_path):
+    """Only the model may differ: a dense run of another time budget or learning rate is no twin,
+    whatever its FLOPs; a setting that acts only on MoE layers does not count."""
+    def group(name, flops, moe, config):
+        return Group(name, [load_run(_write(tmp_path / name / "0", name, [80.0, 85.0], 10.0, flops, moe,
+                                            config=config))])
+
+    moe = group("moe", 1_000_000, True, "time_budget_s: 600\nmerge_every: 5\nfreeze_unrouted: true\n")
+    short = group("short", 1_000_000, False, "time_budget_s: 120\n")
+    other_lr = group("lr", 1_000_000, False, "time_budget_s: 600\nlr: 0.01\n")
+    same = group("same", 1_030_000, False, "time_budget_s: 600\n")
+    assert nearest_twins([moe, short, other_lr]) == []
+    assert [(m.label, t.label) for m, t in nearest_twins([moe, short, other_lr, same])] == [("moe", "same")]
+
+
+def test_sweep_vs_dense_twin_leaves_moe_only_settings_off(tmp_path, capsys):
+    out = tmp_path / "sw"
+    argv = ["sweep", "--out", str(out), "--dataset", "digits", "--epochs", "1", "--seeds", "1", "--vs-dense",
+            "--set", "model=random_vit", "--set", "model.embed_dim=16", "--set", "model.num_heads=2",
+            "--set", "model.depth=1", "--set", "model.mlp_hidden=16", "--set", "model.head=linear",
+            "--set", "merge_every=5", "--set", "eval_mode=ensemble", "--dry-run"]
+    assert main(argv) == 0  # the twin refused merge_every=5 before
+    lines = capsys.readouterr().out.strip().splitlines()
+    twin = next(line for line in lines if "moe_layers=none" in line)
+    assert twin.endswith("--set merge_every=0 --set eval_mode=null --seed 0 --out " + twin.split("--out ")[1])
 
 
 def test_sweep_vs_dense_adds_one_twin_per_distinct_dense_model(tmp_path, capsys):

@@ -204,18 +204,23 @@ def dense_twin_cells(args: argparse.Namespace, cells: list[dict[str, str]]) -> d
     (`vitmoe.models.twin_overrides`) and without its MoE-only keys."""
     from ..models import twin_overrides
     from ..report.sweep import _label
-    from ..training.config import load_config
+    from ..training.config import MOE_ONLY_FIELDS, TrainConfig, load_config
 
     twins = {}
     for cell in cells:
         try:
-            model = load_config(args.config, member_overrides(args, cell, 0, Path(args.out))).validate().checked_model
+            cfg = load_config(args.config, member_overrides(args, cell, 0, Path(args.out))).validate()
         except Exception as e:  # ConfigError: name the member, keep the message
             raise CLIError(f"sweep member {cell_name(cell)}: {e}") from None
+        model = cfg.checked_model
         if not model.is_moe:
             continue
         twin = {k: v for k, v in cell.items() if not k.startswith(MOE_ONLY)}
         twin.update({k: str(v) for k, v in twin_overrides(model).items()})
+        # An MoE-only setting from --set or the config (merge_every, ...) has nothing to act on in
+        # the twin, and a dense model refuses it: the twin takes the field's default.
+        twin.update({k: json.dumps(getattr(TrainConfig, k)) for k in MOE_ONLY_FIELDS
+                     if getattr(cfg, k) != getattr(TrainConfig, k)})
         twins[_label(cell)] = twin
     return twins
 

@@ -21,7 +21,7 @@ from .plots import expert_load_matrix, latest_expert_load, plot_accuracy, plot_e
 from .runs import (DEFAULT_THRESHOLD, ReportWarning, RunFormatError, RunResult,
                    epochs_to_threshold, load_run)
 from .table import results_table
-from .verdict import nearest_twins, plot_vs_twins, verdict_table
+from .verdict import nearest_twins, plot_gaps, plot_vs_twins, verdict_table
 
 __all__ = [
     "make_report", "report_files", "ReportFiles", "load_run", "results_table", "RunResult", "RunFormatError",
@@ -32,6 +32,7 @@ __all__ = [
 RESULTS_MD = "results.md"
 ACCURACY_PNG = "accuracy.png"
 VS_DENSE_PNG = "vs_dense.png"
+VS_DENSE_GAP_PNG = "vs_dense_gap.png"
 
 
 @dataclass
@@ -46,11 +47,13 @@ class ReportFiles:
     runs: list[RunResult] = field(default_factory=list, repr=False)
     vs_dense_png: Path | None = None
     """Accuracy against training time of each MoE beside its dense twin (when the runs hold one)."""
+    vs_dense_gap_png: Path | None = None
+    """MoE minus twin against the share of FLOPs in experts (when the runs hold a twin)."""
 
     @property
     def paths(self) -> list[Path]:
         return [self.results_md, self.accuracy_png, *self.expert_load_pngs.values(),
-                *([self.vs_dense_png] if self.vs_dense_png else [])]
+                *(p for p in (self.vs_dense_png, self.vs_dense_gap_png) if p)]
 
 
 def _file_stem(name: str) -> str:
@@ -74,7 +77,7 @@ def heatmap_stems(runs: list[RunResult]) -> dict[int, str]:
 
 def report_files(runs: list[RunResult]) -> list[str]:
     """The names :func:`make_report` may write for `runs` (checked before anything is written)."""
-    twins = [VS_DENSE_PNG] if nearest_twins(group_runs(runs)) else []
+    twins = [VS_DENSE_PNG, VS_DENSE_GAP_PNG] if nearest_twins(group_runs(runs)) else []
     return [RESULTS_MD, ACCURACY_PNG, *twins, *(f"expert_load_{stem}.png" for stem in heatmap_stems(runs).values())]
 
 
@@ -109,13 +112,16 @@ def make_report(run_dirs: Iterable[Union[str, os.PathLike, RunResult]],
     if twins:  # a dense configuration of (nearly) the same FLOPs per image as an MoE one
         lines += ["", "Does the MoE pay? Against its dense twin:", "", verdict_table(twins).rstrip("\n")]
         vs_dense = plot_vs_twins(twins, out / VS_DENSE_PNG)
-        lines += ["", f"![test accuracy against training time, each MoE beside its twin]({VS_DENSE_PNG})"]
+        vs_gap = plot_gaps(twins, out / VS_DENSE_GAP_PNG)
+        lines += ["", f"![test accuracy against training time, each MoE beside its twin]({VS_DENSE_PNG})",
+                  "", f"![MoE minus twin against the share of FLOPs in experts]({VS_DENSE_GAP_PNG})"]
     else:
-        vs_dense = None
+        vs_dense = vs_gap = None
     lines += ["", f"![test accuracy per epoch]({ACCURACY_PNG})"]
     for stem, png in heatmaps.items():
         lines += ["", f"![expert load: {stem}]({png.name})"]
     markdown = "\n".join(lines) + "\n"
     results_md = atomic_write_text(out / RESULTS_MD, markdown)
     return ReportFiles(markdown=markdown, results_md=results_md, accuracy_png=accuracy_png,
-                       expert_load_pngs=heatmaps, runs=runs, vs_dense_png=vs_dense)
+                       expert_load_pngs=heatmaps, runs=runs, vs_dense_png=vs_dense,
+                       vs_dense_gap_png=vs_gap)

@@ -55,14 +55,21 @@ def summarize(values: Sequence[float]) -> Summary:
     return Summary(n, mean, std, t975(n - 1) * std / math.sqrt(n))
 
 
-def differ(a: Sequence[float], b: Sequence[float]) -> bool | None:
-    """Whether the means of `a` and `b` differ at the 5 % level (Welch's t-test); None when either
-    has fewer than two values (no noise estimate)."""
+def welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float] | None:
+    """(mean of `a` minus mean of `b`, half-width of its 95 % confidence interval by Welch's
+    t-test); None when either has fewer than two values (no noise estimate)."""
     if len(a) < 2 or len(b) < 2:
         return None
     sa, sb = summarize(a), summarize(b)
     va, vb = sa.std**2 / sa.n, sb.std**2 / sb.n
     if va + vb == 0:
-        return sa.mean != sb.mean
+        return sa.mean - sb.mean, 0.0
     df = (va + vb) ** 2 / ((va**2 / (sa.n - 1)) + (vb**2 / (sb.n - 1)))
-    return abs(sa.mean - sb.mean) > t975(df) * math.sqrt(va + vb)
+    return sa.mean - sb.mean, t975(df) * math.sqrt(va + vb)
+
+
+def differ(a: Sequence[float], b: Sequence[float]) -> bool | None:
+    """Whether the means of `a` and `b` differ at the 5 % level (Welch's t-test); None when either
+    has fewer than two values (no noise estimate)."""
+    w = welch(a, b)
+    return None if w is None else abs(w[0]) > w[1]

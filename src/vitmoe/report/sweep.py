@@ -10,7 +10,7 @@ from pathlib import Path
 from ..fileio import atomic_write_bytes
 from .groups import Group, groups_table
 from .runs import RunResult
-from .verdict import nearest_twins, plot_vs_twins, verdict, verdict_table
+from .verdict import nearest_twins, plot_gaps, plot_vs_twins, verdict, verdict_table
 
 
 def _label(cell: dict[str, str]) -> str:
@@ -24,7 +24,7 @@ def sweep_groups(done: list[tuple[dict[str, str], RunResult]]) -> list[tuple[dic
     return list(out.values())
 
 
-SWEEP_FILES = ("sweep.md", "sweep_results.json", "sweep.png", "vs_dense.png")
+SWEEP_FILES = ("sweep.md", "sweep_results.json", "sweep.png", "vs_dense.png", "vs_dense_gap.png")
 """What `sweep_results` may write into the sweep folder."""
 
 
@@ -43,7 +43,8 @@ def sweep_results(done: list[tuple[dict[str, str], RunResult]], keys: list[str],
         pairs = nearest_twins([g for _, g in cells])
     if pairs:
         text += ("\nDoes the MoE pay? Against its dense twin:\n\n" + verdict_table(pairs)
-                 + "\n![test accuracy against training time, each MoE beside its twin](vs_dense.png)\n")
+                 + "\n![test accuracy against training time, each MoE beside its twin](vs_dense.png)\n"
+                 + "\n![MoE minus twin against the share of FLOPs in experts](vs_dense_gap.png)\n")
     verdicts = {moe.label: verdict(moe, twin) for moe, twin in pairs}
     rows = []
     for cell, g in cells:
@@ -58,9 +59,9 @@ def sweep_results(done: list[tuple[dict[str, str], RunResult]], keys: list[str],
         if v is not None:
             row["vs_dense_twin"] = {
                 "twin": v.twin.label, "flops_ratio": v.flops_ratio, "step_time_ratio": v.step_time_ratio,
-                "equal_epochs": {"epochs": v.epochs, "diff": v.equal_epochs.diff,
+                "equal_epochs": {"epochs": v.epochs, "diff": v.equal_epochs.diff, "ci95": v.equal_epochs.ci95,
                                  "beyond_noise": v.equal_epochs.beyond_noise},
-                "equal_time": {"seconds": v.seconds, "diff": v.equal_time.diff,
+                "equal_time": {"seconds": v.seconds, "diff": v.equal_time.diff, "ci95": v.equal_time.ci95,
                                "beyond_noise": v.equal_time.beyond_noise}}
         rows.append(row)
     files = [atomic_write_bytes(root / "sweep.md", text.encode()),
@@ -68,7 +69,7 @@ def sweep_results(done: list[tuple[dict[str, str], RunResult]], keys: list[str],
     if keys:
         files.append(_plot(cells, keys, root / "sweep.png"))
     if pairs:
-        files.append(plot_vs_twins(pairs, root / "vs_dense.png"))
+        files += [plot_vs_twins(pairs, root / "vs_dense.png"), plot_gaps(pairs, root / "vs_dense_gap.png")]
     return text, files
 
 

@@ -13,13 +13,14 @@ both the same --time-budget (the cosine then ends with it) for the verdict that 
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from .groups import Group
+from .groups import Group, configuration
 from .runs import RunResult
-from .stats import Summary, differ, summarize
+from .stats import Summary, summarize, welch
 
 COMPUTE_MATCHED = 0.05
 """Relative FLOPs difference under which a dense configuration counts as an MoE's twin."""
@@ -68,24 +69,32 @@ def _flops(group: Group) -> float | None:
 class Comparison:
     moe: Summary | None
     twin: Summary | None
-    beyond_noise: bool | None
-    """Welch's t-test at 5 %; None with fewer than two seeds on a side."""
+    ci95: float | None
+    """Half-width of the 95 % confidence interval of the difference (Welch); None with fewer than
+    two seeds on a side."""
 
     @property
     def diff(self) -> float | None:
         return None if self.moe is None or self.twin is None else self.moe.mean - self.twin.mean
 
+    @property
+    def beyond_noise(self) -> bool | None:
+        """Welch's t-test at 5 %: the difference lies outside its confidence interval around 0."""
+        return None if self.ci95 is None or self.diff is None else abs(self.diff) > self.ci95
+
     def text(self) -> str:
         if self.diff is None:
             return "n/a"
-        noise = {True: "beyond noise", False: "within noise", None: "noise unknown"}[self.beyond_noise]
-        return f"{self.diff:+.2f} ({noise})"
+        if self.ci95 is None:
+            return f"{self.diff:+.2f} (noise unknown)"
+        return f"{self.diff:+.2f} ± {self.ci95:.2f} ({'beyond' if self.beyond_noise else 'within'} noise)"
 
 
 def _compare(moe: Group, twin: Group, value: Callable[[RunResult], float | None]) -> Comparison:
     a = [v for v in map(value, moe.runs) if v is not None]
     b = [v for v in map(value, twin.runs) if v is not None]
-    return Comparison(summarize(a) if a else None, summarize(b) if b else None, differ(a, b))
+    w = welch(a, b)
+    return Comparison(summarize(a) if a else None, summarize(b) if b else None, None if w is None else w[1])
 
 
 @dataclass
@@ -119,17 +128,28 @@ def verdict(moe: Group, twin: Group) -> Verdict:
         seconds, _compare(moe, twin, lambda r: acc_within_time(r, seconds)) if seconds else no)
 
 
+def _training(group: Group) -> str:
+    """What a configuration's training was apart from its model: data, budget, optimizer and
+    schedule, precision; the fields that act only on MoE layers left out (a twin leaves them off)."""
+    from ..training.config import MOE_ONLY_FIELDS
+
+    cfg = configuration(group.runs[0])
+    return json.dumps({k: v for k, v in cfg.items() if k not in ("model", "model_config", *MOE_ONLY_FIELDS)},
+                      sort_keys=True, default=str) + str(group.runs[0].dataset)
+
+
 def nearest_twins(groups: Sequence[Group]) -> list[tuple[Group, Group]]:
-    """Each MoE configuration with the dense configuration (same dataset) whose forward FLOPs per
-    image are nearest to its own, when within COMPUTE_MATCHED; configurations without FLOPs in
-    their summary (runs older than this field) are left out."""
+    """Each MoE configuration with the dense configuration trained the same way (same data, budget,
+    optimizer and schedule: only the model differs) whose forward FLOPs per image are nearest to
+    its own, when within COMPUTE_MATCHED; configurations without FLOPs in their summary (runs older
+    than this field) are left out. A 600 s MoE is thus never judged against a 120 s dense run."""
     dense = [g for g in groups if not g.runs[0].is_moe and _flops(g)]
     pairs = []
     for g in groups:
         f = _flops(g)
         if not g.runs[0].is_moe or not f:
             continue
-        same = [d for d in dense if d.runs[0].dataset == g.runs[0].dataset]
+        same = [d for d in dense if _training(d) == _training(g)]
         best = min(same, key=lambda d: abs(_flops(d) / f - 1), default=None)
         if best is not None and abs(_flops(best) / f - 1) <= COMPUTE_MATCHED:
             pairs.append((g, best))
@@ -177,6 +197,43 @@ def time_curve(group: Group) -> tuple[list[float], list[float], list[float]]:
             ys.append(acc.mean)
             es.append(0.0 if math.isnan(acc.ci95) else acc.ci95)
     return xs, ys, es
+
+
+def plot_gaps(pairs: Sequence[tuple[Group, Group]], path) -> "Path":
+    """MoE minus twin at equal epochs and at equal time (two panels) against the share of the MoE's
+    FLOPs spent in experts, bars: the 95 % CI of the difference. Configurations that differ in
+    width or placement spread along x; where a trend meets the zero line, the MoE would pay."""
+    from pathlib import Path
+
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ..fileio import atomic_write_bytes
+
+    fig = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
+    verdicts = [verdict(moe, twin) for moe, twin in pairs]
+    for ax, side in zip(axes, ("equal_epochs", "equal_time")):
+        ax.axhline(0.0, color="k", lw=0.8)
+        for v in verdicts:
+            c: Comparison = getattr(v, side)
+            share = (v.moe.runs[0].summary or {}).get("expert_flops_share")
+            if c.diff is None or not isinstance(share, (int, float)):
+                continue
+            ax.errorbar([100 * share], [c.diff], yerr=[c.ci95 or 0.0], fmt="o", ms=4, capsize=3)
+            ax.annotate(v.moe.label, (100 * share, c.diff), fontsize=6, xytext=(4, 3), textcoords="offset points")
+        ax.set_xlabel("share of the MoE's FLOPs in experts (%)")
+        ax.set_title(side.replace("_", " "), fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("MoE - dense twin, test accuracy (points)")
+    fig.suptitle("Does the MoE pay? Mean over seeds, bars: 95 % CI of the difference (Welch)", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def plot_vs_twins(pairs: Sequence[tuple[Group, Group]], path) -> "Path":

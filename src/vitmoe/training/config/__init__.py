@@ -9,7 +9,8 @@
 * `spec`: `resolve(cfg) -> RunSpec`, the run resolved once (config, model, data, normalisation,
   label), and `load_config` (a TrainConfig from a YAML file plus overrides).
 """
+from .recipe import MOE_ONLY_FIELDS
 from .spec import RunSpec, default_out, load_config, resolve
 from .train_config import TrainConfig, parse_set
 
-__all__ = ["RunSpec", "TrainConfig", "resolve", "load_config", "default_out", "parse_set"]
+__all__ = ["MOE_ONLY_FIELDS", "RunSpec", "TrainConfig", "resolve", "load_config", "default_out", "parse_set"]

@@ -30,6 +30,12 @@ def check_recipe_fields(cfg: "TrainConfig", f: Fields) -> None:
     f.boolean("consistency_stopgrad")
 
 
+MOE_ONLY_FIELDS = ("consistency_weight", "consistency_stopgrad", "merge_every", "freeze_unrouted", "ep_size",
+                   "eval_mode")
+"""Training fields that act only on MoE layers (a dense model leaves them at their defaults): they
+do not make an MoE run's training different from its dense twin's."""
+
+
 def check_recipe_model(cfg: "TrainConfig", f: Fields, mc: "ViTConfig") -> None:
     """The fields that need a kind of MoE layer in the resolved model `mc`."""
     moe = bool(mc.moe_block_indices())

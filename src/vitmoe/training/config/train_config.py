@@ -151,7 +151,6 @@ class TrainConfig:
     """Max global gradient norm; None or 0 turns clipping off."""
     consistency_weight: float = 0.0
     """AdaMix consistency regularisation of randomly routed models: W * symmetric KL of two passes with fresh routes (AdaMix: 1; 0: off).
-    AdaMix / THOR consistency regularisation of randomly routed models (0: off; AdaMix uses 1).
     Each step runs a second forward pass of the same batch with fresh random routes and adds
     weight * 0.5 * (KL(p1 || p2) + KL(p2 || p1)) of the two softmax predictions (fp32, mean over
     images); the cross-entropy is then the mean of both passes' cross-entropies (THOR's choice).
@@ -170,8 +169,8 @@ class TrainConfig:
     """Probability of CutMix rather than mixup for a mixed batch when both are on."""
     ema_decay: float = 0.0
     """Keep an EMA of the weights (e.g. 0.999; 0: off), evaluated every epoch and saved as ema.safetensors.
-    EMA of the weights (0: off; e.g. 0.999), updated after every optimizer step, evaluated each
-    epoch (ema_test_acc) and saved as ema.safetensors in the checkpoints (see training.recipe.ema)."""
+    It is updated after every optimizer step; its test accuracy is logged as ema_test_acc and the
+    checkpoints hold it (see training.recipe.ema)."""
     merge_every: int = 0
     """Randomly routed models: set each layer's experts (and their Adam moments) to their mean every N
     optimizer steps (0: off; see training.recipe.expert_averaging). Needs router 'random'."""
