@@ -146,21 +146,24 @@ def test_a_twin_is_trained_the_same_way(tmp_path):
     moe = group("moe", 1_000_000, True, "time_budget_s: 600\nmerge_every: 5\nfreeze_unrouted: true\n")
     short = group("short", 1_000_000, False, "time_budget_s: 120\n")
     other_lr = group("lr", 1_000_000, False, "time_budget_s: 600\nlr: 0.01\n")
-    same = group("same", 1_030_000, False, "time_budget_s: 600\n")
+    same = group("same", 1_030_000, False, "time_budget_s: 600\neval_batch_size: 500\n")  # not training
     assert nearest_twins([moe, short, other_lr]) == []
     assert [(m.label, t.label) for m, t in nearest_twins([moe, short, other_lr, same])] == [("moe", "same")]
 
 
 def test_sweep_vs_dense_twin_leaves_moe_only_settings_off(tmp_path, capsys):
-    out = tmp_path / "sw"
-    argv = ["sweep", "--out", str(out), "--dataset", "digits", "--epochs", "1", "--seeds", "1", "--vs-dense",
-            "--set", "model=random_vit", "--set", "model.embed_dim=16", "--set", "model.num_heads=2",
-            "--set", "model.depth=1", "--set", "model.mlp_hidden=16", "--set", "model.head=linear",
-            "--set", "merge_every=5", "--set", "eval_mode=ensemble", "--dry-run"]
-    assert main(argv) == 0  # the twin refused merge_every=5 before
+    base = ["sweep", "--out", str(tmp_path / "sw"), "--dataset", "digits", "--epochs", "1", "--seeds", "1",
+            "--vs-dense", "--set", "model=random_vit", "--set", "model.embed_dim=16", "--set", "model.num_heads=2",
+            "--set", "model.depth=1", "--set", "model.mlp_hidden=16", "--set", "model.head=linear", "--dry-run"]
+    assert main([*base, "--set", "merge_every=5", "--set", "eval_mode=ensemble"]) == 0  # the twin refused merge_every=5
     lines = capsys.readouterr().out.strip().splitlines()
     twin = next(line for line in lines if "moe_layers=none" in line)
     assert twin.endswith("--set merge_every=0 --set eval_mode=null --seed 0 --out " + twin.split("--out ")[1])
+    # Swept, such a setting makes two MoE cells but one twin (its 0 and the reset's 0.0 are one value).
+    assert main([*base, "--grid", "consistency_weight=0,1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    twins = [line for line in lines if "moe_layers=none" in line]
+    assert len(lines) == 3 and len(twins) == 1 and "--set consistency_weight=0 " in twins[0]
 
 
 def test_sweep_vs_dense_adds_one_twin_per_distinct_dense_model(tmp_path, capsys):

@@ -12,7 +12,10 @@ def add_parser(sub) -> None:
         "report", help="results table and plots from run directories", formatter_class=HelpFormatter,
         description="Write results.md (the source project's results table plus dataset, active parameters and "
                     "test-set size, every column explained under it), accuracy.png and expert_load_<run>.png "
-                    "into --out and print the table. Runs of several datasets in one table get a warning.")
+                    "into --out and print the table. Runs of several seeds of one configuration add mean ± 95 %% "
+                    "CI columns; an MoE configuration with a dense twin among the runs (trained the same way, "
+                    "FLOPs within 5 %%) adds the verdict against it, vs_dense.png and vs_dense_gap.png. Runs of "
+                    "several datasets in one table get a warning.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (from vitmoe train/demo)")
     p.add_argument("--out", default="report", help="output directory")
     p.add_argument("--threshold", type=float, default=None,

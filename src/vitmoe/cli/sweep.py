@@ -215,12 +215,14 @@ def dense_twin_cells(args: argparse.Namespace, cells: list[dict[str, str]]) -> d
         model = cfg.checked_model
         if not model.is_moe:
             continue
-        twin = {k: v for k, v in cell.items() if not k.startswith(MOE_ONLY)}
+        twin = {k: v for k, v in cell.items() if not k.startswith(MOE_ONLY) and _field(k) not in MOE_ONLY_FIELDS}
         twin.update({k: str(v) for k, v in twin_overrides(model).items()})
-        # An MoE-only setting from --set or the config (merge_every, ...) has nothing to act on in
-        # the twin, and a dense model refuses it: the twin takes the field's default.
-        twin.update({k: json.dumps(getattr(TrainConfig, k)) for k in MOE_ONLY_FIELDS
-                     if getattr(cfg, k) != getattr(TrainConfig, k)})
+        # An MoE-only setting (merge_every, ...) has nothing to act on in the twin, and a dense model
+        # refuses some: the twin takes the field's default wherever the grid, --set or the config
+        # set it, spelled as a grid value is, so MoE cells that differ only there share one twin.
+        swept = {_field(k) for k in cell}
+        twin.update({k: canonical(json.dumps(getattr(TrainConfig, k)), k) for k in MOE_ONLY_FIELDS
+                     if k in swept or getattr(cfg, k) != getattr(TrainConfig, k)})
         twins[_label(cell)] = twin
     return twins
 

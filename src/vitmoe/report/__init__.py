@@ -4,7 +4,8 @@
 >>> print(files.markdown)                                               # doctest: +SKIP
 
 Writes ``results.md`` (the table), ``accuracy.png`` and one ``expert_load_<run>.png``
-per MoE run into the output directory, all atomically.  Importing this package does
+per MoE run into the output directory, all atomically; where an MoE configuration has a dense
+twin among the runs, also the verdict table, ``vs_dense.png`` and ``vs_dense_gap.png``.  Importing this package does
 not import matplotlib (nor torch).
 """
 from __future__ import annotations
@@ -88,7 +89,8 @@ def make_report(run_dirs: Iterable[Union[str, os.PathLike, RunResult]],
 
     Files: ``results.md`` (results table, notes, figure links), ``accuracy.png`` and
     ``expert_load_<run name>.png`` for every MoE run that logged expert loads (run names
-    are made filename-safe; duplicates get ``_2``, ``_3``, ...).  Returns a
+    are made filename-safe; duplicates get ``_2``, ``_3``, ...), and ``vs_dense.png`` and
+    ``vs_dense_gap.png`` where an MoE configuration has a dense twin among the runs.  Returns a
     :class:`ReportFiles` with the markdown text and the paths.
     """
     runs = [r if isinstance(r, RunResult) else load_run(r) for r in run_dirs]

@@ -7,7 +7,8 @@ For a pair of configurations (each a Group of seeds):
   equal time:   every run's best test accuracy among the epochs it finished within t seconds of
                 training (epoch_time_s summed), t the shortest total training time of the pair, with
                 TIME_TOLERANCE: a time budget stops each run a little after it, not all at once;
-and the MoE's mean minus the twin's, said to be beyond the seed noise by Welch's t-test (5 %).
+and the MoE's mean minus the twin's with the 95 % confidence interval of that difference, said to be
+beyond the seed noise by Welch's t-test (5 %) when the interval leaves out 0.
 Runs of one fixed epoch count compare at equal time an MoE whose schedule has not ended; give
 both the same --time-budget (the cosine then ends with it) for the verdict that matters in practice.
 """
@@ -134,7 +135,8 @@ def _training(group: Group) -> str:
     from ..training.config import MOE_ONLY_FIELDS
 
     cfg = configuration(group.runs[0])
-    return json.dumps({k: v for k, v in cfg.items() if k not in ("model", "model_config", *MOE_ONLY_FIELDS)},
+    skip = ("model", "model_config", "eval_batch_size", *MOE_ONLY_FIELDS)  # evaluation is not training time
+    return json.dumps({k: v for k, v in cfg.items() if k not in skip},
                       sort_keys=True, default=str) + str(group.runs[0].dataset)
 
 
@@ -178,7 +180,8 @@ def verdict_table(pairs: Sequence[tuple[Group, Group]]) -> str:
                   "FLOPs per image). 'in experts': the share of the MoE's forward FLOPs spent in experts. Equal "
                   "epochs: best test accuracy within the fewest epochs any run of the pair logged; equal time: "
                   "best test accuracy of the epochs finished within the shortest training time of the pair; "
-                  "mean over seeds, MoE minus twin, in points, with Welch's t-test at 5 %."]
+                  "mean over seeds, MoE minus twin, in points, ± the 95 % CI of the difference, and Welch's "
+                  "t-test at 5 % (beyond noise: the CI leaves out 0)."]
     return "\n".join(lines) + "\n"
 
 

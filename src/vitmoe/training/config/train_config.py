@@ -91,9 +91,9 @@ class TrainConfig:
     "randaugment" (2 ops, magnitude 9), applied between the crop and the flip; needs augment=true."""
     img_size: int | None = None
     """Image side the model sees: folder datasets are decoded at it, built-in ones resized on the device.
-    folder:PATH datasets are decoded at this size (default 32);
-    for a built-in dataset None keeps its size and another value resizes each batch on the device
-    (bilinear, antialiased), e.g. 224 for a pretrained ViT on CIFAR (see training.config.data)."""
+    folder:PATH datasets default to 32; for a built-in dataset None keeps its size and another value
+    resizes each batch (bilinear, antialiased), e.g. 224 for a pretrained ViT on CIFAR (see
+    training.config.data)."""
     folder_test_fraction: float = 0.2
     """folder:PATH without a test/ (or val/) folder: the fraction of each class split off (seeded) as test."""
     skip_bad_images: bool = False
@@ -218,10 +218,9 @@ class TrainConfig:
     """tqdm bar per epoch (only shown when stdout is a terminal)."""
     time_budget_s: float | None = None
     """Stop once this many seconds of training (steps, not evaluation) are used: the epoch ends early and is evaluated, and the cosine decay ends with the budget.
-    Training-time budget in seconds (None: none). Checked after every step: once the training
-    time (the steps' wall clock, summed over epochs and resumes; evaluation and checkpointing not
-    counted) reaches it, the epoch ends early, is evaluated and checkpointed, and the run stops
-    (summary: stopped_by_budget). With the cosine schedule the decay then follows
+    None: no budget. Checked after every step: the training time is the steps' wall clock, summed
+    over epochs and resumes (evaluation and checkpointing not counted); the last epoch is
+    checkpointed and the run stops (summary: stopped_by_budget). With the cosine schedule the decay then follows
     max(step progress, budget fraction used), so the lr reaches min_lr when the budget runs out
     (after a "restart" resume, the decay of the last cycle does)."""
 
