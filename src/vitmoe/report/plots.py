@@ -74,7 +74,8 @@ def expert_load_matrix(run: RunResult) -> tuple[list[str], np.ndarray]:
     return names, mat
 
 
-def _new_figure(figsize: tuple[float, float]):
+def new_figure(figsize: tuple[float, float]):
+    """A bare Agg figure with constrained layout (no pyplot, no global backend)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -83,7 +84,8 @@ def _new_figure(figsize: tuple[float, float]):
     return fig
 
 
-def _save_png(fig, path: str | os.PathLike) -> Path:
+def save_png(fig, path: str | os.PathLike) -> Path:
+    """`fig` as a PNG at `path`, written atomically."""
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
 
 
@@ -105,7 +107,7 @@ def plot_accuracy(runs: Iterable[RunResult], path: str | os.PathLike,
     distinct value)."""
     runs = list(runs)
     labels = distinct_labels(runs)
-    fig = _new_figure((7.0, 4.5))
+    fig = new_figure((7.0, 4.5))
     ax = fig.add_subplot()
     plotted = 0
     for run, name in zip(runs, labels):
@@ -138,7 +140,7 @@ def plot_accuracy(runs: Iterable[RunResult], path: str | os.PathLike,
     from matplotlib.ticker import MaxNLocator
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(loc="lower right", fontsize="small")
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def plot_expert_load(run: RunResult, path: str | os.PathLike) -> Path | None:
@@ -163,7 +165,7 @@ def plot_expert_load(run: RunResult, path: str | os.PathLike) -> Path | None:
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgray")
     width = min(16.0, max(5.0, 0.32 * n_experts + 3.0))
     height = min(14.0, max(2.6, 0.32 * n_layers + 1.6))
-    fig = _new_figure((width, height))
+    fig = new_figure((width, height))
     ax = fig.add_subplot()
     finite = mat[np.isfinite(mat)]
     vmax = float(finite.max()) if finite.size else 1.0
@@ -181,4 +183,4 @@ def plot_expert_load(run: RunResult, path: str | os.PathLike) -> Path | None:
     ax.set_title(f"{run.name}: expert load, epoch {epoch}{uniform}", fontsize="medium")
     cbar = fig.colorbar(im, ax=ax)
     cbar.set_label("fraction of token copies")
-    return _save_png(fig, path)
+    return save_png(fig, path)

@@ -17,9 +17,11 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 from .groups import Group, configuration
+from .plots import new_figure, save_png
 from .runs import RunResult
 from .stats import Summary, summarize, welch
 
@@ -202,21 +204,11 @@ def time_curve(group: Group) -> tuple[list[float], list[float], list[float]]:
     return xs, ys, es
 
 
-def plot_gaps(pairs: Sequence[tuple[Group, Group]], path) -> "Path":
+def plot_gaps(pairs: Sequence[tuple[Group, Group]], path) -> Path:
     """MoE minus twin at equal epochs and at equal time (two panels) against the share of the MoE's
     FLOPs spent in experts, bars: the 95 % CI of the difference. Configurations that differ in
     width or placement spread along x; where a trend meets the zero line, the MoE would pay."""
-    from pathlib import Path
-
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from ..fileio import atomic_write_bytes
-
-    fig = Figure(figsize=(11, 4.2))
-    FigureCanvasAgg(fig)
+    fig = new_figure((11, 4.2))
     axes = fig.subplots(1, 2, sharey=True)
     verdicts = [verdict(moe, twin) for moe, twin in pairs]
     for ax, side in zip(axes, ("equal_epochs", "equal_time")):
@@ -233,29 +225,16 @@ def plot_gaps(pairs: Sequence[tuple[Group, Group]], path) -> "Path":
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("MoE - dense twin, test accuracy (points)")
     fig.suptitle("Does the MoE pay? Mean over seeds, bars: 95 % CI of the difference (Welch)", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return atomic_write_bytes(Path(path), buf.getvalue())
+    return save_png(fig, path)
 
 
-def plot_vs_twins(pairs: Sequence[tuple[Group, Group]], path) -> "Path":
+def plot_vs_twins(pairs: Sequence[tuple[Group, Group]], path) -> Path:
     """Test accuracy against training time, each MoE configuration beside its twin (one panel per
     twin), mean over seeds with 95 % CI bars: where an MoE line crosses its twin's, the MoE pays."""
-    from pathlib import Path
-
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from ..fileio import atomic_write_bytes
-
     by_twin: dict[str, tuple[Group, list[Group]]] = {}
     for moe, twin in pairs:
         by_twin.setdefault(twin.label, (twin, []))[1].append(moe)
-    fig = Figure(figsize=(6 * len(by_twin), 4.2))
-    FigureCanvasAgg(fig)
+    fig = new_figure((6 * len(by_twin), 4.2))
     axes = fig.subplots(1, len(by_twin), squeeze=False)[0]
     for ax, (twin, moes) in zip(axes, by_twin.values()):
         for g, style in [(twin, "k-")] + [(m, "o-") for m in moes]:
@@ -266,7 +245,4 @@ def plot_vs_twins(pairs: Sequence[tuple[Group, Group]], path) -> "Path":
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("MoE against its dense twin: mean over seeds, bars: 95 % CI", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return atomic_write_bytes(Path(path), buf.getvalue())
+    return save_png(fig, path)
