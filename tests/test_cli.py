@@ -293,7 +293,7 @@ def test_demo_with_a_recipe_trains_the_recipe_and_its_moe_variants(monkeypatch, 
 
     m, cfgs = demo.recipe_configs("fashion-mnist", tmp_path, None, None, seed=3)
     assert m == ["cct_2_3x2", "cct_2_3x2_switch", "cct_2_3x2_random"]
-    assert all((c.time_budget_s, c.amp, c.seed, c.batch_size) == (600.0, "bf16", 3, 128) for c in cfgs)
+    assert all((c.time_budget_s, c.amp, c.seed, c.batch_size) == (600.0, "auto", 3, 128) for c in cfgs)
     assert all(c.model_config == {"attn_drop_rate": 0.0} for c in cfgs)  # the MoE variants train as the recipe does
     assert [c.out for c in cfgs] == [str(tmp_path / n) for n in m]
     assert demo.recipe_path("digits") is None

@@ -23,6 +23,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import stat
 import struct
 from pathlib import Path
@@ -100,9 +101,22 @@ def first_line(e: BaseException) -> str:
 
 # -- YAML ----------------------------------------------------------------------------------------------
 try:
-    from yaml import CSafeLoader as _Loader
+    from yaml import CSafeLoader as _SafeLoader
 except ImportError:  # PyYAML without libyaml
-    from yaml import SafeLoader as _Loader
+    from yaml import SafeLoader as _SafeLoader
+
+
+class _Loader(_SafeLoader):
+    """safe_load with YAML 1.2's booleans: only true/false (any case). YAML 1.1 also reads yes, no,
+    on and off as booleans, so `amp: off` or `--set amp=off` gave amp=False, which no choice field
+    takes; the boolean fields read those words themselves (validation.Fields.boolean)."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in _SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def _yaml_error(e: Exception, where: str) -> PathError:

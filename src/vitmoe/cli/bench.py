@@ -19,6 +19,8 @@ from .options import add_device_option
 
 
 def add_parser(sub) -> None:
+    from ..training.config.train_config import AMP_MODES
+
     p = sub.add_parser(
         "bench", help="measure the fastest expert computation for a run's shapes (dispatch: auto uses it)",
         formatter_class=HelpFormatter, description=__doc__.split("\n\n", 1)[1])
@@ -26,7 +28,7 @@ def add_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, as vitmoe train --set (repeatable), e.g. --set model.num_experts=64")
     add_device_option(p, default=None, help="device (default: the config's)")
-    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default=None, help="precision (default: the config's)")
+    p.add_argument("--amp", choices=list(AMP_MODES), default=None, help="precision (default: the config's)")
     p.add_argument("--repeats", type=int, default=7, help="timed rounds per path (after 2 warm-up rounds)")
     p.add_argument("--margin", type=float, default=0.05,
                    help="padded is recorded only when faster than grouped by more than this fraction (default 0.05)")
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training.config import parse_set
     from ..training.config.spec import load_config, resolve
     from ..training.distributed.context import resolve_device
-    from ..training.evaluation.precision import autocast_context
+    from ..training.evaluation.precision import autocast_context, resolve_amp
 
     if args.repeats < 1 or not 0 <= args.margin < 1:
         raise CLIError("--repeats must be >= 1 and --margin in [0, 1)")
@@ -70,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["amp"] = args.amp
     spec = resolve(load_config(args.config, overrides))
     cfg, device = spec.config, resolve_device(spec.config.device)
+    amp = resolve_amp(cfg.amp, device)
     model = VisionTransformer(spec.model).to(device).train()
     batch = max(1, cfg.batch_size // max(1, cfg.nproc))
     tokens = spec.model.num_tokens
@@ -80,15 +83,15 @@ def run(args: argparse.Namespace) -> int:
             continue  # a layer without stacked experts: nothing to choose
         # this model is bench's own: its layers run "auto" once to name their table keys
         experts.dispatch_path = "auto"
-        with torch.no_grad(), autocast_context(cfg.amp, device):
+        with torch.no_grad(), autocast_context(amp, device):
             layer(torch.randn(batch, tokens, experts.w1.shape[1], device=device))
         key = experts.last_shape_key
         if key is not None and key not in shapes:
             shapes[key] = (name, layer)
     if not shapes:
         raise CLIError(f"model {cfg.model} has no routed expert layer whose computation can be chosen "
-                       f"(dense, Soft MoE, or a dtype grouped_mm does not run: {cfg.amp} on {device.type})")
-    echo(f"# {cfg.model}: {len(shapes)} expert shape(s), batch {batch} x {tokens} tokens, {device}, amp {cfg.amp}, "
+                       f"(dense, Soft MoE, or a dtype grouped_mm does not run: {amp} on {device.type})")
+    echo(f"# {cfg.model}: {len(shapes)} expert shape(s), batch {batch} x {tokens} tokens, {device}, amp {amp}, "
          f"median of {args.repeats} interleaved rounds")
     echo("| layer | shape | grouped ms | padded ms | padded / grouped | choice |")
     echo("|---|---|---:|---:|---:|---|")
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         times = {path: [] for path in paths}
         for r in range(2 + args.repeats):
             for path, m in paths.items():
-                t = _time_step(m, x, g, cfg.amp, device)
+                t = _time_step(m, x, g, amp, device)
                 if r >= 2:
                     times[path].append(t)
         grouped, padded = (statistics.median(times[p]) for p in ("grouped", "padded"))

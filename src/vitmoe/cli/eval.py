@@ -32,7 +32,8 @@ def add_parser(sub) -> None:
     from ..training.config.train_config import AMP_MODES
 
     p.add_argument("--amp", choices=list(AMP_MODES), default=None,
-                   help="precision of the forward: off (float32), bf16 or fp16 autocast (default: the run's amp from "
+                   help="precision of the forward: off (float32), bf16 or fp16 autocast, or auto (bf16 where the device "
+                        "computes it natively) (default: the run's amp from "
                         "its config.yaml, as its training log's test accuracy was measured; off for a bare model file)")
     add_device_option(p)
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of the random draws in --mode random")
@@ -144,13 +145,14 @@ def run_amp(checkpoint, model_file) -> str:
 def evaluate_checkpoint(checkpoint, mode=None, dataset=None, data_dir=None, batch=500, device="auto", seed=0,
                         per_class=False, which="latest", ema=False, amp=None, split="test",
                         superclasses: int | None = None) -> dict:
-    """`amp`: "off", "bf16" or "fp16"; None: the run's (`run_amp`), as its training log measured.
+    """`amp`: "off", "bf16", "fp16" or "auto"; None: the run's (`run_amp`), as its training log measured.
     `superclasses`: also the confusion matrix and the class -> expert map of that many super-classes."""
     import torch
 
     from ..data import is_folder
     from ..inference.classifier import has_random_routes
     from ..training import evaluate
+    from ..training.evaluation.precision import resolve_amp
 
     if superclasses is not None and superclasses < 1:
         raise CLIError(f"--superclasses {superclasses}: a positive number of experts")
@@ -159,7 +161,7 @@ def evaluate_checkpoint(checkpoint, mode=None, dataset=None, data_dir=None, batc
     if superclasses is not None and superclasses > len(classes):
         raise CLIError(f"--superclasses {superclasses}: at most the number of classes ({len(classes)} in {dataset})")
     amp_source = "given" if amp is not None else ("the run's" if saved_config(checkpoint, path) else "default")
-    amp = amp if amp is not None else run_amp(checkpoint, path)
+    amp = resolve_amp(amp if amp is not None else run_amp(checkpoint, path), dev)  # "auto": what it is here
     cfg = model.config
     per_class = per_class or is_folder(dataset)
     keep = per_class or superclasses is not None

@@ -38,7 +38,8 @@ OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("cosine", "constant")
 # How the lr schedule follows a new `epochs` on --resume (see loop.schedule.extend_cycles).
 RESUME_SCHEDULES = ("stretch", "restart")
-AMP_MODES = ("off", "bf16", "fp16")
+# "auto": bf16 where the device computes it natively, else float32 (training.evaluation.precision).
+AMP_MODES = ("off", "bf16", "fp16", "auto")
 DEVICES = ("auto", "cpu", "cuda")
 DATASET_NAMES = tuple(DATASETS)
 # Augmentation policies applied after the random crop (see vitmoe.data.autoaugment.POLICIES).
@@ -180,7 +181,8 @@ class TrainConfig:
 
     # --- execution ---
     amp: str = "off"
-    """Mixed precision: bf16 autocast, or fp16 with a GradScaler (CUDA only)."""
+    """Mixed precision: bf16 autocast, fp16 with a GradScaler (CUDA only), or auto: bf16 where the
+    device computes it natively (CUDA compute capability 8+, CPUs with AVX-512 BF16 or AMX), else off."""
     compile: bool = False
     """torch.compile the model."""
     device: str = "auto"

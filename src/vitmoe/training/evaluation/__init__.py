@@ -1,6 +1,7 @@
 """Evaluation: a model run forward without training.
 
-* `precision`: the autocast region of an `amp` mode (shared with the training step).
+* `precision`: the autocast region of an `amp` mode (shared with the training step), and what
+  "auto" picks on a device.
 * `evaluate`: test loss and accuracy over a loader, summed on the device and reduced over ranks.
 
 Preparing a saved run for evaluation (its model, dataset, normalisation and folder options from

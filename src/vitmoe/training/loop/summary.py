@@ -10,6 +10,7 @@ from ... import rundir
 from ...models import ModelInfo
 from ..checkpoints.state import TrainState
 from ..config.spec import RunSpec
+from ..evaluation.precision import resolve_amp
 from ..recipe.ema import ema_summary
 from .loaders import data_notes
 
@@ -36,6 +37,7 @@ def run_summary(spec: RunSpec, state: TrainState, info: ModelInfo, test_images: 
         "batch_size": cfg.batch_size,
         "eval_mode": model.moe.eval_mode if model.moe_block_indices() else None,
         "device": str(device),
+        "amp": resolve_amp(cfg.amp, device),  # the precision it trained in ("auto" resolved)
         "world_size": world_size,
         "forwards_per_step": cfg.forwards_per_step,
         "consistency_weight": cfg.consistency_weight,

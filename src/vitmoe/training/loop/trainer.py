@@ -37,6 +37,7 @@ from ..config.train_config import TrainConfig
 from ..distributed import expert_parallel
 from ..distributed.context import DistContext, resolve_device, synchronize, wrap_ddp
 from ..evaluation.evaluate import evaluate
+from ..evaluation.precision import amp_note
 from ..recipe.ema import ModelEMA, better_model
 from .dead_experts import DeadExpertNotes
 from ..recipe.expert_averaging import ExpertAverager
@@ -94,7 +95,7 @@ class Trainer:
         self.dist = dist or DistContext(device=resolve_device(cfg.device))
         self.device = self.dist.device
         if cfg.amp == "fp16" and self.device.type != "cuda":
-            raise ConfigError("amp='fp16' is not allowed on CPU: use bf16 or off (fp16 with GradScaler needs CUDA)")
+            raise ConfigError("amp='fp16' is not allowed on CPU: use bf16, auto or off (fp16 with GradScaler needs CUDA)")
         self.run_dir = self.spec.run_dir
         if cfg.init and not resume:  # before any data is loaded: SRC exists and fits this model
             check_init(cfg.init, self.spec.model)
@@ -177,6 +178,9 @@ class Trainer:
         self.budget.used_s = self.state.budget_used_s
         self.log(describe(spec, self.info, self.train_loader, self.test_loader, self.device, self.mixer,
                           self.lr_schedule.cycles))
+        note = amp_note(cfg.amp, device)  # what "auto" chose, or bf16 asked of a device that emulates it
+        if note:
+            self.log(note)
 
     # -----------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
