@@ -1,6 +1,7 @@
 """TrainConfig: validation returns a checked copy, checks every field the way the model configs do,
 and old configs (aux_loss_weight, flat MoE names) still load."""
 import math
+import re
 import warnings
 
 import pytest
@@ -125,3 +126,53 @@ def test_a_training_run_builds_its_model_config_once(tmp_path, monkeypatch, digi
     assert built == ["switch_vit"]
     saved = resolve(TrainConfig.from_yaml(tmp_path / "run" / "config.yaml"))
     assert saved.model.moe.top_k == 2 and saved.label == "top2-vit" and len(built) == 2
+
+
+def test_a_config_file_starts_from_its_base(tmp_path):
+    """`base: OTHER.yaml` applies OTHER first (relative to the file), then the file; model_config
+    merges key by key, so the variant keeps the base's model settings it does not name."""
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "dense.yaml").write_text(
+        "model: cct_2_3x2\nmodel_config:\n  attn_drop_rate: 0.0\n  moe: {capacity_factor_eval: 2.0}\n"
+        "lr: 2.0e-3\nbatch_size: 128\n")
+    (tmp_path / "recipes" / "moe.yaml").write_text(
+        "base: dense.yaml\nmodel_config:\n  moe_layers: all\n  num_experts: 4\n  moe: {router: topk}\nlr: 1.0e-3\n")
+    (tmp_path / "moe2.yaml").write_text("base: recipes/moe.yaml\nbatch_size: 64\n")
+    cfg = TrainConfig.from_yaml(tmp_path / "moe2.yaml")
+    assert (cfg.model, cfg.lr, cfg.batch_size) == ("cct_2_3x2", 1.0e-3, 64)
+    assert cfg.model_config == {"attn_drop_rate": 0.0, "moe_layers": "all", "num_experts": 4,
+                                "moe": {"capacity_factor_eval": 2.0, "router": "topk"}}
+    # The same as one file holding everything.
+    flat = TrainConfig.from_dict(dict(model="cct_2_3x2", lr=1.0e-3, batch_size=64, model_config=cfg.model_config))
+    assert cfg.validate().to_dict() == flat.validate().to_dict()
+    # A passed-in base stays the lowest layer.
+    under = TrainConfig.from_yaml(tmp_path / "moe2.yaml", TrainConfig(epochs=3, lr=5.0))
+    assert (under.epochs, under.lr) == (3, 1.0e-3)
+
+
+@pytest.mark.parametrize("files, needle", [
+    ({"a.yaml": "base: a.yaml\n"}, "makes a cycle"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, "makes a cycle"),
+    ({"a.yaml": "base: missing.yaml\n"}, "missing.yaml (the base of config file"),
+    ({"a.yaml": "base: 3\n"}, "base must be the path of another config file"),
+    ({"a.yaml": "base: ''\n"}, "base must be the path of another config file"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "- 1\n"}, "must hold a mapping"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "lrr: 1\n"}, "unknown training field 'lrr'"),
+])
+def test_a_bad_base_is_one_line_naming_the_file(tmp_path, files, needle):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(needle)) as e:
+        TrainConfig.from_yaml(tmp_path / "a.yaml")
+    assert "\n" not in str(e.value)
+
+
+def test_a_long_base_chain_is_refused(tmp_path):
+    for i in range(12):
+        (tmp_path / f"c{i}.yaml").write_text(f"base: c{i + 1}.yaml\n")
+    (tmp_path / "c12.yaml").write_text("lr: 1.0\n")
+    with pytest.raises(ConfigError, match="more than 8 files in its base chain"):
+        TrainConfig.from_yaml(tmp_path / "c0.yaml")
+    with pytest.raises(ConfigError, match="more than 8 files"):
+        TrainConfig.from_yaml(tmp_path / "c4.yaml")  # 9 files
+    assert TrainConfig.from_yaml(tmp_path / "c5.yaml").lr == 1.0  # 8 files: allowed

@@ -89,7 +89,9 @@ def add_parser(sub) -> None:
                    help="experts per token for --router topk (model field moe.top_k)")
 
     g = p.add_argument_group("configuration")
-    g.add_argument("--config", default=None, metavar="FILE", help="YAML file of TrainConfig fields (see configs/)")
+    g.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML file of TrainConfig fields (see configs/); a line `base: OTHER.yaml` starts from "
+                        "another file (relative to this one), so the file lists only what it changes")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field after flags and config (repeatable); model fields as model.FIELD")
     g.add_argument("--resume", default=None, metavar="RUN_DIR|auto",

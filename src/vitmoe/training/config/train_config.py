@@ -58,6 +58,8 @@ RESUMABLE_FIELDS = frozenset({
 MAX_DIST_TIMEOUT_S = 7 * 24 * 3600.0
 # Keys config.yaml holds besides the fields (written by save_yaml, ignored when loading).
 _DERIVED_KEYS = ("resolved_model_config", "name")
+# Files in one `base:` chain (a config that starts from another); past it the chain is a mistake.
+MAX_BASE_DEPTH = 8
 
 __all__ = ["TrainConfig", "parse_set", "model_label", "experts_of", "check_ep_size", "OPTIMIZERS", "SCHEDULES",
            "AMP_MODES", "DEVICES", "DATASET_NAMES", "EVAL_MODES", "AUGMENT_POLICIES", "RESUME_SCHEDULES",
@@ -246,20 +248,42 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, base: "TrainConfig | None" = None) -> "TrainConfig":
+        """`base` (default: the defaults) < the file. A file may start from another one with
+        `base: OTHER.yaml` (a path relative to the file's folder): OTHER's settings apply first,
+        then this file's, `model_config` merged key by key (as mmengine's `_base_`), so a
+        variant of a recipe states only what it changes."""
+        return cls._from_yaml(Path(path), base, ())
+
+    @classmethod
+    def _from_yaml(cls, path: Path, base: "TrainConfig | None", chain: tuple[Path, ...]) -> "TrainConfig":
         from ...readers import load_yaml
 
-        path = Path(path)
         if path.is_dir():
             raise ConfigError(f"config file {path} is a directory: give a YAML file (e.g. configs/switch_vit_cifar10.yaml)")
         try:  # bounded: size, alias expansion, regular files only (vitmoe.readers); one-line errors
             data = load_yaml(path, "config file") or {}
         except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
+            where = f" (the base of config file {chain[-1]})" if chain else ""
+            raise ConfigError(f"config file {path}{where} does not exist") from None
         except ValueError as e:  # PathError: not text, too large, not YAML, a FIFO, ...
             raise ConfigError(str(e)) from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of TrainConfig fields, got {type(data).__name__}")
         data = {k: v for k, v in data.items() if k not in _DERIVED_KEYS}
+        if "base" in data:
+            parent = data.pop("base")
+            if not isinstance(parent, str) or not parent.strip():
+                raise ConfigError(f"config file {path}: base must be the path of another config file (relative to "
+                                  f"{path.parent}), got {show(parent)}")
+            chain = chain + (path.resolve(),)
+            parent_path = path.parent / parent
+            if parent_path.resolve() in chain:
+                names = " -> ".join(str(p) for p in chain + (parent_path.resolve(),))
+                raise ConfigError(f"config file {path}: base {parent} makes a cycle ({names}); a base chain must end "
+                                  f"in a file without base")
+            if len(chain) >= MAX_BASE_DEPTH:  # this file's base would be one more
+                raise ConfigError(f"config file {path}: more than {MAX_BASE_DEPTH} files in its base chain")
+            base = cls._from_yaml(parent_path, base, chain)
         return cls.from_dict(data, base)
 
     def updated(self, data: Mapping[str, Any]) -> "TrainConfig":
