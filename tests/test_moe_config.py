@@ -119,3 +119,9 @@ def test_merge_keeps_dtype_and_equals_merged_evaluation(dtype):
         warnings.simplefilter("error")
         tol = 1e-12 if dtype == torch.float64 else 2e-2  # float32 weights would miss float64 by ~1e-8
         torch.testing.assert_close(dense(x), m(x), rtol=tol, atol=tol)
+
+
+def test_expert_choice_asks_for_both_capacity_factors_at_once():
+    # it needs both: naming only the first made a user fix one and meet the second error
+    with pytest.raises(ConfigError, match="set both capacity_factor_train and capacity_factor_eval"):
+        MoEConfig(router="expert_choice").validate([4])

@@ -39,7 +39,8 @@ class ExpertChoiceRouter(LinearRouter):
         f.need(f.obj.top_k == 1, "top_k", "1 for router 'expert_choice' (its capacity factor sets experts per token)")
         for name in ("capacity_factor_train", "capacity_factor_eval"):
             f.need(bool(getattr(f.obj, name)), name, "a positive factor for router 'expert_choice' "
-                   "(each expert takes ceil(factor * tokens / experts) tokens)")
+                   "(each expert takes ceil(factor * tokens / experts) tokens; set both capacity_factor_train "
+                   "and capacity_factor_eval, e.g. 1 for switch's compute or 2 as Zhou et al. 2022)")
 
     @classmethod
     def run_label(cls, config: "MoEConfig") -> str:
