@@ -288,7 +288,7 @@ def test_generated_configs_are_one_line_or_accepted(tmp_path_factory, capsys, st
     path = tmp_path_factory.mktemp("cfg") / "c.yaml"
     text = yaml.safe_dump(data, allow_unicode=True)
     if with_alias:  # the same values again through anchors and aliases
-        text = "base: &b\n" + "".join(f"  {line}\n" for line in text.splitlines()) + "again: *b\n"
+        text = "anchored: &b\n" + "".join(f"  {line}\n" for line in text.splitlines()) + "again: *b\n"
     path.write_text(text)
     code, err = _cli(["train", "--config", str(path), "--dataset", "digits", "--out", str(path.parent / "r"),
                       "--device", "cpu", "--gpu", "1"], capsys)
@@ -551,6 +551,10 @@ def test_a_best_pointer_to_a_missing_checkpoint_is_said(tiny_run, tmp_path, caps
     (["--grid", "lr=0.001,1e-3"], "are the same value (0.001)"),
     (["--grid", "model.moe.router=topk,'topk'"], "are the same value (topk)"),
     (["--grid", "model.num_experts=4,4.0"], "are the same value (4)"),
+    # a true/false field reads yes/on as true (YAML 1.2 leaves them text): one value, not two cells
+    (["--grid", "augment=true,yes"], "are the same value (true)"),
+    (["--grid", "model.moe.residual=off,false"], "are the same value (false)"),
+    (["--grid", "model.qkv_bias=No,false"], "are the same value (false)"),
 ])
 def test_the_sweep_owns_seed_and_out_and_values_are_canonical(argv, needle, tmp_path, capsys):
     code, err = _cli(["sweep", "--out", str(tmp_path / "s"), "--epochs", "1", "--dataset", "digits", *argv], capsys)

@@ -24,8 +24,29 @@ def native(request, monkeypatch):
     return request.param
 
 
-def test_the_probe_is_onednn_s_own_answer():
-    assert native_bf16(CPU) is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+@pytest.mark.parametrize("avx512_bf16, amx, native", [(False, False, False), (True, False, True), (False, True, True)])
+def test_an_x86_cpu_is_native_only_with_avx512_bf16_or_amx(monkeypatch, avx512_bf16, amx, native):
+    # core AVX-512 without the BF16 extension (Skylake to Ice Lake) still converts: oneDNN's own
+    # bf16 check says yes there, so it is not what decides on x86
+    monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    assert precision._native_bf16.__wrapped__("cpu", None) is native
+
+
+@pytest.mark.parametrize("available, capability, native", [(False, None, False), (True, (7, 5), False),
+                                                            (True, (8, 0), True), (True, (9, 0), True)])
+def test_a_gpu_is_native_from_ampere_on(monkeypatch, available, capability, native):
+    # torch.cuda.is_bf16_supported() says yes on a V100 or T4 too, where bf16 is emulated
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert precision._native_bf16.__wrapped__("cuda", 0) is native
+
+
+def test_this_cpu_is_probed_without_error():
+    assert native_bf16(CPU) in (True, False)
 
 
 def test_auto_is_bf16_only_where_native(native):
@@ -74,3 +95,24 @@ def test_yaml_reads_only_true_and_false_as_booleans(tmp_path):
     cfg = TrainConfig.from_yaml(tmp_path / "c.yaml").validate()
     assert (cfg.amp, cfg.augment, cfg.tensorboard) == ("off", True, False)
     assert TrainConfig().updated({"amp": yaml_value("off", "--set")}).validate().amp == "off"
+
+
+def test_an_auto_run_is_evaluated_and_grouped_by_the_precision_it_trained_in(tmp_path, capsys, monkeypatch):
+    from vitmoe.report.groups import configuration
+    from vitmoe.report.runs import load_run
+
+    monkeypatch.setattr(precision, "_native_bf16", lambda device_type, index: True)  # trained where bf16 is native
+    runs = {}
+    for amp in ("auto", "bf16"):
+        runs[amp] = tmp_path / amp
+        assert main(["train", "--model", "vit", "--dataset", "digits", "--epochs", "1", "--batch", "512", "--amp", amp,
+                     "--out", str(runs[amp]), "--device", "cpu", *TINY_SETS]) == 0
+    logged = json.loads((runs["auto"] / "metrics.jsonl").read_text().splitlines()[-1])["test_acc"]
+    monkeypatch.setattr(precision, "_native_bf16", lambda device_type, index: False)  # evaluated where it is not
+    capsys.readouterr()
+    assert main(["eval", str(runs["auto"]), "--json", "--device", "cpu"]) == 0
+    r = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert r["amp"] == "bf16" and r["test_acc"] == pytest.approx(logged)
+    # the report reads "auto" as what it was (bf16 here): one configuration with the explicit bf16 run
+    auto, bf16 = (configuration(load_run(runs[a])) for a in ("auto", "bf16"))
+    assert auto["amp"] == "bf16" and auto == bf16

@@ -97,3 +97,15 @@ def test_sweep_checks_every_member_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "sweep member model.moe.top_k=9" in err and "top_k" in err
     assert not out.exists() or not any(os.scandir(out))
+
+
+def test_grid_words_of_true_false_fields_and_of_choice_fields():
+    from vitmoe.cli.sweep import parse_grid
+
+    # augment=on,off is the same plan it was under YAML 1.1 (sweep.json of an older sweep still matches)
+    assert parse_grid(["augment=on,off"]) == {"augment": ["true", "false"]}
+    # amp's "off" is a choice, not a boolean: it stays the string a member's config takes
+    grid = parse_grid(["amp=off,bf16"])
+    assert grid == {"amp": ["'off'", "bf16"]}
+    from vitmoe.readers import yaml_value
+    assert [yaml_value(v, "t") for v in grid["amp"]] == ["off", "bf16"]

@@ -157,11 +157,18 @@ def test_a_config_file_starts_from_its_base(tmp_path):
     ({"a.yaml": "base: 3\n"}, "base must be the path of another config file"),
     ({"a.yaml": "base: ''\n"}, "base must be the path of another config file"),
     ({"a.yaml": "base: b.yaml\n", "b.yaml": "- 1\n"}, "must hold a mapping"),
-    ({"a.yaml": "base: b.yaml\n", "b.yaml": "lrr: 1\n"}, "unknown training field 'lrr'"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "lrr: 1\n"}, "b.yaml, the base of"),
+    ({"a.yaml": 'base: "b\\0c.yaml"\n'}, "base must be the path of another config file"),  # a NUL in it
+    ({"a.yaml": "base: d\n", "d/x": ""}, "is a directory"),
+    ({"a.yaml": "base: loop.yaml\n", "loop.yaml": "->loop.yaml"}, "cannot be followed"),
 ])
 def test_a_bad_base_is_one_line_naming_the_file(tmp_path, files, needle):
     for name, text in files.items():
-        (tmp_path / name).write_text(text)
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        if text.startswith("->"):
+            (tmp_path / name).symlink_to(tmp_path / text[2:])
+        else:
+            (tmp_path / name).write_text(text)
     with pytest.raises(ConfigError, match=re.escape(needle)) as e:
         TrainConfig.from_yaml(tmp_path / "a.yaml")
     assert "\n" not in str(e.value)
@@ -176,3 +183,15 @@ def test_a_long_base_chain_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="more than 8 files"):
         TrainConfig.from_yaml(tmp_path / "c4.yaml")  # 9 files
     assert TrainConfig.from_yaml(tmp_path / "c5.yaml").lr == 1.0  # 8 files: allowed
+
+
+def test_dot_dot_in_a_base_is_taken_as_written(tmp_path):
+    """configs/recipes is a symlink into the package: `..` from a file there means configs/, as a
+    user reads the path, not the package folder the link points into."""
+    (tmp_path / "pkg" / "recipes").mkdir(parents=True)
+    (tmp_path / "configs" / "studies").mkdir(parents=True)
+    (tmp_path / "configs" / "recipes").symlink_to(tmp_path / "pkg" / "recipes")
+    (tmp_path / "configs" / "studies" / "s.yaml").write_text("lr: 0.5\n")
+    (tmp_path / "pkg" / "recipes" / "v.yaml").write_text("base: ../studies/s.yaml\nbatch_size: 7\n")
+    cfg = TrainConfig.from_yaml(tmp_path / "configs" / "recipes" / "v.yaml")
+    assert (cfg.lr, cfg.batch_size) == (0.5, 7)

@@ -15,6 +15,14 @@ _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
 
+def boolean_word(value: Any) -> Any:
+    """A true/false field's value with the words YAML 1.1 read as booleans (yes/no/on/off, and
+    true/false/1/0 as text) turned into the bool; anything else as it was, for the check to refuse."""
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    return value
+
+
 class ConfigError(ValueError):
     """A configuration value is not allowed; the message names the field and what is."""
 
@@ -106,9 +114,7 @@ class Fields:
         setattr(self.obj, name, v)
 
     def boolean(self, name: str) -> None:
-        v = getattr(self.obj, name)
-        if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
-            v = v.strip().lower() in _TRUE
+        v = boolean_word(getattr(self.obj, name))
         self.need(isinstance(v, bool), name, "true or false")
         setattr(self.obj, name, v)
 

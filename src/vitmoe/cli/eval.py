@@ -59,18 +59,26 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def saved_config(checkpoint, model_file) -> dict:
-    """The config.yaml of the run that `checkpoint` belongs to ({} when there is none or it is unreadable)."""
+def _run_dirs(checkpoint, model_file) -> list:
+    """The folders that may be the run `checkpoint` / `model_file` belong to."""
     from pathlib import Path
 
-    from ..readers import load_yaml
     from ..rundir import CHECKPOINT_DIR
 
     model_file = Path(model_file)
     candidates = [Path(checkpoint)] if Path(checkpoint).is_dir() else []
     if model_file.parent.parent.name == CHECKPOINT_DIR:  # RUN/checkpoints/epoch-NNNN/model.safetensors
         candidates.append(model_file.parent.parent.parent)
-    for d in candidates:
+    return candidates
+
+
+def saved_config(checkpoint, model_file) -> dict:
+    """The config.yaml of the run that `checkpoint` belongs to ({} when there is none or it is unreadable)."""
+    from pathlib import Path
+
+    from ..readers import load_yaml
+
+    for d in _run_dirs(checkpoint, model_file):
         cfg_file = d / "config.yaml"
         if cfg_file.exists():
             # The run's data settings: a damaged config.yaml (binary, not YAML, a FIFO) is one error
@@ -135,10 +143,21 @@ def prepare_eval(checkpoint, mode=None, dataset=None, data_dir=None, batch=500, 
 
 
 def run_amp(checkpoint, model_file) -> str:
-    """The amp mode of the run `model_file` belongs to (its config.yaml), "off" without one."""
+    """The amp mode of the run `model_file` belongs to (its config.yaml), "off" without one. For
+    "auto", the precision the run recorded it trained in (summary.json's amp): a bf16 run evaluated
+    on a CPU without native bf16 is still measured as it trained."""
+    from ..readers import load_json
     from ..training.config.train_config import AMP_MODES
 
     amp = saved_config(checkpoint, model_file).get("amp")
+    if amp == "auto":
+        for d in _run_dirs(checkpoint, model_file):
+            try:
+                trained = load_json(d / "summary.json", "run summary").get("amp")
+            except (OSError, ValueError, AttributeError):  # none yet (a run still in its first epoch), or damaged
+                continue
+            if trained in AMP_MODES and trained != "auto":
+                return trained
     return amp if amp in AMP_MODES else "off"
 
 

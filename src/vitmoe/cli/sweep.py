@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..validation import show
+from ..validation import boolean_word, show
 from .common import CLIError, HelpFormatter, echo, warn
 from .options import add_data_dir_option, add_dataset_option
 
@@ -81,12 +81,31 @@ def _field(key: str) -> str:
     return key.strip().replace("-", "_")
 
 
-def canonical(text: str, where: str) -> str:
+def _boolean_key(key: str) -> bool:
+    """Whether a grid key names a true/false field (of TrainConfig, the model's ViTConfig or its
+    MoEConfig), whose values yes/no/on/off the field reads as true/false."""
+    import dataclasses
+
+    from ..models import ViTConfig
+    from ..moe import MoEConfig
+    from ..training.config import TrainConfig
+
+    key = _field(key)
+    for prefix, cls in (("model.moe.", MoEConfig), ("model_config.moe.", MoEConfig), ("model.", ViTConfig),
+                        ("model_config.", ViTConfig), ("", TrainConfig)):
+        if key.startswith(prefix):
+            name = key[len(prefix):]
+            return any(f.name == name and f.type in ("bool", bool) for f in dataclasses.fields(cls))
+    return False
+
+
+def canonical(text: str, where: str, boolean: bool = False) -> str:
     """A grid value as one spelling of the value the member's config will hold: YAML-parsed (as --set
     parses it), a number written as text (1e-3, which YAML 1.1 reads as a string) made the number, then
     written back as YAML flow text that parses to the same value ('0.001', "'yes'" for the string yes).
     Values that differ only in spelling or quoting (4 and 4.0, 1e-3 and 0.001, topk and 'topk') get one
-    canonical text, so they are one member, never two directories holding the same run."""
+    canonical text, so they are one member, never two directories holding the same run. `boolean`:
+    the key is a true/false field, so yes/on and no/off are true and false."""
     import yaml
 
     from ..readers import yaml_value
@@ -95,6 +114,8 @@ def canonical(text: str, where: str) -> str:
         value = yaml_value(text, where)
     except ValueError as e:  # PathError: aliases past the bound
         raise CLIError(str(e)) from None
+    if boolean:  # yes and true are one value of a true/false field (YAML 1.2 reads only true/false)
+        value = boolean_word(value)
     if isinstance(value, str):
         try:
             number = float(value)
@@ -122,7 +143,7 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
                            "OUT/<cell>/seed-<s>); sweep other fields")
         if key in grid:
             raise CLIError(f"--grid {key} is given twice: list all its values in one --grid")
-        canon = [canonical(v, f"--grid {key}") for v in vals]
+        canon = [canonical(v, f"--grid {key}", _boolean_key(key)) for v in vals]
         seen: dict[str, str] = {}
         for raw, c in zip(vals, canon):
             if c in seen:

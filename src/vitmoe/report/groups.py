@@ -46,10 +46,15 @@ def _defaults() -> dict[str, Any]:
 
 def configuration(run: RunResult) -> dict[str, Any]:
     """The fields of a run's config.yaml that make its configuration: not its seed or bookkeeping,
-    and not a field at its default value, so a run written before a field existed (its config
-    lacks the field) is the same configuration as one that holds the default."""
+    amp as the precision the run trained in (summary.json's), and not a field at its default value,
+    so a run written before a field existed (its config lacks the field) is the same configuration
+    as one that holds the default."""
     defaults = _defaults()
-    return {k: v for k, v in run.config.items()
+    config = dict(run.config)
+    trained = (run.summary or {}).get("amp")
+    if trained is not None and "amp" in config:  # "auto" is bf16 on one machine and float32 on another
+        config["amp"] = trained
+    return {k: v for k, v in config.items()
             if k not in NOT_CONFIGURATION and not (k in defaults and v == defaults[k])}
 
 

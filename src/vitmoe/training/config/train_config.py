@@ -272,18 +272,28 @@ class TrainConfig:
         data = {k: v for k, v in data.items() if k not in _DERIVED_KEYS}
         if "base" in data:
             parent = data.pop("base")
-            if not isinstance(parent, str) or not parent.strip():
+            if not isinstance(parent, str) or not parent.strip() or "\0" in parent:
                 raise ConfigError(f"config file {path}: base must be the path of another config file (relative to "
                                   f"{path.parent}), got {show(parent)}")
-            chain = chain + (path.resolve(),)
-            parent_path = path.parent / parent
-            if parent_path.resolve() in chain:
-                names = " -> ".join(str(p) for p in chain + (parent_path.resolve(),))
+            # `..` as written, not from where a symlinked folder points (configs/recipes is one)
+            parent_path = Path(os.path.normpath(path.parent / parent))
+            try:
+                here, there = path.resolve(), parent_path.resolve()
+            except (OSError, RuntimeError) as e:  # a symlink loop
+                raise ConfigError(f"config file {path}: its base {parent} cannot be followed ({e})") from None
+            chain = chain + (here,)
+            if there in chain:
+                names = " -> ".join(str(p) for p in chain + (there,))
                 raise ConfigError(f"config file {path}: base {parent} makes a cycle ({names}); a base chain must end "
                                   f"in a file without base")
             if len(chain) >= MAX_BASE_DEPTH:  # this file's base would be one more
                 raise ConfigError(f"config file {path}: more than {MAX_BASE_DEPTH} files in its base chain")
-            base = cls._from_yaml(parent_path, base, chain)
+            try:
+                base = cls._from_yaml(parent_path, base, chain)
+            except ConfigError as e:
+                if str(parent_path) in str(e):  # it names the file already
+                    raise
+                raise ConfigError(f"{e} (in config file {parent_path}, the base of {path})") from None
         return cls.from_dict(data, base)
 
     def updated(self, data: Mapping[str, Any]) -> "TrainConfig":
