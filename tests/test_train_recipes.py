@@ -121,3 +121,30 @@ def test_bad_aux_loss_weight_is_named(value):
 
 def model_preset_z(name):
     return vitmoe.models.model_config(name).moe.z_loss_weight
+
+
+def test_the_moe_recipe_is_the_dense_recipe_with_experts_and_they_pair_as_twins(tmp_path):
+    """fashion_mnist_moe.yaml starts from fashion_mnist.yaml (base:) and changes the model alone, so
+    every training setting is the dense recipe's and `vitmoe report` judges one against the other;
+    the packaged copy (what `pip install` ships) reads the same."""
+    from importlib.resources import files
+
+    from vitmoe.models import model_info
+    from vitmoe.report.groups import Group
+    from vitmoe.report.runs import RunResult
+    from vitmoe.report.verdict import _training
+
+    dense, moe = (TrainConfig.from_yaml(CONFIGS / "recipes" / f).validate()
+                  for f in ("fashion_mnist.yaml", "fashion_mnist_moe.yaml"))
+    d, m = dense.to_dict(), moe.to_dict()
+    assert [k for k in d if d[k] != m[k]] == ["model_config"]
+    assert moe.model_config == {**dense.model_config, "moe_layers": "last:1", "num_experts": 4,
+                                "moe": {"router": "switch"}}
+    mc = moe.checked_model
+    assert (mc.moe_block_indices(), mc.num_experts, mc.moe.router, mc.attn_drop_rate) == ([1], 4, "switch", 0.0)
+    assert (model_info(dense.checked_model).total_params, model_info(mc).total_params) == (280_651, 380_235)
+    packaged = TrainConfig.from_yaml(files("vitmoe") / "recipes" / "fashion_mnist_moe.yaml").validate()
+    assert packaged.to_dict() == m
+    runs = [RunResult(path=tmp_path / n, name=n, config=c, model=c["model"], dataset=c["dataset"])
+            for n, c in (("dense", d), ("moe", m))]
+    assert _training(Group("dense", [runs[0]])) == _training(Group("moe", [runs[1]]))
