@@ -116,3 +116,14 @@ def test_an_auto_run_is_evaluated_and_grouped_by_the_precision_it_trained_in(tmp
     # the report reads "auto" as what it was (bf16 here): one configuration with the explicit bf16 run
     auto, bf16 = (configuration(load_run(runs[a])) for a in ("auto", "bf16"))
     assert auto["amp"] == "bf16" and auto == bf16
+
+
+def test_the_training_step_autocasts_in_the_resolved_precision(tmp_path, monkeypatch, native):
+    from vitmoe.training.loop import step
+
+    seen = []
+    real = step.autocast_context
+    monkeypatch.setattr(step, "autocast_context", lambda amp, device: seen.append(amp) or real(amp, device))
+    assert main(["train", "--model", "vit", "--dataset", "digits", "--epochs", "1", "--batch", "512", "--amp", "auto",
+                 "--out", str(tmp_path / "run"), "--device", "cpu", *TINY_SETS]) == 0
+    assert seen and set(seen) == {"bf16" if native else "off"}  # resolved once in TrainStep, never "auto"

@@ -107,7 +107,7 @@ except ImportError:  # PyYAML without libyaml
 
 
 class _Loader(_SafeLoader):
-    """safe_load with YAML 1.2's booleans: only true/false (any case). YAML 1.1 also reads yes, no,
+    """safe_load with YAML 1.2's booleans: only true, True, TRUE, false, False, FALSE. YAML 1.1 also reads yes, no,
     on and off as booleans, so `amp: off` or `--set amp=off` gave amp=False, which no choice field
     takes; the boolean fields read those words themselves (validation.Fields.boolean)."""
 

@@ -24,7 +24,7 @@ from ...models import ModelOutput
 from ...moe import routing_labels
 from ..distributed import expert_parallel
 from ..config.train_config import TrainConfig
-from ..evaluation.evaluate import autocast_context
+from ..evaluation.precision import autocast_context, resolve_amp
 from ..recipe.freeze import UnroutedFreeze
 from .losses import soft_cross_entropy, symmetric_kl
 
@@ -57,7 +57,8 @@ class TrainStep:
         self.cfg, self.model, self.forward = cfg, model, forward
         self.optimizer, self.scheduler = optimizer, scheduler
         self.device, self.world_size, self.ep = device, world_size, expert_parallel_group
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.amp = resolve_amp(cfg.amp, device)  # once, not per step ("auto" -> bf16 or off)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
         self.freeze = UnroutedFreeze(model, optimizer, world_size) if cfg.freeze_unrouted else None
 
     def __call__(self, x: Tensor, y: Tensor, scale: float, targets: Tensor | None = None) -> StepOutput:
@@ -84,7 +85,7 @@ class TrainStep:
         passes = []
         for _ in range(cfg.forwards_per_step):
             # Super-class guidance (moe.superclasses) trains per-image routers on the labels.
-            with autocast_context(cfg.amp, self.device), routing_labels(self.model, y if targets is None else targets):
+            with autocast_context(self.amp, self.device), routing_labels(self.model, y if targets is None else targets):
                 passes.append(self.forward(x, return_aux=True))
         if targets is None:
             ce = [F.cross_entropy(p.logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="sum") * scale
